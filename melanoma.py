@@ -1,0 +1,814 @@
+"""melanoma.py: train, validate and predict SIIM-ISIC 2020 melanoma classifiers in one file.
+
+The recipe of a solo silver medal (top 5 % of 3,300 teams): a patient-grouped CV (folds.csv),
+epoch-wise downsampling of the benign class, kornia augmentation on the device, EfficientNet-B5
+features + one Linear layer, AdamW (weight decay 0.1) with OneCycle 5e-6 -> 2e-4 over 20 epochs,
+15-pass test-time augmentation, then an ensemble of models of different sizes (ensemble.py).
+
+    python melanoma.py --demo                                    # offline demo, a few minutes on a CPU
+    accelerate launch melanoma.py --data-dir DATA --size 512 --fold 2
+    accelerate launch --multi_gpu --num_processes 4 --mixed_precision bf16 melanoma.py \\
+        --data-dir DATA --size 512 --fold 0 1 2 3 4
+    ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 melanoma.py --demo   # two CPU processes
+    python melanoma.py --make-folds train.csv --out folds.csv    # patient-grouped folds
+    python melanoma.py --benchmark --size 512                    # loading/augmentation/step/TTA speed
+
+Outputs land in --out (default preds/): {name}_fold{k}_oof.csv, {name}_fold{k}_test.csv,
+{name}_fold{k}.json and {name}_fold{k}.safetensors; `python ensemble.py preds/*.csv` blends them.
+Measured figures are in README.md.
+"""
+import argparse
+import contextlib
+import hashlib
+import json
+import math
+import os
+import pickle
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+DEMO_DEFAULTS = dict(data_dir="demo_data", model="test_efficientnet", pretrained=False, size=64,
+                     epochs=6, batch_size=32, lr_max=3e-3, tta=4, num_workers=0, name="demo")
+
+
+# ----------------------------------------------------------------------------------------------
+# Flags
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="Train, validate and predict melanoma classifiers.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--data-dir", help="competition data: train.csv, test.csv and jpeg/train/ (official) "
+                   "or train/ (resized datasets)")
+    g.add_argument("--folds", help="fold file joined on image_name (default: folds.csv, or the demo's)")
+    g.add_argument("--fold", type=int, nargs="+", default=[0], help="validation fold(s) to train")
+    g.add_argument("--frac", type=float, default=1.0, help="fraction of the training images to use (0, 1]")
+    g.add_argument("--size", type=int, default=512, help="image side in pixels after resizing")
+    g.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="image-loading processes per training process")
+    g.add_argument("--cache", help="directory for images resized to --size (written once, reused)")
+    g = p.add_argument_group("sampler")
+    g.add_argument("--neg-ratio", type=float, help="benign images per melanoma per epoch "
+                   "(default: the smallest ratio whose --epochs epochs cover every benign image)")
+    g = p.add_argument_group("augmentation")
+    g.add_argument("--cutout", action="store_true", help="add RandomErasing(p=0.5) to the augmentations")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="tf_efficientnet_b5.ns_jft_in1k", help="any timm model name")
+    g.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
+                   help="start from timm's pretrained weights (downloaded once)")
+    g.add_argument("--weights", help="weights file to start from (.safetensors or a torch state dict)")
+    g = p.add_argument_group("optimizer")
+    g.add_argument("--epochs", type=int, default=20, help="epochs of the OneCycle schedule")
+    g.add_argument("--batch-size", type=int, default=32, help="images per step and process")
+    g.add_argument("--lr-min", type=float, default=5e-6, help="OneCycle starting learning rate")
+    g.add_argument("--lr-max", type=float, default=2e-4, help="OneCycle peak learning rate")
+    g.add_argument("--wd", type=float, default=0.1, help="AdamW weight decay")
+    g = p.add_argument_group("prediction")
+    g.add_argument("--tta", type=int, default=15, help="augmented passes averaged at prediction; 0: one plain pass")
+    g = p.add_argument_group("system")
+    g.add_argument("--out", help="output directory (default preds/; with --make-folds the CSV path)")
+    g.add_argument("--name", help="run name in output files (default {model}_{size})")
+    g.add_argument("--seed", type=int, default=0, help="seed of sampling, augmentation, TTA and init")
+    g.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"],
+                   help="default: what `accelerate launch --mixed_precision` or its config says")
+    g.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is present")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--resume", action="store_true", help="continue an interrupted run from its last epoch")
+    g.add_argument("--overwrite", action="store_true", help="retrain folds that already have outputs")
+    g = p.add_argument_group("tools")
+    g.add_argument("--demo", action="store_true", help="make a small synthetic dataset once and train "
+                   "on it with CPU-sized defaults: " + ", ".join(f"--{k.replace('_', '-')} {v}"
+                                                                for k, v in DEMO_DEFAULTS.items()))
+    g.add_argument("--make-folds", metavar="TRAIN_CSV", help="write patient-grouped folds of TRAIN_CSV to --out")
+    g.add_argument("--n-folds", type=int, default=5, help="number of folds for --make-folds")
+    g.add_argument("--benchmark", action="store_true", help="measure loading, augmentation, step and TTA speed")
+    if argv is None:
+        argv = sys.argv[1:]
+    if "--demo" in argv:
+        p.set_defaults(**DEMO_DEFAULTS)
+    args = p.parse_args(argv)
+    for flag in ("size", "epochs", "batch_size", "n_folds"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    if args.tta < 0 or args.num_workers < 0:
+        p.error("--tta and --num-workers must be 0 or more")
+    if not 0 < args.frac <= 1:
+        p.error(f"--frac must be in (0, 1], got {args.frac}")
+    if args.neg_ratio is not None and args.neg_ratio <= 0:
+        p.error(f"--neg-ratio must be positive, got {args.neg_ratio}")
+    if not (args.demo or args.make_folds or args.benchmark or args.data_dir):
+        p.error("say what to train on: --data-dir DIR, or --demo for the built-in synthetic dataset")
+    return args
+
+
+class DataError(Exception):
+    """Bad input (a file, a column, a row, a flag): reported as one line, exit code 2."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Data and folds
+
+TFRECORD_FOLDS = {2: 0, 4: 0, 5: 0, 1: 1, 10: 1, 13: 1, 0: 2, 9: 2, 12: 2, 3: 3, 8: 3, 11: 3, 6: 4, 7: 4, 14: 4}
+
+
+def atomic_write(path, write):
+    """Call write(tmp_path), then rename tmp into place: a crash leaves the old file or the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_csv(df, path):
+    atomic_write(path, lambda tmp: df.to_csv(tmp, index=False))
+
+
+def read_csv(path, columns, what):
+    try:
+        df = pd.read_csv(path)
+    except FileNotFoundError:
+        raise DataError(f"{what} {path}: no such file")
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise DataError(f"{what} {path}: not a readable CSV ({e})")
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise DataError(f"{what} {path}: missing column(s) {', '.join(missing)} (has: {', '.join(df.columns)})")
+    return df
+
+
+def check_targets(df, path):
+    bad = ~df["target"].isin([0, 1])
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise DataError(f"{path}: row {i + 2}: target must be 0 or 1, got {df['target'].iloc[i]!r}")
+
+
+def make_folds(df, n_folds=5, seed=0, path="train.csv"):
+    """Patient-grouped, stratified folds: image_name, patient_id, target, fold (-1: never used).
+
+    With a `tfrecord` column (the ISIC 2020 resized datasets): 5 folds are the groups
+    {2,4,5} {1,10,13} {0,9,12} {3,8,11} {6,7,14}, the split the winners reported CV on; other
+    counts put tfrecord t in fold t % n_folds; tfrecord -1 (duplicate images) gets fold -1.
+    Without one: patients with melanomas are dealt, most melanomas first, to the fold with the
+    fewest melanomas, then the others, largest first, to the fold with the fewest images
+    (ties broken by a shuffle from `seed`).
+    """
+    for c in ("image_name", "patient_id", "target"):
+        if c not in df.columns:
+            raise DataError(f"{path}: missing column {c}")
+    check_targets(df, path)
+    dup = df["image_name"].duplicated()
+    if dup.any():
+        raise DataError(f"{path}: duplicate image_name {df['image_name'][dup].iloc[0]} (row {int(np.flatnonzero(dup)[0]) + 2})")
+    out = df[["image_name", "patient_id", "target"]].copy()
+    if "tfrecord" in df.columns:
+        mapping = TFRECORD_FOLDS if n_folds == 5 else {t: t % n_folds for t in df["tfrecord"].unique() if t >= 0}
+        out["fold"] = df["tfrecord"].map(mapping).fillna(-1).astype(int)
+        return out
+    patients = out.groupby("patient_id", sort=True)["target"].agg(["sum", "size"])
+    if n_folds > len(patients):
+        raise DataError(f"{path}: {n_folds} folds but only {len(patients)} patients")
+    patients = patients.iloc[np.random.default_rng(seed).permutation(len(patients))]
+    patients = patients.sort_values(["sum", "size"], ascending=False, kind="stable")
+    pos, size, fold_of = np.zeros(n_folds), np.zeros(n_folds), {}
+    for pid, (n_pos, n) in zip(patients.index, patients.to_numpy()):
+        k = int(np.lexsort((size, pos))[0]) if n_pos else int(np.argmin(size))
+        fold_of[pid], pos[k], size[k] = k, pos[k] + n_pos, size[k] + n
+    out["fold"] = out["patient_id"].map(fold_of).astype(int)
+    return out
+
+
+def find_layout(data_dir):
+    """(train image dir, test image dir) of the official layout (jpeg/train) or a resized one (train/)."""
+    d = Path(data_dir)
+    for train, test in ((d / "jpeg" / "train", d / "jpeg" / "test"), (d / "train", d / "test")):
+        if (d / "train.csv").is_file() and train.is_dir():
+            return train, test
+    raise DataError(f"{d}: no competition data found. Looked for train.csv with jpeg/train/*.jpg "
+                    f"(official layout) or train/*.jpg (resized datasets)")
+
+
+def read_data(args):
+    """Training rows (with fold, never fold -1) and test rows, each with an image `path`."""
+    train_dir, test_dir = find_layout(args.data_dir)
+    train_csv = Path(args.data_dir) / "train.csv"
+    train = read_csv(train_csv, ["image_name", "target"], "train file")
+    check_targets(train, train_csv)
+    folds = read_csv(args.folds, ["image_name", "fold"], "folds file")
+    train = train.drop(columns=["fold"], errors="ignore")
+    train = train.merge(folds[["image_name", "fold"]], on="image_name", how="left", validate="one_to_one")
+    missing = train["fold"].isna()
+    if missing.any():
+        raise DataError(f"folds file {args.folds}: {missing.sum()} image(s) of {train_csv} missing, "
+                        f"e.g. {', '.join(train['image_name'][missing].head(3))}")
+    train["fold"] = train["fold"].astype(int)
+    train = train[train["fold"] >= 0].reset_index(drop=True)
+    known = sorted(train["fold"].unique())
+    for k in args.fold:
+        if k not in known:
+            raise DataError(f"--fold {k}: not in {args.folds} (folds there: {', '.join(map(str, known))})")
+    train["path"] = [str(train_dir / f"{n}.jpg") for n in train["image_name"]]
+    test_csv = Path(args.data_dir) / "test.csv"
+    if test_csv.is_file():
+        test = read_csv(test_csv, ["image_name"], "test file")
+        test["path"] = [str(test_dir / f"{n}.jpg") for n in test["image_name"]]
+    else:
+        test = pd.DataFrame(columns=["image_name", "path"])
+    return train, test
+
+
+def check_images(paths, show=True):
+    """Fail before training on any image that is missing, empty or not a complete JPEG."""
+    from tqdm import tqdm
+    for path in tqdm(paths, desc="checking images", disable=not show or len(paths) < 2000, leave=False):
+        try:
+            with open(path, "rb") as f:
+                head = f.read(3)
+                f.seek(max(0, os.fstat(f.fileno()).st_size - 1024))
+                tail = f.read()
+        except OSError as e:
+            raise DataError(f"image {path}: {e.strerror or e}")
+        if not head:
+            raise DataError(f"image {path}: empty file")
+        if path.lower().endswith((".jpg", ".jpeg")) and (head != b"\xff\xd8\xff" or b"\xff\xd9" not in tail):
+            raise DataError(f"image {path}: not a complete JPEG (" +
+                            ("no JPEG header)" if head != b"\xff\xd8\xff" else "truncated)"))
+
+
+def load_image(path, size):
+    """RGB uint8 array (size, size, 3). JPEGs are decoded at the smallest DCT scale still >= size."""
+    try:
+        with Image.open(path) as im:
+            im.draft("RGB", (size, size))
+            return np.array(im.convert("RGB").resize((size, size), Image.BILINEAR))
+    except (OSError, ValueError, SyntaxError) as e:
+        raise DataError(f"image {path}: cannot decode ({e})")
+
+
+def cached_load(path, size, cache):
+    """load_image through a cache of quality-95 JPEGs keyed on the source's path, size and mtime."""
+    st = os.stat(path)
+    key = hashlib.sha1(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{size}".encode()).hexdigest()[:16]
+    hit = Path(cache) / f"{Path(path).stem}_{size}_{key}.jpg"
+    if not hit.is_file():
+        atomic_write(hit, lambda tmp: Image.fromarray(load_image(path, size)).save(tmp, "JPEG", quality=95))
+    with Image.open(hit) as im:
+        return np.array(im.convert("RGB"))
+
+
+class Images:
+    """Dataset of uint8 CHW images and their row index; augmentation happens later, on the device."""
+
+    def __init__(self, paths, size, cache=None):
+        self.paths, self.size, self.cache = list(paths), size, cache
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        import torch
+        load = cached_load(self.paths[i], self.size, self.cache) if self.cache else load_image(self.paths[i], self.size)
+        return torch.from_numpy(load).permute(2, 0, 1), i
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampler: every melanoma each epoch, a fresh share of the benign images
+
+def rng(*key):
+    return np.random.default_rng([abs(int(k)) for k in key])
+
+
+def negatives_for_epoch(n_neg, per_epoch, seed, epoch):
+    """Positions into the benign images for `epoch`: a stream of permutations, so every benign
+    image is drawn once before any is drawn again, and an epoch that straddles two permutations
+    gets no image twice."""
+    start, stop = epoch * per_epoch, (epoch + 1) * per_epoch
+    prev = None
+    chunks = []
+    for c in range(stop // n_neg + (stop % n_neg > 0)):
+        perm = rng(seed, 1, c).permutation(n_neg)
+        lo = c * n_neg
+        if prev is not None and (lo // per_epoch) * per_epoch < lo:
+            tail = prev[(lo // per_epoch) * per_epoch - (lo - n_neg):]
+            perm = np.concatenate([perm[~np.isin(perm, tail)], perm[np.isin(perm, tail)]])
+        a, b = max(start, lo), min(stop, lo + n_neg)
+        if a < b:
+            chunks.append(perm[a - lo:b - lo])
+        prev = perm
+    return np.concatenate(chunks)
+
+
+def epoch_indices(targets, per_epoch, seed, epoch):
+    """The epoch's sample (all positives + per_epoch negatives), shuffled; same on every process."""
+    targets = np.asarray(targets)
+    pos, neg = np.flatnonzero(targets == 1), np.flatnonzero(targets == 0)
+    idx = np.concatenate([pos, neg[negatives_for_epoch(len(neg), per_epoch, seed, epoch)]])
+    return rng(seed, 2, epoch).permutation(idx)
+
+
+def negatives_per_epoch(targets, epochs, neg_ratio=None):
+    n_pos, n_neg = int(np.sum(targets)), len(targets) - int(np.sum(targets))
+    if neg_ratio is None:
+        return math.ceil(n_neg / epochs)
+    return min(n_neg, max(1, round(neg_ratio * n_pos)))
+
+
+class EpochSampler:
+    """Batch sampler over epoch_indices. The epoch's sample is cut into global batches of at most
+    batch_size * world images and each is dealt across processes, so processes run the same
+    number of steps, their indices are disjoint, and together they cover the sample."""
+
+    def __init__(self, targets, batch_size, per_epoch, seed=0, rank=0, world=1):
+        self.targets, self.batch_size, self.per_epoch = np.asarray(targets), batch_size, per_epoch
+        self.seed, self.rank, self.world, self.epoch = seed, rank, world, 0
+        self.n = int(self.targets.sum()) + per_epoch
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return math.ceil(self.n / (self.batch_size * self.world))
+
+    def __iter__(self):
+        idx = epoch_indices(self.targets, self.per_epoch, self.seed, self.epoch)
+        for batch in np.array_split(idx, len(self)):
+            yield batch[self.rank::self.world].tolist()
+
+
+# ----------------------------------------------------------------------------------------------
+# Augmentation and TTA, on the device
+
+def build_augment(mean, std, cutout=False):
+    import torch
+    import kornia.augmentation as K
+
+    class Augment(torch.nn.Module):
+        """uint8 NCHW -> normalised float; random=False gives the plain view."""
+
+        def __init__(self):
+            super().__init__()
+            self.random = torch.nn.Sequential(
+                K.RandomAffine(degrees=180, translate=(0.02, 0.02)),
+                K.RandomHorizontalFlip(p=0.5),
+                K.ColorJitter(brightness=0.1, contrast=(0.7, 1.3), saturation=(0.8, 1.2)))
+            self.normalize = K.Normalize(mean=torch.tensor(mean), std=torch.tensor(std))
+            self.cutout = K.RandomErasing(p=0.5, scale=(0.02, 0.1), ratio=(0.3, 3.3)) if cutout else None
+
+        def forward(self, x, random=True):
+            x = x.float().div_(255)
+            if random:
+                x = self.random(x)
+            x = self.normalize(x)
+            if random and self.cutout is not None:
+                x = self.cutout(x)
+            return x.contiguous(memory_format=torch.channels_last)
+
+    return Augment()
+
+
+@contextlib.contextmanager
+def seeded(*key):
+    """Draw from a generator keyed on `key` without touching the global random state."""
+    import torch
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(int(rng(*key).integers(2**62)))
+        yield
+
+
+def predict_batch(model, augment, x, tta, key):
+    """Melanoma probability per image: one plain pass (tta=0) or the mean of `tta` augmented views
+    of the same decoded batch."""
+    import torch
+    if tta == 0:
+        return torch.sigmoid(model(augment(x, random=False)).float().squeeze(1))
+    total = 0
+    for view in range(tta):
+        with seeded(*key, view):
+            total = total + torch.sigmoid(model(augment(x)).float().squeeze(1))
+    return total / tta
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+
+def read_weights(path):
+    """State dict from .safetensors, or from a torch file that holds only tensors (never pickled code)."""
+    import torch
+    if not Path(path).is_file():
+        raise DataError(f"--weights {path}: no such file")
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import load_file
+        return load_file(path)
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise DataError(f"{path}: refused, it holds pickled objects, not only tensors ({str(e).splitlines()[0]}); "
+                        "save a state_dict or a .safetensors file")
+    except Exception as e:
+        raise DataError(f"{path}: not a weights file ({e})")
+    for key in ("state_dict", "model"):
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+    return sd
+
+
+def create_model(name, pretrained=True, weights=None):
+    """timm `name` with a one-logit Linear head; weights from timm (download) or a file."""
+    import timm
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('.')[0]}*")[:5]
+        raise DataError(f"--model {name}: not a timm model" + (f" (did you mean {', '.join(close)}?)" if close else ""))
+    try:
+        model = timm.create_model(name, pretrained=pretrained and not weights, num_classes=1)
+    except Exception as e:
+        raise DataError(f"--model {name}: could not get pretrained weights ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200]}). Offline, pass --weights FILE, or --no-pretrained "
+                        "to train from scratch")
+    if weights:
+        sd = read_weights(weights)
+        own = model.state_dict()
+        head = {k for k in sd if k in own and sd[k].shape != own[k].shape}
+        missing, unexpected = model.load_state_dict({k: v for k, v in sd.items() if k not in head}, strict=False)
+        if unexpected or set(missing) - {k for k in own if k.startswith(model.default_cfg.get("classifier", "~"))}:
+            raise DataError(f"--weights {weights}: does not fit --model {name} "
+                            f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# Train and evaluate
+
+def roc_auc(targets, preds):
+    from sklearn.metrics import roc_auc_score
+    return float(roc_auc_score(targets, preds)) if len(set(targets)) == 2 else float("nan")
+
+
+def seed_all(*key):
+    import torch
+    torch.manual_seed(int(rng(*key).integers(2**62)))
+
+
+def predict(model, augment, loader, accelerator, tta, seed, desc):
+    """Probabilities for every row of loader's dataset, each exactly once, on every process."""
+    import torch
+    from tqdm import tqdm
+    model.eval()
+    rows, probs = [], []
+    with torch.no_grad():
+        for b, (x, idx) in enumerate(tqdm(loader, desc=desc, leave=False, disable=not accelerator.is_main_process)):
+            p = predict_batch(model, augment, x, tta, (seed, 3, accelerator.process_index, b))
+            idx, p = accelerator.gather_for_metrics((idx, p))
+            rows.append(idx.cpu())
+            probs.append(p.cpu())
+    n = len(loader.dataset)
+    rows = torch.cat(rows).numpy() if rows else np.zeros(0, int)
+    counts = np.bincount(rows, minlength=n)
+    if (counts != 1).any():
+        raise RuntimeError(f"{desc}: {(counts == 0).sum()} rows unscored, {(counts > 1).sum()} scored twice")
+    out = np.empty(n)
+    out[rows] = torch.cat(probs).numpy() if probs else []
+    return out
+
+
+def make_loader(dataset, accelerator, args, batch_sampler=None):
+    import torch
+    kw = dict(num_workers=args.num_workers, pin_memory=accelerator.device.type == "cuda",
+              persistent_workers=args.num_workers > 0)
+    if batch_sampler is not None:
+        return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, **kw)
+    return accelerator.prepare(torch.utils.data.DataLoader(dataset, batch_size=args.batch_size * 2, **kw))
+
+
+RUN_KEYS = ("model", "pretrained", "weights", "size", "frac", "neg_ratio", "cutout", "epochs", "batch_size",
+            "lr_min", "lr_max", "wd", "seed", "folds", "data_dir")
+
+
+def train_fold(args, accelerator, train, test, fold, stem):
+    """Train on every fold but `fold`, score it each epoch, predict it and the test set with TTA."""
+    import torch
+    from tqdm import tqdm
+    start = time.time()
+    trn = train[train["fold"] != fold].reset_index(drop=True)
+    if args.frac < 1:
+        trn = trn.iloc[np.sort(rng(args.seed, 4).permutation(len(trn))[:max(1, round(args.frac * len(trn)))])]
+        trn = trn.reset_index(drop=True)
+    val = train[train["fold"] == fold].reset_index(drop=True)
+    if trn["target"].sum() == 0 or trn["target"].sum() == len(trn):
+        raise DataError(f"fold {fold}: the training images hold only one class")
+    per_epoch = negatives_per_epoch(trn["target"].to_numpy(), args.epochs, args.neg_ratio)
+    sampler = EpochSampler(trn["target"].to_numpy(), args.batch_size, per_epoch, args.seed,
+                           accelerator.process_index, accelerator.num_processes)
+    train_loader = make_loader(Images(trn["path"], args.size, args.cache), accelerator, args, sampler)
+    val_loader = make_loader(Images(val["path"], args.size, args.cache), accelerator, args)
+
+    seed_all(args.seed, 5)
+    net = create_model(args.model, args.pretrained, args.weights).to(accelerator.device, memory_format=torch.channels_last)
+    augment = build_augment(net.pretrained_cfg["mean"], net.pretrained_cfg["std"], args.cutout).to(accelerator.device)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=args.lr_max, weight_decay=args.wd)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr_max, div_factor=args.lr_max / args.lr_min,
+                                                    total_steps=args.epochs * len(sampler))
+    model, optimizer = accelerator.prepare(torch.compile(net) if args.compile else net, optimizer)
+
+    ckpt, history, first = Path(args.out) / f"{stem}_last.pt", [], 0
+    run_key = json.dumps({k: getattr(args, k) for k in RUN_KEYS}, sort_keys=True)
+    if ckpt.exists():
+        if not (args.resume or args.overwrite):
+            raise DataError(f"{ckpt}: an unfinished run of fold {fold} is there: pass --resume to continue it "
+                            "or --overwrite to start over")
+        if args.resume:
+            state = torch.load(ckpt, map_location="cpu", weights_only=True)
+            if state["run"] != run_key:
+                raise DataError(f"{ckpt}: saved with other settings, cannot --resume ({state['run']})")
+            net.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            history, first = state["history"], len(state["history"])
+            accelerator.print(f"fold {fold}: resuming after epoch {first}")
+
+    accelerator.print(f"fold {fold}: {len(trn)} training images ({int(trn['target'].sum())} melanomas, "
+                      f"{per_epoch} benign per epoch), {len(val)} validation, {len(test)} test, "
+                      f"{accelerator.num_processes} process(es) on {accelerator.device}")
+    for epoch in range(first, args.epochs):
+        seed_all(args.seed, 6, epoch, accelerator.process_index)
+        sampler.set_epoch(epoch)
+        model.train()
+        t0, loss_sum, seen = time.time(), 0.0, 0
+        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
+                   disable=not accelerator.is_main_process)
+        for step, (x, idx) in enumerate(bar):
+            x = x.to(accelerator.device, non_blocking=True)
+            y = torch.as_tensor(trn["target"].to_numpy()[idx.numpy()], dtype=torch.float32, device=accelerator.device)
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(model(augment(x)).float().squeeze(1), y)
+            loss_value = loss.item()  # a sync point per step; it names the step of a non-finite loss
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"fold {fold}: loss is {loss_value} at epoch {epoch + 1}, step {step + 1}; "
+                                         f"no predictions written, last good checkpoint kept ({ckpt})")
+            accelerator.backward(loss)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum, seen = loss_sum + loss_value * len(idx), seen + len(idx)
+            bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
+        seen_all = accelerator.reduce(torch.tensor([loss_sum, seen], device=accelerator.device), "sum").tolist()
+        train_s = time.time() - t0
+        val_pred = predict(model, augment, val_loader, accelerator, 0, args.seed, "validate")
+        history.append(dict(epoch=epoch + 1, loss=seen_all[0] / seen_all[1], val_auc=roc_auc(val["target"], val_pred),
+                            lr=scheduler.get_last_lr()[0], images_per_s=seen_all[1] / train_s, seconds=time.time() - t0))
+        h = history[-1]
+        accelerator.print(f"fold {fold} epoch {h['epoch']:2d}/{args.epochs}  loss {h['loss']:.4f}  "
+                          f"val_auc {h['val_auc']:.4f}  lr {h['lr']:.2e}  {h['images_per_s']:.0f} img/s  "
+                          f"{h['seconds']:.0f} s")
+        if accelerator.is_main_process:
+            state = dict(model=net.state_dict(), optimizer=optimizer.state_dict(),
+                         scheduler=scheduler.state_dict(), history=history, run=run_key)
+            atomic_write(ckpt, lambda tmp: torch.save(state, tmp))
+        accelerator.wait_for_everyone()
+
+    plain = val_pred if first < args.epochs else predict(model, augment, val_loader, accelerator, 0, args.seed, "validate")
+    oof = predict(model, augment, val_loader, accelerator, args.tta, args.seed, f"OOF TTA x{args.tta}")
+    test_pred = np.zeros(0)
+    if len(test):
+        test_loader = make_loader(Images(test["path"], args.size, args.cache), accelerator, args)
+        test_pred = predict(model, augment, test_loader, accelerator, args.tta, args.seed + 1, f"test TTA x{args.tta}")
+    result = dict(fold=fold, oof_auc=roc_auc(val["target"], oof), oof_auc_no_tta=roc_auc(val["target"], plain),
+                  n_train=len(trn), n_val=len(val), n_test=len(test), processes=accelerator.num_processes,
+                  device=str(accelerator.device), mixed_precision=accelerator.mixed_precision,
+                  wall_s=time.time() - start, epochs=history, args=vars(args))
+    if accelerator.is_main_process:
+        write_outputs(Path(args.out), stem, val.assign(pred=oof, fold=fold), test.assign(target=test_pred), result, net)
+        ckpt.unlink(missing_ok=True)
+    accelerator.wait_for_everyone()
+    accelerator.print(f"fold {fold}: OOF AUC {result['oof_auc']:.4f} with TTA x{args.tta}, "
+                      f"{result['oof_auc_no_tta']:.4f} without; {result['wall_s']:.0f} s")
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Outputs
+
+def write_outputs(out, stem, oof, test, result, net):
+    """Predictions first and the JSON last: a fold is finished when its JSON exists."""
+    from safetensors.torch import save_file
+    write_csv(oof[["image_name", "target", "pred", "fold"]], out / f"{stem}_oof.csv")
+    write_csv(test[["image_name", "target"]], out / f"{stem}_test.csv")
+    atomic_write(out / f"{stem}.safetensors",
+                 lambda tmp: save_file({k: v.contiguous() for k, v in net.state_dict().items()}, tmp))
+    atomic_write(out / f"{stem}.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1, default=str)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Demo data and benchmark
+
+def draw_lesion(h, w, malignant, r):
+    """A skin-coloured image with one lesion: benign ones small, round, even and brown; melanomas
+    larger, irregular, darker and blue-grey in places."""
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    skin = np.array([225, 180, 150]) * r.uniform(0.8, 1.05) + r.normal(0, 6, (h, w, 3))
+    cy, cx = h / 2 + r.uniform(-0.1, 0.1) * h, w / 2 + r.uniform(-0.1, 0.1) * w
+    ang = np.arctan2(yy - cy, xx - cx)
+    radius = min(h, w) * (r.uniform(0.22, 0.32) if malignant else r.uniform(0.12, 0.2))
+    wobble = r.uniform(0.15, 0.3) if malignant else 0.03
+    edge = radius * (1 + wobble * np.sin(r.integers(3, 7) * ang + r.uniform(0, 6)))
+    inside = (np.hypot(yy - cy, xx - cx) < edge)[..., None]
+    colour = np.array([70, 50, 60]) if malignant else np.array([150, 100, 70])
+    lesion = colour * r.uniform(0.8, 1.2) + r.normal(0, 12 if malignant else 5, (h, w, 3))
+    if malignant:
+        lesion = lesion + (np.sin(xx / r.uniform(3, 6))[..., None] > 0.5) * np.array([-20, 0, 40])
+    return np.clip(np.where(inside, lesion, skin), 0, 255).astype(np.uint8)
+
+
+def make_demo_data(root, n_patients=80, n_test=60, seed=0, shape=(96, 128)):
+    """A synthetic dataset in the official layout (train.csv, test.csv, jpeg/{train,test}) with
+    2-8 images per patient, about 6 % melanomas, and its own folds.csv."""
+    root = Path(root)
+    r = np.random.default_rng(seed)
+    rows = []
+    for p in range(n_patients):
+        for _ in range(r.integers(2, 9)):
+            rows.append(dict(image_name=f"ISIC_{len(rows):07d}", patient_id=f"IP_{p:07d}",
+                             sex=r.choice(["male", "female"]), age_approx=float(r.integers(4, 18) * 5),
+                             anatom_site_general_challenge=r.choice(["torso", "lower extremity", "head/neck"]),
+                             target=int(r.random() < 0.06)))
+    train = pd.DataFrame(rows)
+    train.loc[r.choice(len(train), 5, replace=False), "target"] = 1
+    train["diagnosis"] = np.where(train["target"] == 1, "melanoma", "nevus")
+    train["benign_malignant"] = np.where(train["target"] == 1, "malignant", "benign")
+    test = pd.DataFrame(dict(image_name=[f"ISIC_{9000000 + i}" for i in range(n_test)],
+                             patient_id=[f"IP_{9000000 + i // 3}" for i in range(n_test)]))
+    for split, df, targets in (("train", train, train["target"]), ("test", test, r.random(n_test) < 0.06)):
+        (root / "jpeg" / split).mkdir(parents=True, exist_ok=True)
+        for name, t in zip(df["image_name"], targets):
+            Image.fromarray(draw_lesion(*shape, bool(t), r)).save(root / "jpeg" / split / f"{name}.jpg", quality=90)
+    write_csv(test, root / "test.csv")
+    write_csv(make_folds(train, 5, seed), root / "folds.csv")
+    write_csv(train, root / "train.csv")  # last: its presence marks a complete dataset
+    return root
+
+
+def benchmark(args):
+    """Images/s of loading, augmentation, a training step and TTA, on this machine."""
+    import torch
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    r = np.random.default_rng(0)
+
+    def rate(fn, n, repeat=3):
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = float("inf")
+        for _ in range(repeat):
+            t = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - t)
+        return n / best
+
+    def plain_load(path, size):
+        return np.asarray(Image.open(path).convert("RGB").resize((size, size), Image.BILINEAR))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        files = {}
+        for w, h in ((6000, 4000), (1872, 1053)):
+            small = (r.random((h // 16, w // 16, 3)) * 255).astype(np.uint8)
+            big = Image.fromarray(draw_lesion(h // 16, w // 16, True, r)).resize((w, h), Image.BICUBIC)
+            big = Image.fromarray(np.clip(np.asarray(big) * 0.9 + np.asarray(Image.fromarray(small).resize((w, h))) * 0.1, 0, 255).astype(np.uint8))
+            files[f"{w}x{h}"] = os.path.join(tmp, f"{w}x{h}.jpg")
+            big.save(files[f"{w}x{h}"], quality=90)
+        print(f"benchmark on {device}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+              f"size {args.size}, model {args.model}, batch {args.batch_size}")
+        print("(a) loading, one process             ours img/s  plain img/s   ratio")
+        for k, f in files.items():
+            ours, plain = rate(lambda: load_image(f, args.size), 1), rate(lambda: plain_load(f, args.size), 1)
+            print(f"    {k:>9} JPEG -> {args.size:<4}           {ours:8.2f}  {plain:10.2f}  {ours / plain:6.1f}x")
+        mix = [files["6000x4000"]] * 44 + [files["1872x1053"]] * 56
+        t = time.perf_counter()
+        [load_image(f, args.size) for f in mix[::5]]
+        ours = 20 / (time.perf_counter() - t)
+        t = time.perf_counter()
+        [plain_load(f, args.size) for f in mix[::5]]
+        plain = 20 / (time.perf_counter() - t)
+        print(f"    mix 44 % 6000x4000 -> {args.size:<4}        {ours:8.2f}  {plain:10.2f}  {ours / plain:6.1f}x")
+
+        net = create_model(args.model, False, None).to(device, memory_format=torch.channels_last)
+        augment = build_augment(net.pretrained_cfg["mean"], net.pretrained_cfg["std"], args.cutout).to(device)
+        x = torch.randint(0, 256, (args.batch_size, 3, args.size, args.size), dtype=torch.uint8, device=device)
+        print(f"(b) augmentation stack              {rate(lambda: augment(x), args.batch_size):10.1f} img/s")
+        optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4, weight_decay=0.1)
+        y = torch.zeros(args.batch_size, device=device)
+        dtype = torch.bfloat16 if args.mixed_precision == "bf16" else torch.float16 if args.mixed_precision == "fp16" else None
+        model = torch.compile(net) if args.compile else net
+
+        def step(inputs):
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(model(inputs).float().squeeze(1), y)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        ready = augment(x)
+        bare = rate(lambda: step(ready), args.batch_size)
+        shapes = list(files.values()) * (args.batch_size // 2 + 1)
+        cache = os.path.join(tmp, "cache")
+        for f in shapes[:2]:
+            cached_load(f, args.size, cache)
+
+        def whole(load):
+            xb = torch.from_numpy(np.stack([load(f) for f in shapes[:args.batch_size]])).permute(0, 3, 1, 2)
+            step(augment(xb.to(device, non_blocking=True)))
+
+        full = rate(lambda: whole(lambda f: load_image(f, args.size)), args.batch_size, 1)
+        cached = rate(lambda: whole(lambda f: cached_load(f, args.size, cache)), args.batch_size, 1)
+        print(f"(c) training step, bare (tensors on device) {bare:8.1f} img/s")
+        print(f"    whole step, decoding originals      {full:8.1f} img/s  overhead {bare / full:5.2f}x (one loader process)")
+        print(f"    whole step, from --cache            {cached:8.1f} img/s  overhead {bare / cached:5.2f}x (one loader process)")
+        net.eval()
+        tta = max(args.tta, 1)
+        loaded = [shapes[i % 2] for i in range(args.batch_size)]
+
+        def tta_once():
+            xb = torch.from_numpy(np.stack([load_image(f, args.size) for f in loaded])).permute(0, 3, 1, 2).to(device)
+            with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                predict_batch(model, augment, xb, tta, (0,))
+
+        def tta_reread():
+            with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                for view in range(tta):
+                    xb = torch.from_numpy(np.stack([load_image(f, args.size) for f in loaded])).permute(0, 3, 1, 2)
+                    torch.sigmoid(model(augment(xb.to(device))))
+
+        once, reread = rate(tta_once, args.batch_size, 1), rate(tta_reread, args.batch_size, 1)
+        print(f"(d) TTA x{tta}, decode once             {once:8.1f} img/s")
+        print(f"    TTA x{tta}, re-read per pass        {reread:8.1f} img/s  ratio {once / reread:5.1f}x")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    gpu = f", GPU {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if device.type == "cuda" else ""
+    print(f"peak memory: process {peak:.2f} GiB{gpu}")
+
+
+# ----------------------------------------------------------------------------------------------
+# main
+
+def run(args):
+    if args.make_folds:
+        out = args.out or "folds.csv"
+        folds = make_folds(read_csv(args.make_folds, ["image_name", "patient_id", "target"], "train file"),
+                           args.n_folds, args.seed, args.make_folds)
+        write_csv(folds, out)
+        counts = folds[folds["fold"] >= 0].groupby("fold")["target"].agg(["size", "sum"])
+        print(f"wrote {out}: {len(folds)} images, {folds['patient_id'].nunique()} patients; per fold "
+              + ", ".join(f"{k}: {n} images/{m} melanomas" for k, (n, m) in counts.iterrows()))
+        return
+    if args.benchmark:
+        return benchmark(args)
+    from accelerate import Accelerator
+    accelerator = Accelerator(cpu=args.cpu, mixed_precision=args.mixed_precision)
+    if args.demo and accelerator.is_main_process and not (Path(args.data_dir) / "train.csv").exists():
+        print(f"making the demo dataset in {args.data_dir}/ (once)")
+        make_demo_data(args.data_dir, seed=args.seed)
+    accelerator.wait_for_everyone()
+    if args.folds is None:
+        args.folds = str(Path(args.data_dir) / "folds.csv") if args.demo else "folds.csv"
+    args.out = args.out or "preds"
+    name = args.name or f"{args.model.replace('/', '-')}_{args.size}"
+    train, test = read_data(args)
+    check_images(list(train["path"]) + list(test["path"]), accelerator.is_main_process)
+    results = []
+    for fold in args.fold:
+        stem = f"{name}_fold{fold}"
+        done = Path(args.out) / f"{stem}.json"
+        if done.exists() and not args.overwrite:
+            accelerator.print(f"fold {fold}: finished already ({done}); --overwrite retrains it")
+            results.append(json.loads(done.read_text()))
+            continue
+        results.append(train_fold(args, accelerator, train, test, fold, stem))
+    if len(results) > 1 and accelerator.is_main_process:
+        oof = pd.concat([pd.read_csv(Path(args.out) / f"{name}_fold{r['fold']}_oof.csv") for r in results])
+        print(f"CV AUC over folds {', '.join(str(r['fold']) for r in results)}: {roc_auc(oof['target'], oof['pred']):.4f}")
+
+
+def main(argv=None):
+    args = get_args(argv)
+    try:
+        run(args)
+    except (DataError, FloatingPointError) as e:
+        # a DataError raised in a loader process arrives with its traceback: keep its last line
+        print(f"error: {str(e).strip().splitlines()[-1].split('DataError: ')[-1]}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
