@@ -150,10 +150,13 @@ def read_csv(path, columns, what):
 
 
 def check_targets(df, path):
-    bad = ~df["target"].isin([0, 1])
+    """Make `target` int, or name the first row (as a line of the CSV) whose target is not 0 or 1."""
+    target = pd.to_numeric(df["target"], errors="coerce")
+    bad = ~target.isin([0, 1])
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise DataError(f"{path}: row {i + 2}: target must be 0 or 1, got {df['target'].iloc[i]!r}")
+        raise DataError(f"{path}: row {i + 2}: target must be 0 or 1, got {df['target'].tolist()[i]!r}")
+    df["target"] = target.astype(int)
 
 
 def make_folds(df, n_folds=5, seed=0, path="train.csv"):
@@ -169,6 +172,7 @@ def make_folds(df, n_folds=5, seed=0, path="train.csv"):
     for c in ("image_name", "patient_id", "target"):
         if c not in df.columns:
             raise DataError(f"{path}: missing column {c}")
+    df = df.copy()
     check_targets(df, path)
     dup = df["image_name"].duplicated()
     if dup.any():
@@ -553,7 +557,7 @@ def train_fold(args, accelerator, train, test, fold, stem):
             x = x.to(accelerator.device, non_blocking=True)
             y = torch.as_tensor(trn["target"].to_numpy()[idx.numpy()], dtype=torch.float32, device=accelerator.device)
             loss = torch.nn.functional.binary_cross_entropy_with_logits(model(augment(x)).float().squeeze(1), y)
-            loss_value = loss.item()  # a sync point per step; it names the step of a non-finite loss
+            lr, loss_value = scheduler.get_last_lr()[0], loss.item()  # a sync point per step; it names the step of a non-finite loss
             if not math.isfinite(loss_value):
                 raise FloatingPointError(f"fold {fold}: loss is {loss_value} at epoch {epoch + 1}, step {step + 1}; "
                                          f"no predictions written, last good checkpoint kept ({ckpt})")
@@ -567,7 +571,7 @@ def train_fold(args, accelerator, train, test, fold, stem):
         train_s = time.time() - t0
         val_pred = predict(model, augment, val_loader, accelerator, 0, args.seed, "validate")
         history.append(dict(epoch=epoch + 1, loss=seen_all[0] / seen_all[1], val_auc=roc_auc(val["target"], val_pred),
-                            lr=scheduler.get_last_lr()[0], images_per_s=seen_all[1] / train_s, seconds=time.time() - t0))
+                            lr=lr, images_per_s=seen_all[1] / train_s, seconds=time.time() - t0))
         h = history[-1]
         accelerator.print(f"fold {fold} epoch {h['epoch']:2d}/{args.epochs}  loss {h['loss']:.4f}  "
                           f"val_auc {h['val_auc']:.4f}  lr {h['lr']:.2e}  {h['images_per_s']:.0f} img/s  "
@@ -631,7 +635,7 @@ def draw_lesion(h, w, malignant, r):
     return np.clip(np.where(inside, lesion, skin), 0, 255).astype(np.uint8)
 
 
-def make_demo_data(root, n_patients=80, n_test=60, seed=0, shape=(96, 128)):
+def make_demo_data(root, n_patients=150, n_test=60, seed=0, shape=(96, 128)):
     """A synthetic dataset in the official layout (train.csv, test.csv, jpeg/{train,test}) with
     2-8 images per patient, about 6 % melanomas, and its own folds.csv."""
     root = Path(root)

@@ -1,0 +1,518 @@
+"""Tests of melanoma.py and ensemble.py: `pytest test_melanoma.py` (a few minutes on 2 CPU cores).
+
+Tiny timm test models, tiny generated images, --no-pretrained; the real ISIC 2020 metadata in
+../shared/isic2020 is used where present and skipped where not.
+"""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+import melanoma
+
+ROOT = Path(__file__).resolve().parent
+SHARED = ROOT.parent / "shared" / "isic2020"
+TINY = ["--model", "test_efficientnet", "--no-pretrained", "--size", "32", "--epochs", "2", "--batch-size", "16",
+        "--tta", "2", "--num-workers", "0", "--lr-max", "3e-3"]
+needs_shared = pytest.mark.skipif(not (SHARED / "train.csv").exists(), reason="../shared/isic2020 is absent")
+
+
+def run_cli(*args, env=None, cwd=ROOT, **kw):
+    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, **kw)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """A synthetic competition dataset in the official layout: ~160 training images, 30 test images."""
+    return melanoma.make_demo_data(tmp_path_factory.mktemp("data") / "d", n_patients=32, n_test=30, shape=(48, 64))
+
+
+@pytest.fixture
+def data(tiny_data, tmp_path):
+    """A private copy of tiny_data that a test may break."""
+    return Path(shutil.copytree(tiny_data, tmp_path / "d"))
+
+
+def train_args(data, out, *extra):
+    return ["--data-dir", data, "--folds", Path(data) / "folds.csv", "--out", out, *TINY, *map(str, extra)]
+
+
+# ----------------------------------------------------------------------------------------------
+# folds.csv and make_folds
+
+def test_committed_folds_are_patient_grouped_and_stratified():
+    folds = pd.read_csv(ROOT / "folds.csv")
+    assert list(folds.columns) == ["image_name", "patient_id", "target", "fold"]
+    assert len(folds) == 33126 and folds["image_name"].is_unique
+    used = folds[folds["fold"] >= 0]
+    assert (used.groupby("patient_id")["fold"].nunique() == 1).all()
+    assert sorted(used["fold"].unique()) == [0, 1, 2, 3, 4]
+    per_fold = used.groupby("fold")["target"].sum()
+    assert per_fold.max() - per_fold.min() <= 6
+    assert (folds["fold"] == -1).sum() == 434
+
+
+@needs_shared
+def test_committed_folds_match_the_real_metadata():
+    train = pd.read_csv(SHARED / "train.csv")
+    folds = pd.read_csv(ROOT / "folds.csv")
+    assert folds["image_name"].tolist() == train["image_name"].tolist()
+    assert ((folds["fold"] == -1) == (train["tfrecord"] == -1)).all()
+    assert (folds["target"] == train["target"]).all() and (folds["patient_id"] == train["patient_id"]).all()
+
+
+@needs_shared
+def test_make_folds_cli_reproduces_folds_csv_byte_for_byte(tmp_path):
+    r = run_cli("melanoma.py", "--make-folds", SHARED / "train.csv", "--out", tmp_path / "f.csv")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "f.csv").read_bytes() == (ROOT / "folds.csv").read_bytes()
+
+
+def synthetic_train(n_patients=200, seed=0):
+    r = np.random.default_rng(seed)
+    rows = []
+    for p in range(n_patients):
+        risky = r.random() < 0.15
+        for _ in range(r.integers(1, 30)):
+            rows.append((f"img{len(rows)}", f"p{p}", int(risky and r.random() < 0.3)))
+    return pd.DataFrame(rows, columns=["image_name", "patient_id", "target"])
+
+
+@pytest.mark.parametrize("n_folds", [3, 5, 7])
+def test_make_folds_without_tfrecord_groups_stratifies_and_balances(n_folds):
+    df = synthetic_train()
+    folds = melanoma.make_folds(df, n_folds, seed=1)
+    assert folds["image_name"].tolist() == df["image_name"].tolist()
+    assert (folds.groupby("patient_id")["fold"].nunique() == 1).all()
+    assert sorted(folds["fold"].unique()) == list(range(n_folds))
+    pos = folds.groupby("fold")["target"].sum()
+    assert pos.max() - pos.min() <= folds.groupby("patient_id")["target"].sum().max()
+    size = folds.groupby("fold").size()
+    assert size.max() - size.min() <= folds.groupby("patient_id").size().max()
+
+
+def test_make_folds_is_deterministic_per_seed():
+    df = synthetic_train()
+    a, b, c = (melanoma.make_folds(df, 5, seed=s) for s in (3, 3, 4))
+    assert a.equals(b)
+    assert not a["fold"].equals(c["fold"])
+
+
+def test_make_folds_with_tfrecord_maps_groups():
+    df = pd.DataFrame(dict(image_name=[f"i{t}" for t in range(-1, 15)], patient_id=[f"p{t}" for t in range(-1, 15)],
+                           target=0, tfrecord=range(-1, 15)))
+    five = melanoma.make_folds(df, 5)
+    assert five["fold"].tolist() == [-1, 2, 1, 0, 3, 0, 0, 4, 4, 3, 2, 1, 3, 2, 1, 4]
+    assert melanoma.make_folds(df, 3)["fold"].tolist() == [-1] + [t % 3 for t in range(15)]
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda d: d.drop(columns="image_name"), "image_name"),
+    (lambda d: d.drop(columns="patient_id"), "patient_id"),
+    (lambda d: d.drop(columns="target"), "target"),
+    (lambda d: pd.concat([d, d.iloc[:1]]), "duplicate image_name img0"),
+    (lambda d: d.assign(target=d["target"].replace(1, 2)), "target must be 0 or 1"),
+])
+def test_make_folds_cli_errors(tmp_path, change, message):
+    change(synthetic_train()).to_csv(tmp_path / "t.csv", index=False)
+    r = run_cli("melanoma.py", "--make-folds", tmp_path / "t.csv", "--out", tmp_path / "f.csv")
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "f.csv").exists()
+
+
+def test_make_folds_more_folds_than_patients(tmp_path, capsys):
+    synthetic_train(4).to_csv(tmp_path / "t.csv", index=False)
+    with pytest.raises(SystemExit) as e:
+        melanoma.main(["--make-folds", str(tmp_path / "t.csv"), "--out", str(tmp_path / "f.csv"), "--n-folds", "5"])
+    assert e.value.code == 2 and "5 folds but only 4 patients" in capsys.readouterr().err
+    assert not (tmp_path / "f.csv").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampler
+
+def test_sampler_keeps_positives_and_never_repeats_a_negative_before_all_are_seen():
+    targets = np.array([1] * 7 + [0] * 50)
+    per_epoch = melanoma.negatives_per_epoch(targets, epochs=4)
+    assert per_epoch == 13  # the smallest count whose 4 epochs cover all 50 benign images
+    epochs = [melanoma.epoch_indices(targets, per_epoch, seed=0, epoch=e) for e in range(12)]
+    for e, idx in enumerate(epochs):
+        assert len(idx) == len(set(idx)) == 7 + 13
+        assert set(range(7)) <= set(idx)
+        assert sorted(idx[idx >= 7] - 7) == sorted(melanoma.negatives_for_epoch(50, 13, 0, e))
+    stream = np.concatenate([melanoma.negatives_for_epoch(50, 13, 0, e) for e in range(12)])
+    for k in range(0, len(stream) - 50, 50):  # draws k..k+49 are all 50 negatives, once each
+        assert sorted(stream[k:k + 50]) == list(range(50))
+    assert set(epochs[0]) != set(epochs[1])
+
+
+def test_sampler_is_deterministic_and_keyed_on_seed_and_epoch():
+    targets = np.array([1] * 5 + [0] * 40)
+    a = melanoma.epoch_indices(targets, 10, seed=1, epoch=3)
+    assert np.array_equal(a, melanoma.epoch_indices(targets, 10, seed=1, epoch=3))
+    assert not np.array_equal(a, melanoma.epoch_indices(targets, 10, seed=2, epoch=3))
+    assert not np.array_equal(a, melanoma.epoch_indices(targets, 10, seed=1, epoch=4))
+
+
+def test_neg_ratio_sets_the_negatives_per_epoch():
+    targets = np.array([1] * 10 + [0] * 100)
+    assert melanoma.negatives_per_epoch(targets, 20, neg_ratio=3) == 30
+    assert melanoma.negatives_per_epoch(targets, 20, neg_ratio=50) == 100
+
+
+@pytest.mark.parametrize("n_neg, batch, world", [(41, 4, 2), (40, 8, 2), (33, 5, 3), (30, 64, 1)])
+def test_sampler_ranks_are_disjoint_and_cover_the_single_process_epoch(n_neg, batch, world):
+    targets = np.array([1] * 6 + [0] * n_neg)
+    single = melanoma.EpochSampler(targets, batch, 15, seed=0)
+    ranks = [melanoma.EpochSampler(targets, batch, 15, seed=0, rank=r, world=world) for r in range(world)]
+    for epoch in range(3):
+        for s in [single, *ranks]:
+            s.set_epoch(epoch)
+        batches = [list(s) for s in ranks]
+        assert len({len(b) for b in batches}) == 1 and len(batches[0]) == len(ranks[0])  # same step count
+        assert all(0 < len(b) <= batch for bs in batches for b in bs)
+        flat = [i for bs in batches for b in bs for i in b]
+        assert len(flat) == len(set(flat))
+        assert sorted(flat) == sorted(i for b in single for i in b)
+        assert sorted(flat) == sorted(melanoma.epoch_indices(targets, 15, 0, epoch))
+
+
+# ----------------------------------------------------------------------------------------------
+# Augmentation and TTA
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def test_augment_shape_dtype_range_and_seeded_draws():
+    aug = melanoma.build_augment(MEAN, STD, cutout=True)
+    x = torch.randint(0, 256, (8, 3, 40, 40), dtype=torch.uint8)
+    with melanoma.seeded(0):
+        a = aug(x)
+    with melanoma.seeded(0):
+        b = aug(x)
+    with melanoma.seeded(1):
+        c = aug(x)
+    assert a.shape == (8, 3, 40, 40) and a.dtype == torch.float32
+    lo = (0 - torch.tensor(MEAN)) / torch.tensor(STD)
+    hi = (1 - torch.tensor(MEAN)) / torch.tensor(STD)
+    assert (a.amin(dim=(0, 2, 3)) >= lo - 1e-5).all() and (a.amax(dim=(0, 2, 3)) <= hi + 1e-5).all()
+    assert torch.equal(a, b) and not torch.allclose(a, c)
+    plain = aug(x, random=False)
+    expected = (x.float() / 255 - torch.tensor(MEAN)[:, None, None]) / torch.tensor(STD)[:, None, None]
+    assert torch.allclose(plain, expected, atol=1e-6)
+
+
+def test_seeded_leaves_the_global_generator_alone():
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    with melanoma.seeded(9):
+        torch.rand(10)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_tta_zero_is_a_plain_forward_and_tta_averages_seeded_views():
+    torch.manual_seed(0)
+    model = melanoma.create_model("test_efficientnet", pretrained=False).eval()
+    aug = melanoma.build_augment(MEAN, STD)
+    x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        plain = melanoma.predict_batch(model, aug, x, 0, (7,))
+        assert torch.allclose(plain, torch.sigmoid(model(aug(x, random=False))).squeeze(1))
+        views = []
+        for v in range(3):
+            with melanoma.seeded(7, v):
+                views.append(torch.sigmoid(model(aug(x))).squeeze(1))
+        tta = melanoma.predict_batch(model, aug, x, 3, (7,))
+    assert torch.allclose(tta, torch.stack(views).mean(0), atol=1e-6)
+    assert not torch.allclose(tta, plain)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: layouts, images, cache
+
+def test_layout_detection(tmp_path):
+    (tmp_path / "a" / "jpeg" / "train").mkdir(parents=True)
+    (tmp_path / "a" / "train.csv").write_text("image_name,target\n")
+    (tmp_path / "b" / "train").mkdir(parents=True)
+    (tmp_path / "b" / "train.csv").write_text("image_name,target\n")
+    assert melanoma.find_layout(tmp_path / "a") == (tmp_path / "a/jpeg/train", tmp_path / "a/jpeg/test")
+    assert melanoma.find_layout(tmp_path / "b") == (tmp_path / "b/train", tmp_path / "b/test")
+    with pytest.raises(melanoma.DataError, match="jpeg/train.*train/"):
+        melanoma.find_layout(tmp_path)
+
+
+def smooth_image(w, h, seed=0):
+    small = np.random.default_rng(seed).integers(0, 256, (h // 50, w // 50, 3), dtype=np.uint8)
+    return Image.fromarray(small).resize((w, h), Image.BICUBIC)
+
+
+def test_load_image_is_close_to_a_full_decode(tmp_path):
+    smooth_image(1600, 1000).save(tmp_path / "a.jpg", quality=92)
+    out = melanoma.load_image(str(tmp_path / "a.jpg"), 96)
+    full = np.asarray(Image.open(tmp_path / "a.jpg").convert("RGB").resize((96, 96), Image.BILINEAR))
+    assert out.shape == (96, 96, 3) and out.dtype == np.uint8
+    assert np.abs(out.astype(int) - full).mean() < 3
+    with Image.open(tmp_path / "a.jpg") as im:  # the reduced-size decode is really taken
+        assert im.draft("RGB", (96, 96))[1][2:] != (1600, 1000)
+
+
+def test_load_image_other_formats_and_errors(tmp_path):
+    smooth_image(200, 100).save(tmp_path / "a.png")
+    out = melanoma.load_image(str(tmp_path / "a.png"), 50)
+    assert np.array_equal(out, np.asarray(Image.open(tmp_path / "a.png").convert("RGB").resize((50, 50), Image.BILINEAR)))
+    smooth_image(200, 100).save(tmp_path / "b.jpg")
+    data = (tmp_path / "b.jpg").read_bytes()
+    (tmp_path / "b.jpg").write_bytes(data[:len(data) // 2])
+    (tmp_path / "c.jpg").write_bytes(b"not an image")
+    for name in ("b.jpg", "c.jpg"):
+        with pytest.raises(melanoma.DataError, match=name):
+            melanoma.load_image(str(tmp_path / name), 50)
+
+
+def test_cache_hits_and_is_invalidated_by_a_changed_source(tmp_path, monkeypatch):
+    src, cache = tmp_path / "a.jpg", tmp_path / "cache"
+    smooth_image(400, 300, seed=1).save(src, quality=95)
+    first = melanoma.cached_load(str(src), 64, str(cache))
+    assert len(list(cache.iterdir())) == 1 and first.shape == (64, 64, 3)
+    assert np.abs(first.astype(int) - melanoma.load_image(str(src), 64)).mean() < 2
+    real_load = melanoma.load_image
+    monkeypatch.setattr(melanoma, "load_image", lambda *a: pytest.fail("cache miss"))
+    assert np.array_equal(melanoma.cached_load(str(src), 64, str(cache)), first)
+    smooth_image(400, 300, seed=2).save(src, quality=95)
+    os.utime(src, ns=(time.time_ns(), time.time_ns() + 10**9))
+    monkeypatch.setattr(melanoma, "load_image", real_load)
+    changed = melanoma.cached_load(str(src), 64, str(cache))
+    assert not np.array_equal(changed, first) and len(list(cache.iterdir())) == 2
+
+
+def test_atomic_write_keeps_the_old_file_when_a_write_fails(tmp_path):
+    path = tmp_path / "p.csv"
+    path.write_text("old")
+
+    def crash(tmp):
+        Path(tmp).write_text("half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        melanoma.atomic_write(path, crash)
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["p.csv"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Model weights
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_weights_files_load_safely(tmp_path):
+    from safetensors.torch import save_file
+    torch.manual_seed(1)
+    src = melanoma.create_model("test_efficientnet", pretrained=False)
+    save_file(src.state_dict(), tmp_path / "w.safetensors")
+    torch.save({"state_dict": src.state_dict()}, tmp_path / "w.pt")
+    for f in ("w.safetensors", "w.pt"):
+        loaded = melanoma.create_model("test_efficientnet", pretrained=False, weights=str(tmp_path / f))
+        assert all(torch.equal(a, b) for a, b in zip(src.state_dict().values(), loaded.state_dict().values()))
+    torch.save({"model": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(melanoma.DataError, match="refused"):
+        melanoma.create_model("test_efficientnet", pretrained=False, weights=str(tmp_path / "evil.pt"))
+
+
+def test_weights_with_another_head_keep_the_backbone(tmp_path):
+    from safetensors.torch import save_file
+    import timm
+    backbone = timm.create_model("test_efficientnet", pretrained=False, num_classes=1000)
+    save_file(backbone.state_dict(), tmp_path / "b.safetensors")
+    model = melanoma.create_model("test_efficientnet", pretrained=False, weights=str(tmp_path / "b.safetensors"))
+    assert torch.equal(model.conv_stem.weight, backbone.conv_stem.weight)
+    assert model.get_classifier().out_features == 1
+    with pytest.raises(melanoma.DataError, match="does not fit"):
+        melanoma.create_model("test_resnet", pretrained=False, weights=str(tmp_path / "b.safetensors"))
+
+
+def test_pretrained_download_failure_names_the_offline_flags(monkeypatch):
+    import timm
+
+    def offline(*a, **k):
+        raise OSError("no network")
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(melanoma.DataError, match="--weights.*--no-pretrained"):
+        melanoma.create_model("test_efficientnet", pretrained=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# End to end: train, predict, outputs; several folds; two processes; resume
+
+def check_outputs(data, out, name, fold):
+    train = pd.read_csv(data / "train.csv").merge(pd.read_csv(data / "folds.csv")[["image_name", "fold"]])
+    val = train[train["fold"] == fold]
+    oof = pd.read_csv(out / f"{name}_fold{fold}_oof.csv")
+    assert list(oof.columns) == ["image_name", "target", "pred", "fold"]
+    assert sorted(oof["image_name"]) == sorted(val["image_name"])  # every validation image exactly once
+    assert (oof.set_index("image_name")["target"] == val.set_index("image_name")["target"]).all()
+    assert (oof["fold"] == fold).all() and oof["pred"].between(0, 1).all() and oof["pred"].nunique() > 1
+    test = pd.read_csv(out / f"{name}_fold{fold}_test.csv")
+    assert list(test.columns) == ["image_name", "target"]
+    assert test["image_name"].tolist() == pd.read_csv(data / "test.csv")["image_name"].tolist()
+    assert test["target"].between(0, 1).all()
+    info = json.loads((out / f"{name}_fold{fold}.json").read_text())
+    assert info["fold"] == fold and len(info["epochs"]) == info["args"]["epochs"]
+    assert {"loss", "val_auc", "lr", "images_per_s"} <= set(info["epochs"][0])
+    assert 0 <= info["oof_auc"] <= 1 and 0 <= info["oof_auc_no_tta"] <= 1 and info["wall_s"] > 0
+    from sklearn.metrics import roc_auc_score
+    assert info["oof_auc"] == pytest.approx(roc_auc_score(oof["target"], oof["pred"]))
+    from safetensors.torch import load_file
+    assert "classifier.weight" in load_file(out / f"{name}_fold{fold}.safetensors")
+    assert not list(out.glob("*.tmp")) and not list(out.glob("*_last.pt"))
+    return oof, test, info
+
+
+def test_end_to_end_two_folds(tiny_data, tmp_path):
+    out = tmp_path / "preds"
+    r = run_cli("melanoma.py", *train_args(tiny_data, out, "--fold", "0", "1", "--cutout", "--cache", tmp_path / "c"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    for fold in (0, 1):
+        check_outputs(tiny_data, out, "test_efficientnet_32", fold)
+        assert f"fold {fold} epoch  2/2  loss" in r.stdout
+    assert "CV AUC over folds 0, 1" in r.stdout
+    assert len(list((tmp_path / "c").iterdir())) == len(pd.read_csv(tiny_data / "train.csv")) + 30
+    again = run_cli("melanoma.py", *train_args(tiny_data, out, "--fold", "0"))
+    assert again.returncode == 0 and "finished already" in again.stdout and "epoch" not in again.stdout
+
+
+def test_two_processes_score_every_image_once(tiny_data, tmp_path):
+    out = tmp_path / "preds"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "melanoma.py",
+                        *map(str, train_args(tiny_data, out, "--name", "ddp"))], cwd=ROOT, capture_output=True,
+                       text=True, env={**os.environ, "ACCELERATE_USE_CPU": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "2 process(es)" in r.stdout and r.stdout.count("fold 0 epoch  1/2") == 1  # only rank 0 prints
+    oof, test, info = check_outputs(tiny_data, out, "ddp", 0)
+    assert info["processes"] == 2 and len(oof) > 2 * 16  # more than one batch per rank
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"ddp_fold0{s}" for s in
+                                                           ("_oof.csv", "_test.csv", ".json", ".safetensors"))
+
+
+def test_resume_after_a_kill_gives_the_same_predictions(tiny_data, tmp_path):
+    args = train_args(tiny_data, None, "--epochs", "3")
+    args[args.index("--out") + 1] = tmp_path / "a"
+    assert run_cli("melanoma.py", *args).returncode == 0
+    args[args.index("--out") + 1] = tmp_path / "b"
+    ckpt = tmp_path / "b" / "test_efficientnet_32_fold0_last.pt"
+    proc = subprocess.Popen([sys.executable, "melanoma.py", *map(str, args)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not ckpt.exists() and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert len(torch.load(ckpt, weights_only=True)["history"]) == 1  # killed during epoch 2
+    assert not list((tmp_path / "b").glob("*.csv"))
+    fresh = run_cli("melanoma.py", *args)
+    assert fresh.returncode == 2 and "--resume" in fresh.stderr
+    r = run_cli("melanoma.py", *args, "--resume")
+    assert r.returncode == 0 and "resuming after epoch 1" in r.stdout, r.stderr[-3000:]
+    for kind in ("oof", "test"):
+        a = pd.read_csv(tmp_path / "a" / f"test_efficientnet_32_fold0_{kind}.csv")
+        b = pd.read_csv(tmp_path / "b" / f"test_efficientnet_32_fold0_{kind}.csv")
+        assert a["image_name"].equals(b["image_name"])
+        assert np.allclose(a.iloc[:, 1:].to_numpy(float), b.iloc[:, 1:].to_numpy(float), atol=1e-6)
+    ja, jb = (json.loads((tmp_path / d / "test_efficientnet_32_fold0.json").read_text()) for d in "ab")
+    assert [e["loss"] for e in ja["epochs"]] == pytest.approx([e["loss"] for e in jb["epochs"]], abs=1e-6)
+
+
+def test_resume_refuses_other_settings(tiny_data, tmp_path):
+    proc = subprocess.Popen([sys.executable, "melanoma.py", *map(str, train_args(tiny_data, tmp_path, "--epochs", "5"))],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not (tmp_path / "test_efficientnet_32_fold0_last.pt").exists() and proc.poll() is None:
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait()
+    r = run_cli("melanoma.py", *train_args(tiny_data, tmp_path, "--epochs", "5", "--lr-max", "1e-3"), "--resume")
+    assert r.returncode == 2 and "other settings" in r.stderr
+
+
+def test_non_finite_loss_stops_with_epoch_and_step(tiny_data, tmp_path):
+    from safetensors.torch import save_file
+    model = melanoma.create_model("test_efficientnet", pretrained=False)
+    save_file({k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+               for k, v in model.state_dict().items()}, tmp_path / "nan.safetensors")
+    r = run_cli("melanoma.py", *train_args(tiny_data, tmp_path / "out", "--weights", tmp_path / "nan.safetensors"))
+    assert r.returncode == 2 and "loss is nan at epoch 1, step 1" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad data: one clear line, exit 2, nothing written
+
+def first_image(data, split="train"):
+    return next(iter(sorted((data / "jpeg" / split).iterdir())))
+
+
+def break_csv(data, name, change):
+    df = pd.read_csv(data / name)
+    change(df).to_csv(data / name, index=False)
+
+
+@pytest.mark.parametrize("breakage, message", [
+    (lambda d: first_image(d).unlink(), "No such file"),
+    (lambda d: first_image(d).write_bytes(first_image(d).read_bytes()[:300]), "truncated"),
+    (lambda d: smooth_image(64, 48).save(first_image(d), "PNG"), "no JPEG header"),
+    (lambda d: first_image(d).write_bytes(b""), "empty file"),
+    (lambda d: first_image(d, "test").unlink(), "jpeg/test/"),
+    (lambda d: break_csv(d, "train.csv", lambda df: df.drop(columns="target")), "missing column(s) target"),
+    (lambda d: break_csv(d, "train.csv", lambda df: df.assign(target=[0, 1, 0, "yes"] + [0] * (len(df) - 4))),
+     "train.csv: row 5: target must be 0 or 1, got 'yes'"),
+    (lambda d: break_csv(d, "folds.csv", lambda df: df.iloc[5:]), "5 image(s)"),
+    (lambda d: shutil.rmtree(d / "jpeg"), "no competition data found"),
+])
+def test_bad_data_is_a_clear_error(data, tmp_path, capsys, breakage, message):
+    breakage(data)
+    with pytest.raises(SystemExit) as e:
+        melanoma.main([str(a) for a in train_args(data, tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_undecodable_image_in_a_loader_process_is_a_clear_error(data, tmp_path):
+    img = first_image(data)
+    img.write_bytes(img.read_bytes()[:200] + b"\x00" * 50 + b"\xff\xd9")
+    r = run_cli("melanoma.py", *train_args(data, tmp_path / "out", "--num-workers", "1"))
+    assert r.returncode == 2 and img.name in r.stderr and r.stderr.strip().splitlines()[-1].startswith("error:")
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*.csv"))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--fold", "7"], "--fold 7"),
+    (["--model", "no_such_net"], "--model no_such_net"),
+    (["--size", "0"], "--size must be positive"),
+    (["--frac", "0"], "--frac"),
+])
+def test_bad_flags_are_clear_errors(tiny_data, tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as e:
+        melanoma.main([str(a) for a in train_args(tiny_data, tmp_path / "out")] + flags)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_get_args_defaults_are_the_recipe():
+    a = melanoma.get_args(["--data-dir", "x"])
+    assert (a.model, a.size, a.epochs, a.lr_min, a.lr_max, a.wd, a.tta, a.pretrained) == \
+        ("tf_efficientnet_b5.ns_jft_in1k", 512, 20, 5e-6, 2e-4, 0.1, 15, True)
+    d = melanoma.get_args(["--demo", "--size", "48"])
+    assert d.model == "test_efficientnet" and not d.pretrained and d.size == 48
