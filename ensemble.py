@@ -1,0 +1,338 @@
+"""ensemble.py: blend prediction files into a submission, with a cross-validation score that stays honest.
+
+    python ensemble.py preds/*.csv                          # mean of probabilities -> submission.csv
+    python ensemble.py preds/*.csv --method weighted        # or rank, stack
+    python ensemble.py preds/*.csv downloaded_sub.csv --method rank --out blend.csv
+
+Files named {name}_fold{k}_oof.csv (image_name,target,pred,fold) and {name}_fold{k}_test.csv
+(image_name,target) are one model per {name}: its OOF files concatenated, its test predictions
+averaged over folds. Any other image_name,target file is a model with test predictions only.
+Reports, per model and per method, the CV AUC on the concatenated OOF with a 95 % interval from a
+bootstrap over patients; `weighted` and `stack` are scored by nested CV (fitted on the other
+folds, scored on the held-out one). The report is printed and written beside --out as JSON.
+"""
+import argparse
+import json
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+METHODS = ("mean", "rank", "weighted", "stack")
+NAME = re.compile(r"^(?P<name>.+)_fold(?P<fold>\d+)_(?P<kind>oof|test)\.csv$")
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="Blend prediction files into a submission.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("files", nargs="+", help="prediction CSVs: {name}_fold{k}_{oof,test}.csv or plain submissions")
+    p.add_argument("--method", choices=METHODS, default="mean", help="how the submission is blended")
+    p.add_argument("--out", default="submission.csv", help="submission path; the report goes beside it as .json")
+    p.add_argument("--folds", default="folds.csv", help="image_name,patient_id file for the patient bootstrap")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95 %% intervals")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+    return p.parse_args(argv)
+
+
+class InputError(Exception):
+    """Bad input: reported as one line, exit code 2, nothing written."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading
+
+def read_predictions(path, columns):
+    """A prediction CSV with `columns`, unique image names, and finite numbers."""
+    try:
+        df = pd.read_csv(path)
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file")
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: cannot read it as CSV ({e})")
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise InputError(f"{path}: missing column(s) {', '.join(missing)} (has: {', '.join(map(str, df.columns))})")
+    dup = df["image_name"].duplicated()
+    if dup.any():
+        raise InputError(f"{path}: duplicate image_name {df['image_name'][dup].iloc[0]}")
+    for c in columns[1:]:
+        values = pd.to_numeric(df[c], errors="coerce")
+        bad = ~np.isfinite(values.to_numpy(float))
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise InputError(f"{path}: row {i + 2}: {c} is {df[c].tolist()[i]!r}, not a finite number")
+        df[c] = values
+    return df[columns]
+
+
+def load_models(files):
+    """{name: {"oof": DataFrame or None, "test": Series by image_name, "files": [...], "order": [...]}}."""
+    models = {}
+    for f in files:
+        m = NAME.match(Path(f).name)
+        name, kind = (m["name"], m["kind"]) if m else (Path(f).stem, "test")
+        model = models.setdefault(name, dict(oof=[], test=[], files=[]))
+        model["files"].append(str(f))
+        cols = ["image_name", "target", "pred", "fold"] if kind == "oof" else ["image_name", "target"]
+        model[kind].append((str(f), read_predictions(f, cols)))
+    for name, model in models.items():
+        if not model["test"]:
+            raise InputError(f"model {name}: no test predictions among {', '.join(model['files'])}")
+        first_file, first = model["test"][0]
+        for f, df in model["test"][1:]:
+            check_same_images(first_file, first, f, df)
+        model["order"] = first["image_name"].tolist()
+        model["test"] = pd.concat([df.set_index("image_name")["target"] for _, df in model["test"]], axis=1).mean(axis=1)
+        if model["oof"]:
+            oof = pd.concat([df for _, df in model["oof"]], ignore_index=True)
+            dup = oof["image_name"].duplicated()
+            if dup.any():
+                raise InputError(f"model {name}: OOF files overlap on image {oof['image_name'][dup].iloc[0]}")
+            model["oof"] = oof.set_index("image_name")
+        else:
+            model["oof"] = None
+    return models
+
+
+def check_same_images(file_a, a, file_b, b):
+    only_a = sorted(set(a["image_name"]) - set(b["image_name"]))
+    only_b = sorted(set(b["image_name"]) - set(a["image_name"]))
+    if only_a or only_b:
+        raise InputError(f"{file_b}: its test images differ from {file_a}'s: "
+                         + "; ".join(s for s in (f"missing {', '.join(only_a[:3])}" if only_a else "",
+                                                 f"extra {', '.join(only_b[:3])}" if only_b else "") if s))
+
+
+def read_patients(path):
+    if not path or not Path(path).is_file():
+        return None
+    df = pd.read_csv(path)
+    return df.set_index("image_name")["patient_id"] if {"image_name", "patient_id"} <= set(df.columns) else None
+
+
+# ------------------------------------------------------------------------------------------------
+# Scores and blends
+
+def weighted_auc(y, score_of, w):
+    """ROC AUC of images weighted by w; score_of: each image's index among the sorted distinct
+    scores, so tied scores count half, as in roc_auc_score."""
+    pos = np.bincount(score_of, weights=w * y)
+    neg = np.bincount(score_of, weights=w * (1 - y))
+    if not (pos.sum() and neg.sum()):
+        return float("nan")
+    return float((pos * (np.cumsum(neg) - neg / 2)).sum() / (pos.sum() * neg.sum()))
+
+
+def auc(y, p):
+    return weighted_auc(np.asarray(y, float), np.unique(p, return_inverse=True)[1], np.ones(len(y)))
+
+
+def bootstrap_interval(y, p, groups, n=1000, seed=0):
+    """95 % interval of the AUC when whole groups (patients, or images) are resampled with
+    replacement: a resample weights each image by its group's count."""
+    codes, score_of = np.unique(groups, return_inverse=True)[1], np.unique(p, return_inverse=True)[1]
+    draw, n_groups, y = np.random.default_rng(seed), codes.max() + 1, np.asarray(y, float)
+    scores = [weighted_auc(y, score_of, np.bincount(draw.integers(0, n_groups, n_groups), minlength=n_groups)[codes])
+              for _ in range(n)]
+    return [float(q) for q in np.nanpercentile(scores, [2.5, 97.5])] if n else [float("nan")] * 2
+
+
+def to_rank(p):
+    """Percentile ranks in (0, 1]: the order is all that AUC sees."""
+    return pd.Series(p).rank().to_numpy() / len(p)
+
+
+def logit(p):
+    p = np.clip(p, 1e-6, 1 - 1e-6)
+    return np.log(p / (1 - p))
+
+
+def rescale(p):
+    return (p - p.min()) / (p.max() - p.min()) if p.max() > p.min() else np.full_like(p, 0.5)
+
+
+def fit_weights(X, y, steps=25):
+    """Non-negative weights summing to 1 that maximise OOF AUC: greedy forward selection with
+    replacement (Caruana et al., 2004), starting from the best single model."""
+    counts = np.zeros(X.shape[1])
+    for _ in range(steps):
+        trials = [auc(y, X @ (counts + np.eye(X.shape[1])[j])) for j in range(X.shape[1])]
+        counts[int(np.argmax(trials))] += 1
+    return counts / counts.sum()
+
+
+def fit(method, X, y):
+    """The blend of `method` fitted on OOF predictions X (images x models): (function of such a
+    matrix, its fitted weights or coefficients or None)."""
+    if method == "mean":
+        return (lambda Z: Z.mean(axis=1)), None
+    if method == "rank":
+        return (lambda Z: rescale(np.column_stack([to_rank(z) for z in Z.T]).mean(axis=1))), None
+    if method == "weighted":
+        w = fit_weights(X, y)
+        return (lambda Z: Z @ w), w.tolist()
+    from sklearn.linear_model import LogisticRegression  # imported here: a second of start-up otherwise
+    stack = LogisticRegression(C=1.0).fit(logit(X), y)
+    return (lambda Z: stack.predict_proba(logit(Z))[:, 1]), stack.coef_[0].tolist()
+
+
+def nested_oof(method, X, y, folds):
+    """Each fold predicted by the blend fitted on the other folds."""
+    out = np.empty(len(y))
+    for k in np.unique(folds):
+        held = folds == k
+        out[held] = fit(method, X[~held], y[~held])[0](X[held])
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Report
+
+def build_report(models, method, patients, n_boot, seed):
+    names = list(models)
+    with_oof = [n for n in names if models[n]["oof"] is not None]
+    if method in ("weighted", "stack") and len(with_oof) < len(names):
+        raise InputError(f"--method {method} fits on OOF predictions, and model(s) "
+                         f"{', '.join(n for n in names if n not in with_oof)} have none")
+    report = dict(method=method, models={}, notes=[])
+    truth = {}
+    for n in with_oof:
+        oof = models[n]["oof"]
+        for img, t in zip(oof.index, oof["target"]):
+            if truth.setdefault(img, t) != t:
+                raise InputError(f"model {n}: target of {img} disagrees with another model's OOF")
+    group_of = patients if patients is not None else None
+    if group_of is not None and not set(truth) <= set(group_of.index):
+        report["notes"].append("some OOF images have no patient_id in --folds: intervals resample images")
+        group_of = None
+    if group_of is None and truth:
+        report["notes"].append("intervals from a bootstrap over images (no patient ids): too narrow, "
+                               "since one patient's images are correlated")
+    report["bootstrap_over"] = "patients" if group_of is not None else "images"
+
+    def score(y, p, index):
+        groups = group_of.loc[index].to_numpy() if group_of is not None else np.arange(len(y))
+        return dict(auc=auc(y, p), ci95=bootstrap_interval(y, p, groups, n_boot, seed))
+
+    for n in names:
+        oof = models[n]["oof"]
+        entry = dict(files=models[n]["files"], n_test=len(models[n]["test"]))
+        if oof is not None:
+            entry.update(folds=sorted(int(k) for k in oof["fold"].unique()), n_oof=len(oof),
+                         **score(oof["target"].to_numpy(), oof["pred"].to_numpy(), oof.index))
+        report["models"][n] = entry
+    if with_oof:
+        common = sorted(set.intersection(*(set(models[n]["oof"].index) for n in with_oof)))
+        if any(len(models[n]["oof"]) != len(common) for n in with_oof):
+            report["notes"].append(f"models cover different OOF images: correlations and ensembles use the "
+                                   f"{len(common)} images all of them cover")
+        X = np.column_stack([models[n]["oof"].loc[common, "pred"].to_numpy() for n in with_oof])
+        y = models[with_oof[0]]["oof"].loc[common, "target"].to_numpy()
+        folds = models[with_oof[0]]["oof"].loc[common, "fold"].to_numpy()
+        report["correlation_on"] = f"OOF predictions of {len(common)} images"
+        report["ensemble"] = {}
+        for m in METHODS:
+            if m in ("mean", "rank") and len(with_oof) < len(names):
+                report["ensemble"][m] = dict(auc=None, note="not scored: some models have no OOF")
+                continue
+            if m in ("weighted", "stack") and len(np.unique(folds)) < 2:
+                report["ensemble"][m] = dict(auc=None, note="not scored: nested CV needs OOF of 2 or more folds")
+                continue
+            blend, weights = fit(m, X, y)
+            nested = m in ("weighted", "stack")
+            report["ensemble"][m] = dict(**score(y, nested_oof(m, X, y, folds) if nested else blend(X), common),
+                                         nested=nested, weights=weights)
+    else:
+        X = None
+    if X is None or len(with_oof) < len(names):
+        common = models[names[0]]["order"]
+        X = np.column_stack([models[n]["test"].loc[common].to_numpy() for n in names])
+        report["correlation_on"] = f"test predictions of {len(common)} images (not every model has OOF)"
+        cols = names
+    else:
+        cols = with_oof
+    frame = pd.DataFrame(X, columns=cols)
+    report["pearson"] = frame.corr("pearson").round(4).to_dict()
+    report["spearman"] = frame.corr("spearman").round(4).to_dict()
+    return report
+
+
+def blend_test(models, method):
+    """Submission rows in the first model's test order, fitted on all OOF."""
+    names = list(models)
+    order = models[names[0]]["order"]
+    Z = np.column_stack([models[n]["test"].loc[order].to_numpy() for n in names])
+    if method in ("weighted", "stack"):
+        common = sorted(set.intersection(*(set(models[n]["oof"].index) for n in names)))
+        X = np.column_stack([models[n]["oof"].loc[common, "pred"].to_numpy() for n in names])
+        blend = fit(method, X, models[names[0]]["oof"].loc[common, "target"].to_numpy())[0]
+    else:
+        blend = fit(method, None, None)[0]
+    return pd.DataFrame(dict(image_name=order, target=np.clip(blend(Z), 0, 1)))
+
+
+def format_report(r):
+    def ci(e):
+        return f"{e['auc']:.4f}  [{e['ci95'][0]:.4f}, {e['ci95'][1]:.4f}]" if e.get("auc") is not None else "n/a"
+
+    width = max([len(n) for n in r["models"]] + [8])
+    lines = [f"{'model':<{width}}  {'folds':<11} {'OOF':>6}  CV AUC  95 % interval ({r['bootstrap_over']})"]
+    for n, e in r["models"].items():
+        folds = ",".join(map(str, e["folds"])) if "folds" in e else "-"
+        lines.append(f"{n:<{width}}  {folds:<11} {e.get('n_oof', 0):>6}  {ci(e) if 'auc' in e else 'no OOF (test only)'}")
+    cols = list(r["pearson"])
+    lines.append(f"\ncorrelation, Pearson / Spearman, on {r['correlation_on']}")
+    lines.append(" " * width + "".join(f"  {c[:13]:>13}" for c in cols))
+    for a in cols:
+        lines.append(f"{a:<{width}}" + "".join(f"  {r['pearson'][a][b]:>6.3f}/{r['spearman'][a][b]:<6.3f}" for b in cols))
+    if "ensemble" in r:
+        lines.append("\nensemble CV AUC (weighted and stack: nested, fitted on the other folds)")
+        for m, e in r["ensemble"].items():
+            mark = "*" if m == r["method"] else " "
+            what = "coefficients" if m == "stack" else "weights"
+            extra = e.get("note") or (f"{what} {', '.join(f'{w:.3f}' for w in e['weights'])}" if e.get("weights") else "")
+            lines.append(f"{mark} {m:<9} {ci(e)}  {extra}")
+    lines += [f"note: {n}" for n in r["notes"]]
+    return "\n".join(lines)
+
+
+def atomic_write_text(path, text):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    try:
+        models = load_models(args.files)
+        names = list(models)
+        for n in names[1:]:
+            a, b = models[names[0]], models[n]
+            check_same_images(a["files"][0], pd.DataFrame(dict(image_name=a["order"])),
+                              next(f for f in b["files"] if not f.endswith("_oof.csv")),
+                              pd.DataFrame(dict(image_name=b["order"])))
+        report = build_report(models, args.method, read_patients(args.folds), args.bootstrap, args.seed)
+        submission = blend_test(models, args.method)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(format_report(report))
+    atomic_write_text(args.out, submission.to_csv(index=False))
+    atomic_write_text(Path(args.out).with_suffix(".json"), json.dumps(report, indent=1))
+    print(f"wrote {args.out} ({len(submission)} images, method {args.method}) and {Path(args.out).with_suffix('.json')}")
+
+
+if __name__ == "__main__":
+    main()
