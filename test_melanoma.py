@@ -516,3 +516,163 @@ def test_get_args_defaults_are_the_recipe():
         ("tf_efficientnet_b5.ns_jft_in1k", 512, 20, 5e-6, 2e-4, 0.1, 15, True)
     d = melanoma.get_args(["--demo", "--size", "48"])
     assert d.model == "test_efficientnet" and not d.pretrained and d.size == 48
+
+
+# ----------------------------------------------------------------------------------------------
+# ensemble.py
+
+import ensemble  # noqa: E402
+
+
+def write_model(d, name, folds, test, rows=None):
+    """OOF files {name}_fold{k}_oof.csv from {k: (targets, preds)} and test files from test preds."""
+    start = 0
+    for k, (y, p) in folds.items():
+        names = rows[start:start + len(y)] if rows else [f"img{start + i}" for i in range(len(y))]
+        pd.DataFrame(dict(image_name=names, target=y, pred=p, fold=k)).to_csv(d / f"{name}_fold{k}_oof.csv", index=False)
+        pd.DataFrame(dict(image_name=[f"t{i}" for i in range(len(test))], target=test)).to_csv(
+            d / f"{name}_fold{k}_test.csv", index=False)
+        start += len(y)
+
+
+def run_ensemble(d, *args, expect=0):
+    files = sorted(str(p) for p in d.glob("*.csv") if p.name != "sub.csv")
+    r = run_cli(ROOT / "ensemble.py", *files, "--out", d / "sub.csv", "--bootstrap", "200", *args, cwd=d)
+    assert r.returncode == expect, r.stderr
+    return r
+
+
+Y = [0, 1, 0, 1, 0, 0]
+
+
+def test_ensemble_mean_and_rank_match_hand_computed_values(tmp_path):
+    write_model(tmp_path, "a", {0: (Y, [.1, .9, .2, .7, .3, .4])}, [0.1, 0.4, 0.3, 0.2])
+    write_model(tmp_path, "b", {0: (Y, [.2, .6, .1, .8, .7, .3])}, [0.8, 0.1, 0.5, 0.3])
+    run_ensemble(tmp_path)
+    sub = pd.read_csv(tmp_path / "sub.csv")
+    assert sub["image_name"].tolist() == ["t0", "t1", "t2", "t3"]
+    assert np.allclose(sub["target"], [0.45, 0.25, 0.4, 0.25])
+    r = run_ensemble(tmp_path, "--method", "rank")
+    # ranks a: 1,4,3,2 and b: 4,1,3,2 -> means 2.5, 2.5, 3, 2 -> rescaled to [0, 1]
+    assert np.allclose(pd.read_csv(tmp_path / "sub.csv")["target"], [0.5, 0.5, 1, 0])
+    report = json.loads((tmp_path / "sub.json").read_text())
+    assert report["models"]["a"]["auc"] == pytest.approx(1.0) and report["models"]["b"]["auc"] == pytest.approx(0.875)
+    assert report["ensemble"]["mean"]["auc"] == pytest.approx(1.0)  # mean .15 .75 .15 .75 .5 .35
+    assert "CV AUC" in r.stdout and "Pearson / Spearman" in r.stdout
+
+
+def test_ensemble_weighted_picks_the_informative_model_and_stack_is_a_logistic_regression(tmp_path):
+    r = np.random.default_rng(0)
+    y = (r.random(400) < 0.2).astype(int)
+    good = np.clip(0.3 * y + 0.7 * r.random(400), 0, 1)
+    noise = r.random(400)
+    test_good, test_noise = r.random(50), r.random(50)
+    folds = {k: slice(k * 100, (k + 1) * 100) for k in range(4)}
+    write_model(tmp_path, "good", {k: (y[s], good[s]) for k, s in folds.items()}, test_good)
+    write_model(tmp_path, "noise", {k: (y[s], noise[s]) for k, s in folds.items()}, test_noise)
+    run_ensemble(tmp_path, "--method", "weighted")
+    report = json.loads((tmp_path / "sub.json").read_text())
+    w = dict(zip(report["models"], report["ensemble"]["weighted"]["weights"]))
+    assert w["good"] > 0.8 and sum(w.values()) == pytest.approx(1)
+    sub = pd.read_csv(tmp_path / "sub.csv")["target"].to_numpy()
+    assert np.allclose(sub, w["good"] * test_good + w["noise"] * test_noise)
+    run_ensemble(tmp_path, "--method", "stack")
+    from sklearn.linear_model import LogisticRegression
+    names = list(json.loads((tmp_path / "sub.json").read_text())["models"])
+    X = np.column_stack([{"good": good, "noise": noise}[n] for n in names])
+    Z = np.column_stack([{"good": test_good, "noise": test_noise}[n] for n in names])
+    ref = LogisticRegression(C=1.0).fit(ensemble.logit(X), y).predict_proba(ensemble.logit(Z))[:, 1]
+    assert np.allclose(pd.read_csv(tmp_path / "sub.csv")["target"], ref, atol=1e-6)
+
+
+def test_nested_cv_reports_no_gain_for_a_blend_fitted_on_noise():
+    r = np.random.default_rng(1)
+    y = (r.random(3000) < 0.1).astype(int)
+    X = r.random((3000, 6))
+    folds = np.arange(3000) % 5
+    singles = [ensemble.auc(y, X[:, j]) for j in range(6)]
+    for method in ("weighted", "stack"):
+        in_sample = ensemble.auc(y, ensemble.fit(method, X, y)[0](X))
+        nested = ensemble.auc(y, ensemble.nested_oof(method, X, y, folds))
+        assert nested < in_sample and nested < max(singles) + 0.01 and nested < 0.53
+    assert ensemble.auc(y, ensemble.fit("weighted", X, y)[0](X)) > max(singles)  # in-sample it would "gain"
+
+
+def test_cv_auc_is_over_concatenated_oof_not_a_mean_of_folds(tmp_path):
+    # each fold ranks perfectly, but fold 1's scores all sit above fold 0's
+    write_model(tmp_path, "m", {0: ([0, 0, 1], [.1, .2, .3]), 1: ([0, 0, 1], [.6, .7, .8])}, [0.5])
+    run_ensemble(tmp_path)
+    info = json.loads((tmp_path / "sub.json").read_text())["models"]["m"]
+    from sklearn.metrics import roc_auc_score
+    assert info["auc"] == pytest.approx(roc_auc_score([0, 0, 1, 0, 0, 1], [.1, .2, .3, .6, .7, .8]))
+    assert info["auc"] == pytest.approx(0.75) and info["folds"] == [0, 1]
+
+
+def test_ensemble_auc_and_bootstrap_over_patients(tmp_path):
+    r = np.random.default_rng(2)
+    y, p = (r.random(500) < 0.1).astype(float), np.round(r.random(500), 2)
+    from sklearn.metrics import roc_auc_score
+    assert ensemble.auc(y, p) == pytest.approx(roc_auc_score(y, p))
+    p = p + 0.3 * y
+    by_image = ensemble.bootstrap_interval(y, p, np.arange(500), 500)
+    by_patient = ensemble.bootstrap_interval(y, p, np.repeat(np.arange(50), 10), 500)
+    assert by_image[0] < ensemble.auc(y, p) < by_image[1]
+    write_model(tmp_path, "m", {0: (Y, [.1, .9, .2, .7, .3, .4]), 1: (Y, [.1, .9, .2, .7, .3, .4])}, [0.5])
+    pd.DataFrame(dict(image_name=[f"img{i}" for i in range(12)], patient_id=[f"p{i // 3}" for i in range(12)])).to_csv(
+        tmp_path / "folds.csv.txt", index=False)
+    run_ensemble(tmp_path, "--folds", tmp_path / "folds.csv.txt")
+    assert json.loads((tmp_path / "sub.json").read_text())["bootstrap_over"] == "patients"
+    r = run_ensemble(tmp_path, "--folds", tmp_path / "absent.csv")
+    assert "over images" in r.stdout and json.loads((tmp_path / "sub.json").read_text())["bootstrap_over"] == "images"
+    assert by_patient[1] - by_patient[0] > 0  # patients give their own, valid interval
+
+
+def test_ensemble_plain_submission_and_different_coverage(tmp_path):
+    write_model(tmp_path, "a", {0: (Y, [.1, .9, .2, .7, .3, .4]), 1: (Y, [.1, .9, .2, .7, .3, .4])}, [0.2, 0.4])
+    write_model(tmp_path, "b", {0: (Y, [.2, .6, .1, .8, .5, .3])}, [0.6, 0.8])
+    r = run_ensemble(tmp_path)
+    assert "different OOF images" in r.stdout
+    report = json.loads((tmp_path / "sub.json").read_text())
+    assert report["models"]["a"]["n_oof"] == 12 and report["correlation_on"].startswith("OOF predictions of 6")
+    pd.DataFrame(dict(image_name=["t1", "t0"], target=[0.9, 0.1])).to_csv(tmp_path / "public.csv", index=False)
+    r = run_ensemble(tmp_path)
+    assert "no OOF (test only)" in r.stdout
+    sub = pd.read_csv(tmp_path / "sub.csv")
+    assert sub["image_name"].tolist() == ["t0", "t1"] and np.allclose(sub["target"], [(.2 + .6 + .1) / 3, (.4 + .8 + .9) / 3])
+    err = run_ensemble(tmp_path, "--method", "weighted", expect=2)
+    assert "public" in err.stderr and "have none" in err.stderr
+
+
+def csv_of(path, **cols):
+    pd.DataFrame(cols).to_csv(path, index=False)
+
+
+def model_x(d, **oof):
+    """Model x: a valid test file and an OOF file made of `oof`."""
+    csv_of(d / "x_fold0_test.csv", image_name=["t0", "t1"], target=[.1, .2])
+    csv_of(d / "x_fold0_oof.csv", **oof)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d: None, "absent.csv: no such file"),
+    (lambda d: (d / "x_fold0_test.csv").write_bytes(b"\xff\xfe\x00garbage\x00"), "x_fold0_test.csv"),
+    (lambda d: csv_of(d / "x_fold0_test.csv", image_name=["t0", "t1"], pred=[.1, .2]), "missing column(s) target"),
+    (lambda d: csv_of(d / "x_fold0_test.csv", image_name=["t0", "t0"], target=[.1, .2]), "duplicate image_name t0"),
+    (lambda d: csv_of(d / "x_fold0_test.csv", image_name=["t0", "t9"], target=[.1, .2]), "missing t1; extra t9"),
+    (lambda d: csv_of(d / "x_fold0_test.csv", image_name=["t0", "t1"], target=[.1, np.nan]), "row 3: target"),
+    (lambda d: model_x(d, image_name=["img0"], target=[0], pred=[np.inf], fold=0), "row 2: pred"),
+    (lambda d: csv_of(d / "a_fold5_oof.csv", image_name=["img0"], target=[0], pred=[.5], fold=5), "overlap on image img0"),
+    (lambda d: model_x(d, image_name=["img1"], target=[0], pred=[.5], fold=0), "img1 disagrees"),
+])
+def test_ensemble_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, make, message):
+    write_model(tmp_path, "a", {0: (Y, [.1, .9, .2, .7, .3, .4])}, [0.2, 0.4])
+    make(tmp_path)
+    files = sorted(str(p) for p in tmp_path.glob("*.csv")) + ([str(tmp_path / "absent.csv")] if "absent" in message else [])
+    r = run_cli(ROOT / "ensemble.py", *files, "--out", tmp_path / "out" / "sub.csv")
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_ensemble_imports_no_torch():
+    r = run_cli("-c", "import ensemble, sys; print('torch' in sys.modules, 'sklearn' in sys.modules)")
+    assert r.stdout.split() == ["False", "False"]
