@@ -662,101 +662,107 @@ def make_demo_data(root, n_patients=150, n_test=60, seed=0, shape=(96, 128)):
     return root
 
 
+def benchmark_jpegs(folder, seed=0):
+    """Full-size test JPEGs like the competition's originals: a smooth lesion photo at 6000x4000
+    (2.7 MB) and 1872x1053, and a noisier 6000x4000 (3.8 MB) whose entropy decoding costs more."""
+    r, files = np.random.default_rng(seed), {}
+    for w, h, noise in ((6000, 4000, 0), (6000, 4000, 2), (1872, 1053, 0)):
+        photo = np.asarray(Image.fromarray(draw_lesion(h // 16, w // 16, True, r)).resize((w, h), Image.BICUBIC))
+        grain = np.asarray(Image.fromarray(r.integers(0, 256, (h // 8, w // 8, 3), dtype=np.uint8)).resize((w, h), Image.BICUBIC))
+        pixels = photo * 0.9 + grain * 0.1 + (r.normal(0, noise, (h, w, 1)) if noise else 0)
+        path = os.path.join(folder, f"{w}x{h}{'_noisy' if noise else ''}.jpg")
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path, quality=90)
+        files[path] = os.path.getsize(path) / 1e6
+    return files
+
+
+def seconds(fn, repeat=3, sync=lambda: None):
+    """Best of `repeat` timed calls, after one warm-up call."""
+    fn()
+    sync()
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        sync()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
 def benchmark(args):
-    """Images/s of loading, augmentation, a training step and TTA, on this machine."""
+    """Images/s of loading, augmentation, a training step and TTA on this machine, with ratios."""
     import torch
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
-    r = np.random.default_rng(0)
-
-    def rate(fn, n, repeat=3):
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = float("inf")
-        for _ in range(repeat):
-            t = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            best = min(best, time.perf_counter() - t)
-        return n / best
-
-    def plain_load(path, size):
-        return np.asarray(Image.open(path).convert("RGB").resize((size, size), Image.BILINEAR))
-
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    dtype = dict(bf16=torch.bfloat16, fp16=torch.float16).get(args.mixed_precision)
+    size, bs, tta = args.size, args.batch_size, max(args.tta, 1)
+    print(f"benchmark: {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{os.cpu_count()} CPU cores'}), "
+          f"torch {torch.__version__}, --size {size} --model {args.model} --batch-size {bs} --tta {tta} "
+          f"--mixed-precision {args.mixed_precision or 'no'}")
     with tempfile.TemporaryDirectory() as tmp:
-        files = {}
-        for w, h in ((6000, 4000), (1872, 1053)):
-            small = (r.random((h // 16, w // 16, 3)) * 255).astype(np.uint8)
-            big = Image.fromarray(draw_lesion(h // 16, w // 16, True, r)).resize((w, h), Image.BICUBIC)
-            big = Image.fromarray(np.clip(np.asarray(big) * 0.9 + np.asarray(Image.fromarray(small).resize((w, h))) * 0.1, 0, 255).astype(np.uint8))
-            files[f"{w}x{h}"] = os.path.join(tmp, f"{w}x{h}.jpg")
-            big.save(files[f"{w}x{h}"], quality=90)
-        print(f"benchmark on {device}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
-              f"size {args.size}, model {args.model}, batch {args.batch_size}")
-        print("(a) loading, one process             ours img/s  plain img/s   ratio")
-        for k, f in files.items():
-            ours, plain = rate(lambda: load_image(f, args.size), 1), rate(lambda: plain_load(f, args.size), 1)
-            print(f"    {k:>9} JPEG -> {args.size:<4}           {ours:8.2f}  {plain:10.2f}  {ours / plain:6.1f}x")
-        mix = [files["6000x4000"]] * 44 + [files["1872x1053"]] * 56
-        t = time.perf_counter()
-        [load_image(f, args.size) for f in mix[::5]]
-        ours = 20 / (time.perf_counter() - t)
-        t = time.perf_counter()
-        [plain_load(f, args.size) for f in mix[::5]]
-        plain = 20 / (time.perf_counter() - t)
-        print(f"    mix 44 % 6000x4000 -> {args.size:<4}        {ours:8.2f}  {plain:10.2f}  {ours / plain:6.1f}x")
+        files = benchmark_jpegs(tmp)
+        big, _, small = files
+        print("(a) loading, one process, img/s     ours    plain  ratio  (1/8-scale decode, the floor)")
+        per_image = {}
+        for f, mb in files.items():
+            ours = seconds(lambda: load_image(f, size))
+            plain = seconds(lambda: Image.open(f).convert("RGB").resize((size, size)))
 
-        net = create_model(args.model, False, None).to(device, memory_format=torch.channels_last)
+            def floor():
+                with Image.open(f) as im:
+                    im.draft("RGB", (1, 1))
+                    im.load()
+
+            per_image[f] = (ours, plain)
+            print(f"    {Path(f).stem:>15} {mb:3.1f} MB {1 / ours:7.1f}  {1 / plain:7.2f}  {plain / ours:4.1f}x  "
+                  f"({1 / seconds(floor):.1f})")
+        mix = [0.44 * a + 0.56 * b for a, b in zip(per_image[big], per_image[small])]
+        print(f"    mix, 44 % 6000x4000   {1 / mix[0]:7.1f}  {1 / mix[1]:7.2f}  {mix[1] / mix[0]:4.1f}x")
+
+        net = create_model(args.model, False).to(device, memory_format=torch.channels_last)
         augment = build_augment(net.pretrained_cfg["mean"], net.pretrained_cfg["std"], args.cutout).to(device)
-        x = torch.randint(0, 256, (args.batch_size, 3, args.size, args.size), dtype=torch.uint8, device=device)
-        print(f"(b) augmentation stack              {rate(lambda: augment(x), args.batch_size):10.1f} img/s")
-        optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4, weight_decay=0.1)
-        y = torch.zeros(args.batch_size, device=device)
-        dtype = torch.bfloat16 if args.mixed_precision == "bf16" else torch.float16 if args.mixed_precision == "fp16" else None
         model = torch.compile(net) if args.compile else net
+        optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4, weight_decay=0.1)
+        x = torch.randint(0, 256, (bs, 3, size, size), dtype=torch.uint8, device=device)
+        y = torch.zeros(bs, device=device)
+        print(f"(b) augmentation stack {bs / seconds(lambda: augment(x), sync=sync):10.1f} img/s")
+
+        def autocast():
+            return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
         def step(inputs):
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            with autocast():
                 loss = torch.nn.functional.binary_cross_entropy_with_logits(model(inputs).float().squeeze(1), y)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-        ready = augment(x)
-        bare = rate(lambda: step(ready), args.batch_size)
-        shapes = list(files.values()) * (args.batch_size // 2 + 1)
+        batch_files = [big if i % 25 < 11 else small for i in range(bs)]  # 44 % large originals
         cache = os.path.join(tmp, "cache")
-        for f in shapes[:2]:
-            cached_load(f, args.size, cache)
 
-        def whole(load):
-            xb = torch.from_numpy(np.stack([load(f) for f in shapes[:args.batch_size]])).permute(0, 3, 1, 2)
-            step(augment(xb.to(device, non_blocking=True)))
+        def load_batch(load):
+            return torch.from_numpy(np.stack([load(f) for f in batch_files])).permute(0, 3, 1, 2).to(device)
 
-        full = rate(lambda: whole(lambda f: load_image(f, args.size)), args.batch_size, 1)
-        cached = rate(lambda: whole(lambda f: cached_load(f, args.size, cache)), args.batch_size, 1)
-        print(f"(c) training step, bare (tensors on device) {bare:8.1f} img/s")
-        print(f"    whole step, decoding originals      {full:8.1f} img/s  overhead {bare / full:5.2f}x (one loader process)")
-        print(f"    whole step, from --cache            {cached:8.1f} img/s  overhead {bare / cached:5.2f}x (one loader process)")
+        ready = augment(x)
+        bare = bs / seconds(lambda: step(ready), sync=sync)
+        print(f"(c) training step, bare (tensors on the device) {bare:8.1f} img/s")
+        for what, load in (("decoding originals", lambda f: load_image(f, size)),
+                           ("reading --cache", lambda f: cached_load(f, size, cache))):
+            whole = bs / seconds(lambda: step(augment(load_batch(load))), 2, sync)
+            print(f"    whole step, {what:<18} {whole:8.1f} img/s, {bare / whole:5.2f}x the bare step (one loader process)")
         net.eval()
-        tta = max(args.tta, 1)
-        loaded = [shapes[i % 2] for i in range(args.batch_size)]
 
-        def tta_once():
-            xb = torch.from_numpy(np.stack([load_image(f, args.size) for f in loaded])).permute(0, 3, 1, 2).to(device)
-            with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                predict_batch(model, augment, xb, tta, (0,))
+        def decode_once():
+            with torch.no_grad(), autocast():
+                predict_batch(model, augment, load_batch(lambda f: load_image(f, size)), tta, (0,))
 
-        def tta_reread():
-            with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                for view in range(tta):
-                    xb = torch.from_numpy(np.stack([load_image(f, args.size) for f in loaded])).permute(0, 3, 1, 2)
-                    torch.sigmoid(model(augment(xb.to(device))))
+        def reread():
+            with torch.no_grad(), autocast():
+                for _ in range(tta):
+                    torch.sigmoid(model(augment(load_batch(lambda f: load_image(f, size)))))
 
-        once, reread = rate(tta_once, args.batch_size, 1), rate(tta_reread, args.batch_size, 1)
-        print(f"(d) TTA x{tta}, decode once             {once:8.1f} img/s")
-        print(f"    TTA x{tta}, re-read per pass        {reread:8.1f} img/s  ratio {once / reread:5.1f}x")
+        once, again = bs / seconds(decode_once, 1, sync), bs / seconds(reread, 1, sync)
+        print(f"(d) TTA x{tta}, decode once {once:8.1f} img/s; re-read per pass {again:8.1f} img/s; ratio {once / again:4.1f}x")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     gpu = f", GPU {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if device.type == "cuda" else ""
     print(f"peak memory: process {peak:.2f} GiB{gpu}")
