@@ -41,9 +41,18 @@ DEMO_DEFAULTS = dict(data_dir="demo_data", model="test_efficientnet", pretrained
 # ----------------------------------------------------------------------------------------------
 # Flags
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default unless its help already says it, or there is none."""
+
+    def _get_help_string(self, action):
+        if "default" in action.help or action.default in (None, False, argparse.SUPPRESS):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="Train, validate and predict melanoma classifiers.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--data-dir", help="competition data: train.csv, test.csv and jpeg/train/ (official) "
                    "or train/ (resized datasets)")
@@ -84,8 +93,8 @@ def get_args(argv=None):
     g.add_argument("--overwrite", action="store_true", help="retrain folds that already have outputs")
     g = p.add_argument_group("tools")
     g.add_argument("--demo", action="store_true", help="make a small synthetic dataset once and train "
-                   "on it with CPU-sized defaults: " + ", ".join(f"--{k.replace('_', '-')} {v}"
-                                                                for k, v in DEMO_DEFAULTS.items()))
+                   "on it with CPU-sized defaults: --no-pretrained " +
+                   " ".join(f"--{k.replace('_', '-')} {v}" for k, v in DEMO_DEFAULTS.items() if k != "pretrained"))
     g.add_argument("--make-folds", metavar="TRAIN_CSV", help="write patient-grouped folds of TRAIN_CSV to --out")
     g.add_argument("--n-folds", type=int, default=5, help="number of folds for --make-folds")
     g.add_argument("--benchmark", action="store_true", help="measure loading, augmentation, step and TTA speed")
