@@ -714,8 +714,8 @@ def benchmark(args):
         print("(a) loading, one process, img/s     ours    plain  ratio  (1/8-scale decode, the floor)")
         per_image = {}
         for f, mb in files.items():
-            ours = seconds(lambda: load_image(f, size))
-            plain = seconds(lambda: Image.open(f).convert("RGB").resize((size, size)))
+            ours = seconds(lambda: load_image(f, size), 5)
+            plain = seconds(lambda: Image.open(f).convert("RGB").resize((size, size)), 5)
 
             def floor():
                 with Image.open(f) as im:
@@ -724,7 +724,7 @@ def benchmark(args):
 
             per_image[f] = (ours, plain)
             print(f"    {Path(f).stem:>15} {mb:3.1f} MB {1 / ours:7.1f}  {1 / plain:7.2f}  {plain / ours:4.1f}x  "
-                  f"({1 / seconds(floor):.1f})")
+                  f"({1 / seconds(floor, 5):.1f})")
         mix = [0.44 * a + 0.56 * b for a, b in zip(per_image[big], per_image[small])]
         print(f"    mix, 44 % 6000x4000   {1 / mix[0]:7.1f}  {1 / mix[1]:7.2f}  {mix[1] / mix[0]:4.1f}x")
 
