@@ -86,7 +86,8 @@ def load_models(files):
         for f, df in model["test"][1:]:
             check_same_images(first_file, first, f, df)
         model["order"] = first["image_name"].tolist()
-        model["test"] = pd.concat([df.set_index("image_name")["target"] for _, df in model["test"]], axis=1).mean(axis=1)
+        tests = [df.set_index("image_name")["target"] for _, df in model["test"]]
+        model["test"] = pd.concat(tests, axis=1).mean(axis=1)
         if model["oof"]:
             oof = pd.concat([df for _, df in model["oof"]], ignore_index=True)
             dup = oof["image_name"].duplicated()
@@ -283,18 +284,20 @@ def format_report(r):
     lines = [f"{'model':<{width}}  {'folds':<11} {'OOF':>6}  CV AUC  95 % interval ({r['bootstrap_over']})"]
     for n, e in r["models"].items():
         folds = ",".join(map(str, e["folds"])) if "folds" in e else "-"
-        lines.append(f"{n:<{width}}  {folds:<11} {e.get('n_oof', 0):>6}  {ci(e) if 'auc' in e else 'no OOF (test only)'}")
+        score = ci(e) if "auc" in e else "no OOF (test only)"
+        lines.append(f"{n:<{width}}  {folds:<11} {e.get('n_oof', 0):>6}  {score}")
     cols = list(r["pearson"])
     lines.append(f"\ncorrelation, Pearson / Spearman, on {r['correlation_on']}")
     lines.append(" " * width + "".join(f"  {c[:13]:>13}" for c in cols))
     for a in cols:
-        lines.append(f"{a:<{width}}" + "".join(f"  {r['pearson'][a][b]:>6.3f}/{r['spearman'][a][b]:<6.3f}" for b in cols))
+        pairs = (f"  {r['pearson'][a][b]:>6.3f}/{r['spearman'][a][b]:<6.3f}" for b in cols)
+        lines.append(f"{a:<{width}}" + "".join(pairs))
     if "ensemble" in r:
         lines.append("\nensemble CV AUC (weighted and stack: nested, fitted on the other folds)")
         for m, e in r["ensemble"].items():
             mark = "*" if m == r["method"] else " "
-            what = "coefficients" if m == "stack" else "weights"
-            extra = e.get("note") or (f"{what} {', '.join(f'{w:.3f}' for w in e['weights'])}" if e.get("weights") else "")
+            fitted = f"{'coefficients' if m == 'stack' else 'weights'} " + ", ".join(f"{w:.3f}" for w in e["weights"] or [])
+            extra = e.get("note") or (fitted if e.get("weights") else "")
             lines.append(f"{mark} {m:<9} {ci(e)}  {extra}")
     lines += [f"note: {n}" for n in r["notes"]]
     return "\n".join(lines)
@@ -331,7 +334,8 @@ def main(argv=None):
     print(format_report(report))
     atomic_write_text(args.out, submission.to_csv(index=False))
     atomic_write_text(Path(args.out).with_suffix(".json"), json.dumps(report, indent=1))
-    print(f"wrote {args.out} ({len(submission)} images, method {args.method}) and {Path(args.out).with_suffix('.json')}")
+    print(f"wrote {args.out} ({len(submission)} images, method {args.method}) "
+          f"and {Path(args.out).with_suffix('.json')}")
 
 
 if __name__ == "__main__":

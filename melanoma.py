@@ -168,6 +168,12 @@ def check_targets(df, path):
     df["target"] = target.astype(int)
 
 
+def check_unique(df, path):
+    dup = np.flatnonzero(df["image_name"].duplicated())
+    if len(dup):
+        raise DataError(f"{path}: row {dup[0] + 2}: duplicate image_name {df['image_name'].iloc[dup[0]]}")
+
+
 def make_folds(df, n_folds=5, seed=0, path="train.csv"):
     """Patient-grouped, stratified folds: image_name, patient_id, target, fold (-1: never used).
 
@@ -183,9 +189,7 @@ def make_folds(df, n_folds=5, seed=0, path="train.csv"):
             raise DataError(f"{path}: missing column {c}")
     df = df.copy()
     check_targets(df, path)
-    dup = df["image_name"].duplicated()
-    if dup.any():
-        raise DataError(f"{path}: duplicate image_name {df['image_name'][dup].iloc[0]} (row {int(np.flatnonzero(dup)[0]) + 2})")
+    check_unique(df, path)
     out = df[["image_name", "patient_id", "target"]].copy()
     if "tfrecord" in df.columns:
         mapping = TFRECORD_FOLDS if n_folds == 5 else {t: t % n_folds for t in df["tfrecord"].unique() if t >= 0}
@@ -221,8 +225,12 @@ def read_data(args):
     train = read_csv(train_csv, ["image_name", "target"], "train file")
     check_targets(train, train_csv)
     folds = read_csv(args.folds, ["image_name", "fold"], "folds file")
+    check_unique(train, train_csv)
+    check_unique(folds, args.folds)
+    if not pd.api.types.is_integer_dtype(folds["fold"]):
+        raise DataError(f"folds file {args.folds}: column fold must hold whole numbers")
     train = train.drop(columns=["fold"], errors="ignore")
-    train = train.merge(folds[["image_name", "fold"]], on="image_name", how="left", validate="one_to_one")
+    train = train.merge(folds[["image_name", "fold"]], on="image_name", how="left")
     missing = train["fold"].isna()
     if missing.any():
         raise DataError(f"folds file {args.folds}: {missing.sum()} image(s) of {train_csv} missing, "
@@ -273,7 +281,10 @@ def load_image(path, size):
 
 def cached_load(path, size, cache):
     """load_image through a cache of quality-95 JPEGs keyed on the source's path, size and mtime."""
-    st = os.stat(path)
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise DataError(f"image {path}: {e.strerror}")
     key = hashlib.sha1(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{size}".encode()).hexdigest()[:16]
     hit = Path(cache) / f"{Path(path).stem}_{size}_{key}.jpg"
     if not hit.is_file():
@@ -302,6 +313,12 @@ class Images:
 
 def rng(*key):
     return np.random.default_rng([abs(int(k)) for k in key])
+
+
+def seed_all(*key):
+    """Seed torch's global generators (CPU and every GPU) from `key`."""
+    import torch
+    torch.manual_seed(int(rng(*key).integers(2**62)))
 
 
 def negatives_for_epoch(n_neg, per_epoch, seed, epoch):
@@ -398,7 +415,7 @@ def seeded(*key):
     import torch
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(int(rng(*key).integers(2**62)))
+        seed_all(*key)
         yield
 
 
@@ -470,11 +487,6 @@ def roc_auc(targets, preds):
     return float(roc_auc_score(targets, preds)) if len(set(targets)) == 2 else float("nan")
 
 
-def seed_all(*key):
-    import torch
-    torch.manual_seed(int(rng(*key).integers(2**62)))
-
-
 def predict(model, augment, loader, accelerator, tta, seed, desc):
     """Probabilities for every row of loader's dataset, each exactly once, on every process."""
     import torch
@@ -529,7 +541,8 @@ def train_fold(args, accelerator, train, test, fold, stem):
     val_loader = make_loader(Images(val["path"], args.size, args.cache), accelerator, args)
 
     seed_all(args.seed, 5)
-    net = create_model(args.model, args.pretrained, args.weights).to(accelerator.device, memory_format=torch.channels_last)
+    net = create_model(args.model, args.pretrained, args.weights)
+    net = net.to(accelerator.device, memory_format=torch.channels_last)
     augment = build_augment(net.pretrained_cfg["mean"], net.pretrained_cfg["std"], args.cutout).to(accelerator.device)
     optimizer = torch.optim.AdamW(net.parameters(), lr=args.lr_max, weight_decay=args.wd)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr_max, div_factor=args.lr_max / args.lr_min,
@@ -566,7 +579,7 @@ def train_fold(args, accelerator, train, test, fold, stem):
             x = x.to(accelerator.device, non_blocking=True)
             y = torch.as_tensor(trn["target"].to_numpy()[idx.numpy()], dtype=torch.float32, device=accelerator.device)
             loss = torch.nn.functional.binary_cross_entropy_with_logits(model(augment(x)).float().squeeze(1), y)
-            lr, loss_value = scheduler.get_last_lr()[0], loss.item()  # a sync point per step; it names the step of a non-finite loss
+            lr, loss_value = scheduler.get_last_lr()[0], loss.item()  # a sync point: catches a bad step at once
             if not math.isfinite(loss_value):
                 raise FloatingPointError(f"fold {fold}: loss is {loss_value} at epoch {epoch + 1}, step {step + 1}; "
                                          f"no predictions written, last good checkpoint kept ({ckpt})")
@@ -591,13 +604,14 @@ def train_fold(args, accelerator, train, test, fold, stem):
             atomic_write(ckpt, lambda tmp: torch.save(state, tmp))
         accelerator.wait_for_everyone()
 
-    plain = val_pred if first < args.epochs else predict(model, augment, val_loader, accelerator, 0, args.seed, "validate")
+    if first == args.epochs:  # resumed after the last epoch: its plain predictions are not at hand
+        val_pred = predict(model, augment, val_loader, accelerator, 0, args.seed, "validate")
     oof = predict(model, augment, val_loader, accelerator, args.tta, args.seed, f"OOF TTA x{args.tta}")
     test_pred = np.zeros(0)
     if len(test):
         test_loader = make_loader(Images(test["path"], args.size, args.cache), accelerator, args)
         test_pred = predict(model, augment, test_loader, accelerator, args.tta, args.seed + 1, f"test TTA x{args.tta}")
-    result = dict(fold=fold, oof_auc=roc_auc(val["target"], oof), oof_auc_no_tta=roc_auc(val["target"], plain),
+    result = dict(fold=fold, oof_auc=roc_auc(val["target"], oof), oof_auc_no_tta=roc_auc(val["target"], val_pred),
                   n_train=len(trn), n_val=len(val), n_test=len(test), processes=accelerator.num_processes,
                   device=str(accelerator.device), mixed_precision=accelerator.mixed_precision,
                   wall_s=time.time() - start, epochs=history, args=vars(args))
@@ -617,7 +631,8 @@ def write_outputs(out, stem, oof, test, result, net):
     """Predictions first and the JSON last: a fold is finished when its JSON exists."""
     from safetensors.torch import save_file
     write_csv(oof[["image_name", "target", "pred", "fold"]], out / f"{stem}_oof.csv")
-    write_csv(test[["image_name", "target"]], out / f"{stem}_test.csv")
+    if len(test):
+        write_csv(test[["image_name", "target"]], out / f"{stem}_test.csv")
     atomic_write(out / f"{stem}.safetensors",
                  lambda tmp: save_file({k: v.contiguous() for k, v in net.state_dict().items()}, tmp))
     atomic_write(out / f"{stem}.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1, default=str)))
@@ -677,7 +692,8 @@ def benchmark_jpegs(folder, seed=0):
     r, files = np.random.default_rng(seed), {}
     for w, h, noise in ((6000, 4000, 0), (6000, 4000, 2), (1872, 1053, 0)):
         photo = np.asarray(Image.fromarray(draw_lesion(h // 16, w // 16, True, r)).resize((w, h), Image.BICUBIC))
-        grain = np.asarray(Image.fromarray(r.integers(0, 256, (h // 8, w // 8, 3), dtype=np.uint8)).resize((w, h), Image.BICUBIC))
+        grain = r.integers(0, 256, (h // 8, w // 8, 3), dtype=np.uint8)
+        grain = np.asarray(Image.fromarray(grain).resize((w, h), Image.BICUBIC))
         pixels = photo * 0.9 + grain * 0.1 + (r.normal(0, noise, (h, w, 1)) if noise else 0)
         path = os.path.join(folder, f"{w}x{h}{'_noisy' if noise else ''}.jpg")
         Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path, quality=90)
@@ -705,7 +721,8 @@ def benchmark(args):
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     dtype = dict(bf16=torch.bfloat16, fp16=torch.float16).get(args.mixed_precision)
     size, bs, tta = args.size, args.batch_size, max(args.tta, 1)
-    print(f"benchmark: {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{os.cpu_count()} CPU cores'}), "
+    machine = torch.cuda.get_device_name() if device.type == "cuda" else f"{os.cpu_count()} CPU cores"
+    print(f"benchmark: {device} ({machine}), "
           f"torch {torch.__version__}, --size {size} --model {args.model} --batch-size {bs} --tta {tta} "
           f"--mixed-precision {args.mixed_precision or 'no'}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -758,7 +775,8 @@ def benchmark(args):
         for what, load in (("decoding originals", lambda f: load_image(f, size)),
                            ("reading --cache", lambda f: cached_load(f, size, cache))):
             whole = bs / seconds(lambda: step(augment(load_batch(load))), 2, sync)
-            print(f"    whole step, {what:<18} {whole:8.1f} img/s, {bare / whole:5.2f}x the bare step (one loader process)")
+            print(f"    whole step, {what:<18} {whole:8.1f} img/s, {bare / whole:5.2f}x the bare step "
+                  "(one loader process)")
         net.eval()
 
         def decode_once():
@@ -771,7 +789,8 @@ def benchmark(args):
                     torch.sigmoid(model(augment(load_batch(lambda f: load_image(f, size)))))
 
         once, again = bs / seconds(decode_once, 1, sync), bs / seconds(reread, 1, sync)
-        print(f"(d) TTA x{tta}, decode once {once:8.1f} img/s; re-read per pass {again:8.1f} img/s; ratio {once / again:4.1f}x")
+        print(f"(d) TTA x{tta}, decode once {once:8.1f} img/s; re-read per pass {again:8.1f} img/s; "
+              f"ratio {once / again:4.1f}x")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     gpu = f", GPU {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if device.type == "cuda" else ""
     print(f"peak memory: process {peak:.2f} GiB{gpu}")
@@ -803,6 +822,8 @@ def run(args):
     args.out = args.out or "preds"
     name = args.name or f"{args.model.replace('/', '-')}_{args.size}"
     train, test = read_data(args)
+    if not len(test):
+        accelerator.print(f"no test.csv in {args.data_dir}: predicting the validation fold only")
     check_images(list(train["path"]) + list(test["path"]), accelerator.is_main_process)
     results = []
     for fold in args.fold:
@@ -815,7 +836,9 @@ def run(args):
         results.append(train_fold(args, accelerator, train, test, fold, stem))
     if len(results) > 1 and accelerator.is_main_process:
         oof = pd.concat([pd.read_csv(Path(args.out) / f"{name}_fold{r['fold']}_oof.csv") for r in results])
-        print(f"CV AUC over folds {', '.join(str(r['fold']) for r in results)}: {roc_auc(oof['target'], oof['pred']):.4f}")
+        folds = ", ".join(str(r["fold"]) for r in results)
+        cv = roc_auc(oof["target"], oof["pred"])
+        print(f"CV AUC over folds {folds}: {cv:.4f} (one AUC over their concatenated OOF predictions)")
 
 
 def main(argv=None):
