@@ -296,8 +296,8 @@ def format_report(r):
         lines.append("\nensemble CV AUC (weighted and stack: nested, fitted on the other folds)")
         for m, e in r["ensemble"].items():
             mark = "*" if m == r["method"] else " "
-            fitted = f"{'coefficients' if m == 'stack' else 'weights'} " + ", ".join(f"{w:.3f}" for w in e["weights"] or [])
-            extra = e.get("note") or (fitted if e.get("weights") else "")
+            weights = ", ".join(f"{w:.3f}" for w in e.get("weights") or [])
+            extra = e.get("note") or (f"{'coefficients' if m == 'stack' else 'weights'} {weights}" if weights else "")
             lines.append(f"{mark} {m:<9} {ci(e)}  {extra}")
     lines += [f"note: {n}" for n in r["notes"]]
     return "\n".join(lines)
