@@ -593,7 +593,8 @@ def train_fold(args, accelerator, train, test, fold, stem):
         train_s = time.time() - t0
         val_pred = predict(model, augment, val_loader, accelerator, 0, args.seed, "validate")
         history.append(dict(epoch=epoch + 1, loss=seen_all[0] / seen_all[1], val_auc=roc_auc(val["target"], val_pred),
-                            lr=lr, images_per_s=seen_all[1] / train_s, seconds=time.time() - t0))
+                            lr=lr, images=int(seen_all[1]), images_per_s=seen_all[1] / train_s,
+                            seconds=time.time() - t0))
         h = history[-1]
         accelerator.print(f"fold {fold} epoch {h['epoch']:2d}/{args.epochs}  loss {h['loss']:.4f}  "
                           f"val_auc {h['val_auc']:.4f}  lr {h['lr']:.2e}  {h['images_per_s']:.0f} img/s  "
