@@ -111,7 +111,10 @@ def check_same_images(file_a, a, file_b, b):
 def read_patients(path):
     if not path or not Path(path).is_file():
         return None
-    df = pd.read_csv(path)
+    try:
+        df = pd.read_csv(path)
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise InputError(f"--folds {path}: cannot read it as CSV ({e})")
     return df.set_index("image_name")["patient_id"] if {"image_name", "patient_id"} <= set(df.columns) else None
 
 
@@ -206,7 +209,7 @@ def build_report(models, method, patients, n_boot, seed):
         for img, t in zip(oof.index, oof["target"]):
             if truth.setdefault(img, t) != t:
                 raise InputError(f"model {n}: target of {img} disagrees with another model's OOF")
-    group_of = patients if patients is not None else None
+    group_of = patients
     if group_of is not None and not set(truth) <= set(group_of.index):
         report["notes"].append("some OOF images have no patient_id in --folds: intervals resample images")
         group_of = None
@@ -237,7 +240,7 @@ def build_report(models, method, patients, n_boot, seed):
         report["correlation_on"] = f"OOF predictions of {len(common)} images"
         report["ensemble"] = {}
         for m in METHODS:
-            if m in ("mean", "rank") and len(with_oof) < len(names):
+            if len(with_oof) < len(names):
                 report["ensemble"][m] = dict(auc=None, note="not scored: some models have no OOF")
                 continue
             if m in ("weighted", "stack") and len(np.unique(folds)) < 2:
