@@ -15,7 +15,11 @@ features + one Linear layer, AdamW (weight decay 0.1) with OneCycle 5e-6 -> 2e-4
 
 Outputs land in --out (default preds/): {name}_fold{k}_oof.csv, {name}_fold{k}_test.csv,
 {name}_fold{k}.json and {name}_fold{k}.safetensors; `python ensemble.py preds/*.csv` blends them.
-Measured figures are in README.md.
+
+Measured on 2 CPU cores (README.md has the details): the demo trains and predicts fold 0 in about
+10 s (OOF AUC 0.88; 5-fold CV 0.82); a 6000x4000 JPEG loads at 512 px in 0.05 s against 0.30 s
+for a plain decode and resize; 15-pass TTA decoding once runs 5.7x faster than re-reading at
+256 px, 2.0x at 512 px. GPU figures: not measured yet.
 """
 import argparse
 import contextlib
