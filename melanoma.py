@@ -566,12 +566,15 @@ def train_fold(args, accelerator, train, test, fold, stem):
             net.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
+            if accelerator.scaler is not None and "scaler" in state:  # fp16's loss scale
+                accelerator.scaler.load_state_dict(state["scaler"])
             history, first = state["history"], len(state["history"])
             accelerator.print(f"fold {fold}: resuming after epoch {first}")
 
     accelerator.print(f"fold {fold}: {len(trn)} training images ({int(trn['target'].sum())} melanomas, "
                       f"{per_epoch} benign per epoch), {len(val)} validation, {len(test)} test, "
                       f"{accelerator.num_processes} process(es) on {accelerator.device}")
+    targets = torch.tensor(trn["target"].to_numpy(), dtype=torch.float32)
     for epoch in range(first, args.epochs):
         seed_all(args.seed, 6, epoch, accelerator.process_index)
         sampler.set_epoch(epoch)
@@ -581,7 +584,7 @@ def train_fold(args, accelerator, train, test, fold, stem):
                    disable=not accelerator.is_main_process)
         for step, (x, idx) in enumerate(bar):
             x = x.to(accelerator.device, non_blocking=True)
-            y = torch.as_tensor(trn["target"].to_numpy()[idx.numpy()], dtype=torch.float32, device=accelerator.device)
+            y = targets[idx].to(accelerator.device, non_blocking=True)
             loss = torch.nn.functional.binary_cross_entropy_with_logits(model(augment(x)).float().squeeze(1), y)
             lr, loss_value = scheduler.get_last_lr()[0], loss.item()  # a sync point: catches a bad step at once
             if not math.isfinite(loss_value):
@@ -606,6 +609,8 @@ def train_fold(args, accelerator, train, test, fold, stem):
         if accelerator.is_main_process:
             state = dict(model=net.state_dict(), optimizer=optimizer.state_dict(),
                          scheduler=scheduler.state_dict(), history=history, run=run_key)
+            if accelerator.scaler is not None:
+                state["scaler"] = accelerator.scaler.state_dict()
             atomic_write(ckpt, lambda tmp: torch.save(state, tmp))
         accelerator.wait_for_everyone()
 

@@ -462,6 +462,18 @@ def test_non_finite_loss_stops_with_epoch_and_step(tiny_data, tmp_path):
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
 
 
+def test_non_finite_loss_later_keeps_the_last_good_checkpoint(tiny_data, tmp_path, monkeypatch, capsys):
+    ckpt = tmp_path / "test_efficientnet_32_fold0_last.pt"
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    monkeypatch.setattr(torch.nn.functional, "binary_cross_entropy_with_logits",
+                        lambda *a, **k: bce(*a, **k) * (float("nan") if ckpt.exists() else 1))
+    with pytest.raises(SystemExit) as e:
+        melanoma.main([str(a) for a in train_args(tiny_data, tmp_path)])
+    assert e.value.code == 2 and "loss is nan at epoch 2, step 1" in capsys.readouterr().err
+    assert len(torch.load(ckpt, weights_only=True)["history"]) == 1
+    assert [p.name for p in tmp_path.iterdir()] == [ckpt.name]
+
+
 # ----------------------------------------------------------------------------------------------
 # Bad data: one clear line, exit 2, nothing written
 
