@@ -73,7 +73,8 @@ def read_predictions(path, columns):
 
 
 def load_models(files):
-    """{name: {"oof": DataFrame or None, "test": Series by image_name, "files": [...], "order": [...]}}."""
+    """{name: {"oof": DataFrame or None, "test": Series by image_name, "files": [...],
+    "test_file": its first test file, "order": that file's image names}}."""
     models = {}
     for f in files:
         m = NAME.match(Path(f).name)
@@ -87,8 +88,8 @@ def load_models(files):
             raise InputError(f"model {name}: no test predictions among {', '.join(model['files'])}")
         first_file, first = model["test"][0]
         for f, df in model["test"][1:]:
-            check_same_images(first_file, first, f, df)
-        model["order"] = first["image_name"].tolist()
+            check_same_images(first_file, first["image_name"], f, df["image_name"])
+        model["test_file"], model["order"] = first_file, first["image_name"].tolist()
         tests = [df.set_index("image_name")["target"] for _, df in model["test"]]
         model["test"] = pd.concat(tests, axis=1).mean(axis=1)
         if model["oof"]:
@@ -102,9 +103,9 @@ def load_models(files):
     return models
 
 
-def check_same_images(file_a, a, file_b, b):
-    only_a = sorted(set(a["image_name"]) - set(b["image_name"]))
-    only_b = sorted(set(b["image_name"]) - set(a["image_name"]))
+def check_same_images(file_a, names_a, file_b, names_b):
+    only_a = sorted(set(names_a) - set(names_b))
+    only_b = sorted(set(names_b) - set(names_a))
     if only_a or only_b:
         raise InputError(f"{file_b}: its test images differ from {file_a}'s: "
                          + "; ".join(s for s in (f"missing {', '.join(only_a[:3])}" if only_a else "",
@@ -329,9 +330,7 @@ def main(argv=None):
         names = list(models)
         for n in names[1:]:
             a, b = models[names[0]], models[n]
-            check_same_images(a["files"][0], pd.DataFrame(dict(image_name=a["order"])),
-                              next(f for f in b["files"] if not f.endswith("_oof.csv")),
-                              pd.DataFrame(dict(image_name=b["order"])))
+            check_same_images(a["test_file"], a["order"], b["test_file"], b["order"])
         report = build_report(models, args.method, read_patients(args.folds), args.bootstrap, args.seed)
         submission = blend_test(models, args.method)
     except InputError as e:
