@@ -233,36 +233,36 @@ def build_report(models, method, patients, n_boot, seed):
             entry.update(folds=sorted(int(k) for k in oof["fold"].unique()), n_oof=len(oof),
                          **score(oof["target"].to_numpy(), oof["pred"].to_numpy(), oof.index))
         report["models"][n] = entry
+    common = sorted(set.intersection(*(set(models[n]["oof"].index) for n in with_oof))) if with_oof else []
+    if common and any(len(models[n]["oof"]) != len(common) for n in with_oof):
+        report["notes"].append(f"models cover different OOF images: correlations and ensembles use the "
+                               f"{len(common)} images all of them cover")
+    shared_targets = set(models[with_oof[0]]["oof"].loc[common, "target"]) if with_oof else set()
+    unscored = ("some models have no OOF" if len(with_oof) < len(names) else
+                "the models share no OOF images" if not common else
+                "the shared OOF images hold one class" if len(shared_targets) < 2 else None)
+    if method in ("weighted", "stack") and unscored:
+        raise InputError(f"--method {method} fits on OOF predictions, and {unscored}")
     if with_oof:
-        common = sorted(set.intersection(*(set(models[n]["oof"].index) for n in with_oof)))
-        if any(len(models[n]["oof"]) != len(common) for n in with_oof):
-            report["notes"].append(f"models cover different OOF images: correlations and ensembles use the "
-                                   f"{len(common)} images all of them cover")
+        report["ensemble"] = {m: dict(auc=None, note=f"not scored: {unscored}") for m in METHODS}
+    if unscored:
+        cols, order = names, models[names[0]]["order"]
+        X = np.column_stack([models[n]["test"].loc[order].to_numpy() for n in names])
+        report["correlation_on"] = f"test predictions of {len(order)} images ({unscored})"
+    else:
+        cols = with_oof
         X = np.column_stack([models[n]["oof"].loc[common, "pred"].to_numpy() for n in with_oof])
         y = models[with_oof[0]]["oof"].loc[common, "target"].to_numpy()
         folds = models[with_oof[0]]["oof"].loc[common, "fold"].to_numpy()
         report["correlation_on"] = f"OOF predictions of {len(common)} images"
-        report["ensemble"] = {}
         for m in METHODS:
-            if len(with_oof) < len(names):
-                report["ensemble"][m] = dict(auc=None, note="not scored: some models have no OOF")
-                continue
-            if m in ("weighted", "stack") and len(np.unique(folds)) < 2:
-                report["ensemble"][m] = dict(auc=None, note="not scored: nested CV needs OOF of 2 or more folds")
+            nested = m in ("weighted", "stack")
+            if nested and len(np.unique(folds)) < 2:
+                report["ensemble"][m]["note"] = "not scored: nested CV needs OOF of 2 or more folds"
                 continue
             blend, weights = fit(m, X, y)
-            nested = m in ("weighted", "stack")
             report["ensemble"][m] = dict(**score(y, nested_oof(m, X, y, folds) if nested else blend(X), common),
                                          nested=nested, weights=weights)
-    else:
-        X = None
-    if X is None or len(with_oof) < len(names):
-        common = models[names[0]]["order"]
-        X = np.column_stack([models[n]["test"].loc[common].to_numpy() for n in names])
-        report["correlation_on"] = f"test predictions of {len(common)} images (not every model has OOF)"
-        cols = names
-    else:
-        cols = with_oof
     frame = pd.DataFrame(X, columns=cols)
     report["pearson"] = frame.corr("pearson").round(4).to_dict()
     report["spearman"] = frame.corr("spearman").round(4).to_dict()

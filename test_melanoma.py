@@ -661,6 +661,15 @@ def test_ensemble_plain_submission_and_different_coverage(tmp_path):
     assert "public" in err.stderr and "have none" in err.stderr
 
 
+def test_ensemble_models_without_shared_oof_images(tmp_path):
+    write_model(tmp_path, "a", {0: (Y, [.1, .9, .2, .7, .3, .4])}, [0.2, 0.4])
+    write_model(tmp_path, "b", {1: (Y, [.2, .6, .1, .8, .7, .3])}, [0.6, 0.8], rows=[f"img{i}" for i in range(6, 12)])
+    r = run_ensemble(tmp_path)
+    assert "not scored: the models share no OOF images" in r.stdout
+    assert np.allclose(pd.read_csv(tmp_path / "sub.csv")["target"], [0.4, 0.6])
+    assert "share no OOF images" in run_ensemble(tmp_path, "--method", "stack", expect=2).stderr
+
+
 def csv_of(path, **cols):
     pd.DataFrame(cols).to_csv(path, index=False)
 
