@@ -5,16 +5,19 @@ epoch-wise downsampling of the benign class, kornia augmentation on the device, 
 features + one Linear layer, AdamW (weight decay 0.1) with OneCycle 5e-6 -> 2e-4 over 20 epochs,
 15-pass test-time augmentation, then an ensemble of models of different sizes (ensemble.py).
 
-    python melanoma.py --demo                                    # offline demo, a few minutes on a CPU
+    python melanoma.py --demo                                    # offline demo, seconds on a CPU
     accelerate launch melanoma.py --data-dir DATA --size 512 --fold 2
     accelerate launch --multi_gpu --num_processes 4 --mixed_precision bf16 melanoma.py \\
         --data-dir DATA --size 512 --fold 0 1 2 3 4
     ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 melanoma.py --demo   # two CPU processes
     python melanoma.py --make-folds train.csv --out folds.csv    # patient-grouped folds
-    python melanoma.py --benchmark --size 512                    # loading/augmentation/step/TTA speed
+    python melanoma.py --benchmark --size 512                    # loading, step and TTA speed
 
 Outputs land in --out (default preds/): {name}_fold{k}_oof.csv, {name}_fold{k}_test.csv,
 {name}_fold{k}.json and {name}_fold{k}.safetensors; `python ensemble.py preds/*.csv` blends them.
+
+The file reads in one order: flags, data and folds, sampler, augmentation and TTA, model,
+training, outputs, demo data and benchmark, main.
 
 Measured on 2 CPU cores (README.md has the details): the demo trains and predicts fold 0 in about
 10 s (OOF AUC 0.88; 5-fold CV 0.82); a 6000x4000 JPEG loads at 512 px in 0.05 s against 0.30 s
@@ -34,12 +37,30 @@ import tempfile
 import time
 from pathlib import Path
 
+import kornia.augmentation as K
 import numpy as np
 import pandas as pd
+import timm
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
 from PIL import Image
+from safetensors.torch import load_file, save_file
+from sklearn.metrics import roc_auc_score
+from tqdm import tqdm
 
 DEMO_DEFAULTS = dict(data_dir="demo_data", model="test_efficientnet", pretrained=False, size=64,
                      epochs=12, batch_size=32, lr_max=2e-3, tta=4, num_workers=0, name="demo")
+
+# Random streams. Every random draw comes from a generator keyed on (seed, STREAM, ...), never
+# from a global state, so that each process and a resumed run draw the same numbers, and no two
+# uses of randomness share a stream.
+NEGATIVES = 1  # which benign images an epoch takes: key (seed, NEGATIVES, permutation)
+SHUFFLE = 2    # the order of an epoch's sample: key (seed, SHUFFLE, epoch)
+TTA = 3        # the views of prediction: key (seed, TTA, process, batch, view); test set: seed + 1
+FRAC = 4       # the --frac subset of the training images: key (seed, FRAC)
+INIT = 5       # the model's initial weights (its new head, or all of it without pretraining)
+AUGMENT = 6    # the training augmentation: key (seed, AUGMENT, epoch, process)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -58,11 +79,13 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description="Train, validate and predict melanoma classifiers.",
                                 formatter_class=HelpFormatter)
     g = p.add_argument_group("data")
-    g.add_argument("--data-dir", help="competition data: train.csv, test.csv and jpeg/train/ (official) "
-                   "or train/ (resized datasets)")
-    g.add_argument("--folds", help="fold file joined on image_name (default: folds.csv, or the demo's)")
+    g.add_argument("--data-dir", help="competition data: train.csv, test.csv and jpeg/train/ "
+                   "(official) or train/ (resized datasets)")
+    g.add_argument("--folds", help="fold file joined on image_name "
+                   "(default: folds.csv, or the demo's)")
     g.add_argument("--fold", type=int, nargs="+", default=[0], help="validation fold(s) to train")
-    g.add_argument("--frac", type=float, default=1.0, help="fraction of the training images to use (0, 1]")
+    g.add_argument("--frac", type=float, default=1.0,
+                   help="fraction of the training images to use (0, 1]")
     g.add_argument("--size", type=int, default=512, help="image side in pixels after resizing")
     g.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="image-loading processes per training process")
@@ -71,12 +94,14 @@ def get_args(argv=None):
     g.add_argument("--neg-ratio", type=float, help="benign images per melanoma per epoch "
                    "(default: the smallest ratio whose --epochs epochs cover every benign image)")
     g = p.add_argument_group("augmentation")
-    g.add_argument("--cutout", action="store_true", help="add RandomErasing(p=0.5) to the augmentations")
+    g.add_argument("--cutout", action="store_true",
+                   help="add RandomErasing(p=0.5) to the augmentations")
     g = p.add_argument_group("model")
     g.add_argument("--model", default="tf_efficientnet_b5.ns_jft_in1k", help="any timm model name")
     g.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
                    help="start from timm's pretrained weights (downloaded once)")
-    g.add_argument("--weights", help="weights file to start from (.safetensors or a torch state dict)")
+    g.add_argument("--weights",
+                   help="weights file to start from (.safetensors or a torch state dict)")
     g = p.add_argument_group("optimizer")
     g.add_argument("--epochs", type=int, default=20, help="epochs of the OneCycle schedule")
     g.add_argument("--batch-size", type=int, default=32, help="images per step and process")
@@ -84,24 +109,32 @@ def get_args(argv=None):
     g.add_argument("--lr-max", type=float, default=2e-4, help="OneCycle peak learning rate")
     g.add_argument("--wd", type=float, default=0.1, help="AdamW weight decay")
     g = p.add_argument_group("prediction")
-    g.add_argument("--tta", type=int, default=15, help="augmented passes averaged at prediction; 0: one plain pass")
+    g.add_argument("--tta", type=int, default=15,
+                   help="augmented passes averaged at prediction; 0: one plain pass")
     g = p.add_argument_group("system")
-    g.add_argument("--out", help="output directory (default preds/; with --make-folds the CSV path)")
+    g.add_argument("--out", help="output directory (default preds/; with --make-folds the CSV "
+                   "path, default folds.csv)")
     g.add_argument("--name", help="run name in output files (default {model}_{size})")
-    g.add_argument("--seed", type=int, default=0, help="seed of sampling, augmentation, TTA and init")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seed of sampling, augmentation, TTA and init")
     g.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"],
                    help="default: what `accelerate launch --mixed_precision` or its config says")
     g.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is present")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    g.add_argument("--resume", action="store_true", help="continue an interrupted run from its last epoch")
-    g.add_argument("--overwrite", action="store_true", help="retrain folds that already have outputs")
+    g.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from its last epoch")
+    g.add_argument("--overwrite", action="store_true",
+                   help="retrain folds that already have outputs")
     g = p.add_argument_group("tools")
-    g.add_argument("--demo", action="store_true", help="make a small synthetic dataset once and train "
-                   "on it with CPU-sized defaults: --no-pretrained " +
-                   " ".join(f"--{k.replace('_', '-')} {v}" for k, v in DEMO_DEFAULTS.items() if k != "pretrained"))
-    g.add_argument("--make-folds", metavar="TRAIN_CSV", help="write patient-grouped folds of TRAIN_CSV to --out")
+    demo = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in DEMO_DEFAULTS.items()
+                    if k != "pretrained")
+    g.add_argument("--demo", action="store_true", help="make a small synthetic dataset once and "
+                   f"train on it with CPU-sized defaults: --no-pretrained {demo}")
+    g.add_argument("--make-folds", metavar="TRAIN_CSV",
+                   help="write patient-grouped folds of TRAIN_CSV to --out")
     g.add_argument("--n-folds", type=int, default=5, help="number of folds for --make-folds")
-    g.add_argument("--benchmark", action="store_true", help="measure loading, augmentation, step and TTA speed")
+    g.add_argument("--benchmark", action="store_true",
+                   help="measure loading, augmentation, step and TTA speed")
     if argv is None:
         argv = sys.argv[1:]
     if "--demo" in argv:
@@ -117,7 +150,11 @@ def get_args(argv=None):
     if args.neg_ratio is not None and args.neg_ratio <= 0:
         p.error(f"--neg-ratio must be positive, got {args.neg_ratio}")
     if not (args.demo or args.make_folds or args.benchmark or args.data_dir):
-        p.error("say what to train on: --data-dir DIR, or --demo for the built-in synthetic dataset")
+        p.error("say what to train on: --data-dir DIR, or --demo for the built-in synthetic data")
+    if args.folds is None:
+        args.folds = str(Path(args.data_dir) / "folds.csv") if args.demo else "folds.csv"
+    args.out = args.out or ("folds.csv" if args.make_folds else "preds")
+    args.name = args.name or f"{args.model.replace('/', '-')}_{args.size}"
     return args
 
 
@@ -128,11 +165,13 @@ class DataError(Exception):
 # ----------------------------------------------------------------------------------------------
 # Data and folds
 
-TFRECORD_FOLDS = {2: 0, 4: 0, 5: 0, 1: 1, 10: 1, 13: 1, 0: 2, 9: 2, 12: 2, 3: 3, 8: 3, 11: 3, 6: 4, 7: 4, 14: 4}
+# The published 5-fold split of the resized datasets' patient-grouped tfrecord groups.
+TFRECORD_FOLDS = {2: 0, 4: 0, 5: 0, 1: 1, 10: 1, 13: 1, 0: 2, 9: 2, 12: 2, 3: 3, 8: 3, 11: 3,
+                  6: 4, 7: 4, 14: 4}
 
 
 def atomic_write(path, write):
-    """Call write(tmp_path), then rename tmp into place: a crash leaves the old file or the new one."""
+    """Call write(tmp_path), then rename tmp into place: a crash leaves the old file or the new."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -158,24 +197,27 @@ def read_csv(path, columns, what):
         raise DataError(f"{what} {path}: not a readable CSV ({e})")
     missing = [c for c in columns if c not in df.columns]
     if missing:
-        raise DataError(f"{what} {path}: missing column(s) {', '.join(missing)} (has: {', '.join(df.columns)})")
+        raise DataError(f"{what} {path}: missing column(s) {', '.join(missing)} "
+                        f"(has: {', '.join(df.columns)})")
     return df
 
 
 def check_targets(df, path):
-    """Make `target` int, or name the first row (as a line of the CSV) whose target is not 0 or 1."""
+    """Make `target` int, or name the first row (a line of the CSV) whose target is not 0 or 1."""
     target = pd.to_numeric(df["target"], errors="coerce")
     bad = ~target.isin([0, 1])
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise DataError(f"{path}: row {i + 2}: target must be 0 or 1, got {df['target'].tolist()[i]!r}")
+        raise DataError(f"{path}: row {i + 2}: target must be 0 or 1, "
+                        f"got {df['target'].tolist()[i]!r}")
     df["target"] = target.astype(int)
 
 
 def check_unique(df, path):
     dup = np.flatnonzero(df["image_name"].duplicated())
     if len(dup):
-        raise DataError(f"{path}: row {dup[0] + 2}: duplicate image_name {df['image_name'].iloc[dup[0]]}")
+        raise DataError(f"{path}: row {dup[0] + 2}: duplicate image_name "
+                        f"{df['image_name'].iloc[dup[0]]}")
 
 
 def make_folds(df, n_folds=5, seed=0, path="train.csv"):
@@ -196,7 +238,10 @@ def make_folds(df, n_folds=5, seed=0, path="train.csv"):
     check_unique(df, path)
     out = df[["image_name", "patient_id", "target"]].copy()
     if "tfrecord" in df.columns:
-        mapping = TFRECORD_FOLDS if n_folds == 5 else {t: t % n_folds for t in df["tfrecord"].unique() if t >= 0}
+        if n_folds == 5:
+            mapping = TFRECORD_FOLDS
+        else:
+            mapping = {t: t % n_folds for t in df["tfrecord"].unique() if t >= 0}
         out["fold"] = df["tfrecord"].map(mapping).fillna(-1).astype(int)
         return out
     patients = out.groupby("patient_id", sort=True)["target"].agg(["sum", "size"])
@@ -204,16 +249,20 @@ def make_folds(df, n_folds=5, seed=0, path="train.csv"):
         raise DataError(f"{path}: {n_folds} folds but only {len(patients)} patients")
     patients = patients.iloc[np.random.default_rng(seed).permutation(len(patients))]
     patients = patients.sort_values(["sum", "size"], ascending=False, kind="stable")
-    pos, size, fold_of = np.zeros(n_folds), np.zeros(n_folds), {}
+    pos = np.zeros(n_folds)  # melanomas per fold so far
+    size = np.zeros(n_folds)  # images per fold so far
+    fold_of = {}
     for pid, (n_pos, n) in zip(patients.index, patients.to_numpy()):
         k = int(np.lexsort((size, pos))[0]) if n_pos else int(np.argmin(size))
-        fold_of[pid], pos[k], size[k] = k, pos[k] + n_pos, size[k] + n
+        fold_of[pid] = k
+        pos[k] += n_pos
+        size[k] += n
     out["fold"] = out["patient_id"].map(fold_of).astype(int)
     return out
 
 
 def find_layout(data_dir):
-    """(train image dir, test image dir) of the official layout (jpeg/train) or a resized one (train/)."""
+    """(train image dir, test image dir) of the official layout (jpeg/train) or a resized one."""
     d = Path(data_dir)
     for train, test in ((d / "jpeg" / "train", d / "jpeg" / "test"), (d / "train", d / "test")):
         if (d / "train.csv").is_file() and train.is_dir():
@@ -222,29 +271,35 @@ def find_layout(data_dir):
                     f"(official layout) or train/*.jpg (resized datasets)")
 
 
+def read_folds(path):
+    folds = read_csv(path, ["image_name", "fold"], "folds file")
+    check_unique(folds, path)
+    if not pd.api.types.is_integer_dtype(folds["fold"]):
+        raise DataError(f"folds file {path}: column fold must hold whole numbers")
+    return folds
+
+
 def read_data(args):
     """Training rows (with fold, never fold -1) and test rows, each with an image `path`."""
     train_dir, test_dir = find_layout(args.data_dir)
     train_csv = Path(args.data_dir) / "train.csv"
     train = read_csv(train_csv, ["image_name", "target"], "train file")
     check_targets(train, train_csv)
-    folds = read_csv(args.folds, ["image_name", "fold"], "folds file")
+    folds = read_folds(args.folds)
     check_unique(train, train_csv)
-    check_unique(folds, args.folds)
-    if not pd.api.types.is_integer_dtype(folds["fold"]):
-        raise DataError(f"folds file {args.folds}: column fold must hold whole numbers")
     train = train.drop(columns=["fold"], errors="ignore")
     train = train.merge(folds[["image_name", "fold"]], on="image_name", how="left")
     missing = train["fold"].isna()
     if missing.any():
-        raise DataError(f"folds file {args.folds}: {missing.sum()} image(s) of {train_csv} missing, "
-                        f"e.g. {', '.join(train['image_name'][missing].head(3))}")
+        raise DataError(f"folds file {args.folds}: {missing.sum()} image(s) of {train_csv} "
+                        f"missing, e.g. {', '.join(train['image_name'][missing].head(3))}")
     train["fold"] = train["fold"].astype(int)
     train = train[train["fold"] >= 0].reset_index(drop=True)
     known = sorted(train["fold"].unique())
     for k in args.fold:
         if k not in known:
-            raise DataError(f"--fold {k}: not in {args.folds} (folds there: {', '.join(map(str, known))})")
+            raise DataError(f"--fold {k}: not in {args.folds} "
+                            f"(folds there: {', '.join(map(str, known))})")
     train["path"] = [str(train_dir / f"{n}.jpg") for n in train["image_name"]]
     test_csv = Path(args.data_dir) / "test.csv"
     if test_csv.is_file():
@@ -257,8 +312,8 @@ def read_data(args):
 
 def check_images(paths, show=True):
     """Fail before training on any image that is missing, empty or not a complete JPEG."""
-    from tqdm import tqdm
-    for path in tqdm(paths, desc="checking images", disable=not show or len(paths) < 2000, leave=False):
+    for path in tqdm(paths, desc="checking images", disable=not show or len(paths) < 2000,
+                     leave=False):
         try:
             with open(path, "rb") as f:
                 head = f.read(3)
@@ -268,13 +323,15 @@ def check_images(paths, show=True):
             raise DataError(f"image {path}: {e.strerror or e}")
         if not head:
             raise DataError(f"image {path}: empty file")
-        if path.lower().endswith((".jpg", ".jpeg")) and (head != b"\xff\xd8\xff" or b"\xff\xd9" not in tail):
-            raise DataError(f"image {path}: not a complete JPEG (" +
-                            ("no JPEG header)" if head != b"\xff\xd8\xff" else "truncated)"))
+        if path.lower().endswith((".jpg", ".jpeg")):
+            if head != b"\xff\xd8\xff":
+                raise DataError(f"image {path}: not a complete JPEG (no JPEG header)")
+            if b"\xff\xd9" not in tail:
+                raise DataError(f"image {path}: not a complete JPEG (truncated)")
 
 
 def load_image(path, size):
-    """RGB uint8 array (size, size, 3). JPEGs are decoded at the smallest DCT scale still >= size."""
+    """RGB uint8 array (size, size, 3); a JPEG is decoded at the smallest DCT scale >= size."""
     try:
         with Image.open(path) as im:
             im.draft("RGB", (size, size))
@@ -289,27 +346,33 @@ def cached_load(path, size, cache):
         st = os.stat(path)
     except OSError as e:
         raise DataError(f"image {path}: {e.strerror}")
-    key = hashlib.sha1(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{size}".encode()).hexdigest()[:16]
+    source = f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{size}"
+    key = hashlib.sha1(source.encode()).hexdigest()[:16]
     hit = Path(cache) / f"{Path(path).stem}_{size}_{key}.jpg"
     if not hit.is_file():
-        atomic_write(hit, lambda tmp: Image.fromarray(load_image(path, size)).save(tmp, "JPEG", quality=95))
+        image = Image.fromarray(load_image(path, size))
+        atomic_write(hit, lambda tmp: image.save(tmp, "JPEG", quality=95))
     with Image.open(hit) as im:
         return np.array(im.convert("RGB"))
 
 
-class Images:
-    """Dataset of uint8 CHW images and their row index; augmentation happens later, on the device."""
+class Images(torch.utils.data.Dataset):
+    """uint8 CHW images and their row index; augmentation happens later, on the device."""
 
     def __init__(self, paths, size, cache=None):
-        self.paths, self.size, self.cache = list(paths), size, cache
+        self.paths = list(paths)
+        self.size = size
+        self.cache = cache
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, i):
-        import torch
-        load = cached_load(self.paths[i], self.size, self.cache) if self.cache else load_image(self.paths[i], self.size)
-        return torch.from_numpy(load).permute(2, 0, 1), i
+        if self.cache:
+            image = cached_load(self.paths[i], self.size, self.cache)
+        else:
+            image = load_image(self.paths[i], self.size)
+        return torch.from_numpy(image).permute(2, 0, 1), i
 
 
 # ----------------------------------------------------------------------------------------------
@@ -321,7 +384,6 @@ def rng(*key):
 
 def seed_all(*key):
     """Seed torch's global generators (CPU and every GPU) from `key`."""
-    import torch
     torch.manual_seed(int(rng(*key).integers(2**62)))
 
 
@@ -329,16 +391,20 @@ def negatives_for_epoch(n_neg, per_epoch, seed, epoch):
     """Positions into the benign images for `epoch`: a stream of permutations, so every benign
     image is drawn once before any is drawn again, and an epoch that straddles two permutations
     gets no image twice."""
-    start, stop = epoch * per_epoch, (epoch + 1) * per_epoch
+    start = epoch * per_epoch
+    stop = start + per_epoch
     prev = None
     chunks = []
-    for c in range(stop // n_neg + (stop % n_neg > 0)):
-        perm = rng(seed, 1, c).permutation(n_neg)
+    for c in range((stop + n_neg - 1) // n_neg):
+        perm = rng(seed, NEGATIVES, c).permutation(n_neg)
         lo = c * n_neg
-        if prev is not None and (lo // per_epoch) * per_epoch < lo:
-            tail = prev[(lo // per_epoch) * per_epoch - (lo - n_neg):]
+        epoch_start = (lo // per_epoch) * per_epoch  # of the epoch that straddles lo, if any
+        if prev is not None and epoch_start < lo:
+            # that epoch's draws from the previous permutation go to the end of this one
+            tail = prev[epoch_start - (lo - n_neg):]
             perm = np.concatenate([perm[~np.isin(perm, tail)], perm[np.isin(perm, tail)]])
-        a, b = max(start, lo), min(stop, lo + n_neg)
+        a = max(start, lo)
+        b = min(stop, lo + n_neg)
         if a < b:
             chunks.append(perm[a - lo:b - lo])
         prev = perm
@@ -348,13 +414,15 @@ def negatives_for_epoch(n_neg, per_epoch, seed, epoch):
 def epoch_indices(targets, per_epoch, seed, epoch):
     """The epoch's sample (all positives + per_epoch negatives), shuffled; same on every process."""
     targets = np.asarray(targets)
-    pos, neg = np.flatnonzero(targets == 1), np.flatnonzero(targets == 0)
+    pos = np.flatnonzero(targets == 1)
+    neg = np.flatnonzero(targets == 0)
     idx = np.concatenate([pos, neg[negatives_for_epoch(len(neg), per_epoch, seed, epoch)]])
-    return rng(seed, 2, epoch).permutation(idx)
+    return rng(seed, SHUFFLE, epoch).permutation(idx)
 
 
 def negatives_per_epoch(targets, epochs, neg_ratio=None):
-    n_pos, n_neg = int(np.sum(targets)), len(targets) - int(np.sum(targets))
+    n_pos = int(np.sum(targets))
+    n_neg = len(targets) - n_pos
     if neg_ratio is None:
         return math.ceil(n_neg / epochs)
     return min(n_neg, max(1, round(neg_ratio * n_pos)))
@@ -366,8 +434,13 @@ class EpochSampler:
     number of steps, their indices are disjoint, and together they cover the sample."""
 
     def __init__(self, targets, batch_size, per_epoch, seed=0, rank=0, world=1):
-        self.targets, self.batch_size, self.per_epoch = np.asarray(targets), batch_size, per_epoch
-        self.seed, self.rank, self.world, self.epoch = seed, rank, world, 0
+        self.targets = np.asarray(targets)
+        self.batch_size = batch_size
+        self.per_epoch = per_epoch
+        self.seed = seed
+        self.rank = rank
+        self.world = world
+        self.epoch = 0
         self.n = int(self.targets.sum()) + per_epoch
 
     def set_epoch(self, epoch):
@@ -385,38 +458,35 @@ class EpochSampler:
 # ----------------------------------------------------------------------------------------------
 # Augmentation and TTA, on the device
 
-def build_augment(mean, std, cutout=False):
-    import torch
-    import kornia.augmentation as K
+class Augment(torch.nn.Module):
+    """uint8 NCHW batch -> normalised float, channels-last. The recipe's random stack (affine,
+    flip, colour jitter, optional cutout); random=False gives the plain view."""
 
-    class Augment(torch.nn.Module):
-        """uint8 NCHW -> normalised float; random=False gives the plain view."""
+    def __init__(self, mean, std, cutout=False):
+        super().__init__()
+        self.random = torch.nn.Sequential(
+            K.RandomAffine(degrees=180, translate=(0.02, 0.02)),
+            K.RandomHorizontalFlip(p=0.5),
+            K.ColorJitter(brightness=0.1, contrast=(0.7, 1.3), saturation=(0.8, 1.2)))
+        self.normalize = K.Normalize(mean=torch.tensor(mean), std=torch.tensor(std))
+        # erased patches are filled with 0 after normalising: the mean colour, not black
+        self.cutout = None
+        if cutout:
+            self.cutout = K.RandomErasing(p=0.5, scale=(0.02, 0.1), ratio=(0.3, 3.3))
 
-        def __init__(self):
-            super().__init__()
-            self.random = torch.nn.Sequential(
-                K.RandomAffine(degrees=180, translate=(0.02, 0.02)),
-                K.RandomHorizontalFlip(p=0.5),
-                K.ColorJitter(brightness=0.1, contrast=(0.7, 1.3), saturation=(0.8, 1.2)))
-            self.normalize = K.Normalize(mean=torch.tensor(mean), std=torch.tensor(std))
-            self.cutout = K.RandomErasing(p=0.5, scale=(0.02, 0.1), ratio=(0.3, 3.3)) if cutout else None
-
-        def forward(self, x, random=True):
-            x = x.float().div_(255)
-            if random:
-                x = self.random(x)
-            x = self.normalize(x)
-            if random and self.cutout is not None:
-                x = self.cutout(x)
-            return x.contiguous(memory_format=torch.channels_last)
-
-    return Augment()
+    def forward(self, x, random=True):
+        x = x.float().div_(255)
+        if random:
+            x = self.random(x)
+        x = self.normalize(x)
+        if random and self.cutout is not None:
+            x = self.cutout(x)
+        return x.contiguous(memory_format=torch.channels_last)
 
 
 @contextlib.contextmanager
 def seeded(*key):
     """Draw from a generator keyed on `key` without touching the global random state."""
-    import torch
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices):
         seed_all(*key)
@@ -424,9 +494,8 @@ def seeded(*key):
 
 
 def predict_batch(model, augment, x, tta, key):
-    """Melanoma probability per image: one plain pass (tta=0) or the mean of `tta` augmented views
-    of the same decoded batch."""
-    import torch
+    """Melanoma probability per image: one plain pass (tta=0) or the mean of `tta` augmented
+    views of the same decoded batch."""
     if tta == 0:
         return torch.sigmoid(model(augment(x, random=False)).float().squeeze(1))
     total = 0
@@ -440,18 +509,16 @@ def predict_batch(model, augment, x, tta, key):
 # Model
 
 def read_weights(path):
-    """State dict from .safetensors, or from a torch file that holds only tensors (never pickled code)."""
-    import torch
+    """State dict from .safetensors, or a torch file that holds only tensors (no pickled code)."""
     if not Path(path).is_file():
         raise DataError(f"--weights {path}: no such file")
     if str(path).endswith(".safetensors"):
-        from safetensors.torch import load_file
         return load_file(path)
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise DataError(f"{path}: refused, it holds pickled objects, not only tensors ({str(e).splitlines()[0]}); "
-                        "save a state_dict or a .safetensors file")
+        raise DataError(f"{path}: refused, it holds pickled objects, not only tensors "
+                        f"({str(e).splitlines()[0]}); save a state_dict or a .safetensors file")
     except Exception as e:
         raise DataError(f"{path}: not a weights file ({e})")
     for key in ("state_dict", "model"):
@@ -462,44 +529,62 @@ def read_weights(path):
 
 def create_model(name, pretrained=True, weights=None):
     """timm `name` with a one-logit Linear head; weights from timm (download) or a file."""
-    import timm
     if not timm.is_model(name):
         close = timm.list_models(f"*{name.split('.')[0]}*")[:5]
-        raise DataError(f"--model {name}: not a timm model" + (f" (did you mean {', '.join(close)}?)" if close else ""))
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise DataError(f"--model {name}: not a timm model{hint}")
     try:
         model = timm.create_model(name, pretrained=pretrained and not weights, num_classes=1)
     except Exception as e:
         raise DataError(f"--model {name}: could not get pretrained weights ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:200]}). Offline, pass --weights FILE, or --no-pretrained "
-                        "to train from scratch")
+                        f"{str(e).splitlines()[0][:200]}). Offline, pass --weights FILE, or "
+                        "--no-pretrained to train from scratch")
     if weights:
         sd = read_weights(weights)
         own = model.state_dict()
+        # a backbone's own classifier (e.g. 1000 ImageNet classes) does not fit our one logit
         head = {k for k in sd if k in own and sd[k].shape != own[k].shape}
-        missing, unexpected = model.load_state_dict({k: v for k, v in sd.items() if k not in head}, strict=False)
-        if unexpected or set(missing) - {k for k in own if k.startswith(model.default_cfg.get("classifier", "~"))}:
+        missing, unexpected = model.load_state_dict(
+            {k: v for k, v in sd.items() if k not in head}, strict=False)
+        classifier = model.default_cfg.get("classifier", "~")
+        if unexpected or {k for k in missing if not k.startswith(classifier)}:
             raise DataError(f"--weights {weights}: does not fit --model {name} "
                             f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")
     return model
 
 
 # ----------------------------------------------------------------------------------------------
-# Train and evaluate
+# Training and evaluation
 
 def roc_auc(targets, preds):
-    from sklearn.metrics import roc_auc_score
     return float(roc_auc_score(targets, preds)) if len(set(targets)) == 2 else float("nan")
+
+
+def one_line(e):
+    """The message of an error; one raised in a loader process arrives with its traceback."""
+    return str(e).strip().splitlines()[-1].split("DataError: ")[-1]
+
+
+def make_loader(dataset, accelerator, args, batch_sampler=None):
+    """Training: our batch sampler, which deals batches to processes itself. Prediction: a plain
+    loader that accelerate shards, padding the last batch (gather_for_metrics drops the pad)."""
+    kw = dict(num_workers=args.num_workers, pin_memory=accelerator.device.type == "cuda",
+              persistent_workers=args.num_workers > 0)
+    if batch_sampler is not None:
+        return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, **kw)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size * 2, **kw)
+    return accelerator.prepare(loader)
 
 
 def predict(model, augment, loader, accelerator, tta, seed, desc):
     """Probabilities for every row of loader's dataset, each exactly once, on every process."""
-    import torch
-    from tqdm import tqdm
     model.eval()
-    rows, probs = [], []
+    rows = []
+    probs = []
     with torch.no_grad():
-        for b, (x, idx) in enumerate(tqdm(loader, desc=desc, leave=False, disable=not accelerator.is_main_process)):
-            p = predict_batch(model, augment, x, tta, (seed, 3, accelerator.process_index, b))
+        bar = tqdm(loader, desc=desc, leave=False, disable=not accelerator.is_main_process)
+        for b, (x, idx) in enumerate(bar):
+            p = predict_batch(model, augment, x, tta, (seed, TTA, accelerator.process_index, b))
             idx, p = accelerator.gather_for_metrics((idx, p))
             rows.append(idx.cpu())
             probs.append(p.cpu())
@@ -507,126 +592,179 @@ def predict(model, augment, loader, accelerator, tta, seed, desc):
     rows = torch.cat(rows).numpy() if rows else np.zeros(0, int)
     counts = np.bincount(rows, minlength=n)
     if (counts != 1).any():
-        raise RuntimeError(f"{desc}: {(counts == 0).sum()} rows unscored, {(counts > 1).sum()} scored twice")
+        raise RuntimeError(f"{desc}: {(counts == 0).sum()} rows unscored, "
+                           f"{(counts > 1).sum()} scored twice")
     out = np.empty(n)
     out[rows] = torch.cat(probs).numpy() if probs else []
     return out
 
 
-def make_loader(dataset, accelerator, args, batch_sampler=None):
-    import torch
-    kw = dict(num_workers=args.num_workers, pin_memory=accelerator.device.type == "cuda",
-              persistent_workers=args.num_workers > 0)
-    if batch_sampler is not None:
-        return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, **kw)
-    return accelerator.prepare(torch.utils.data.DataLoader(dataset, batch_size=args.batch_size * 2, **kw))
+def split_fold(train, fold, frac, seed):
+    """(training rows: every fold but `fold`, a `frac` share of them; validation rows: `fold`)."""
+    trn = train[train["fold"] != fold].reset_index(drop=True)
+    if frac < 1:
+        keep = rng(seed, FRAC).permutation(len(trn))[:max(1, round(frac * len(trn)))]
+        trn = trn.iloc[np.sort(keep)].reset_index(drop=True)
+    if trn["target"].sum() == 0 or trn["target"].sum() == len(trn):
+        raise DataError(f"fold {fold}: the training images hold only one class")
+    return trn, train[train["fold"] == fold].reset_index(drop=True)
 
 
-RUN_KEYS = ("model", "pretrained", "weights", "size", "frac", "neg_ratio", "cutout", "epochs", "batch_size",
-            "lr_min", "lr_max", "wd", "seed", "folds", "data_dir")
+def build_training(args, accelerator, steps_per_epoch):
+    """The model, its augmentation, AdamW and the OneCycle schedule over all epochs. `raw_model`
+    is the plain module whose weights are saved and loaded; `model` is the same module as
+    accelerate (and torch.compile) wrapped it, for the forward passes."""
+    seed_all(args.seed, INIT)
+    raw_model = create_model(args.model, args.pretrained, args.weights)
+    raw_model = raw_model.to(accelerator.device, memory_format=torch.channels_last)
+    cfg = raw_model.pretrained_cfg
+    augment = Augment(cfg["mean"], cfg["std"], args.cutout).to(accelerator.device)
+    optimizer = torch.optim.AdamW(raw_model.parameters(), lr=args.lr_max, weight_decay=args.wd)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=args.lr_max, div_factor=args.lr_max / args.lr_min,
+        total_steps=args.epochs * steps_per_epoch)
+    model = torch.compile(raw_model) if args.compile else raw_model
+    model, optimizer = accelerator.prepare(model, optimizer)
+    return raw_model, model, augment, optimizer, scheduler
+
+
+def train_one_epoch(model, augment, loader, optimizer, scheduler, accelerator, targets, epoch,
+                    epochs):
+    """One pass over the loader's batches: (mean loss and image count over all processes, the
+    learning rate of the last step)."""
+    model.train()
+    loss_sum = 0.0
+    seen = 0
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", leave=False,
+               disable=not accelerator.is_main_process)
+    for step, (x, idx) in enumerate(bar):
+        x = x.to(accelerator.device, non_blocking=True)
+        y = targets[idx].to(accelerator.device, non_blocking=True)
+        loss = F.binary_cross_entropy_with_logits(model(augment(x)).float().squeeze(1), y)
+        lr = scheduler.get_last_lr()[0]
+        loss_value = loss.item()  # a CPU-GPU sync point: it catches a bad step at once
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"loss is {loss_value} at epoch {epoch + 1}, step {step + 1}")
+        accelerator.backward(loss)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum += loss_value * len(idx)
+        seen += len(idx)
+        bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
+    total = accelerator.reduce(torch.tensor([loss_sum, seen], device=accelerator.device), "sum")
+    loss_sum, seen = total.tolist()
+    return loss_sum / seen, int(seen), lr
+
+
+# The settings that change a run's result: --resume refuses a checkpoint saved with others.
+RUN_KEYS = ("model", "pretrained", "weights", "size", "frac", "neg_ratio", "cutout", "epochs",
+            "batch_size", "lr_min", "lr_max", "wd", "seed", "folds", "data_dir")
+
+
+def run_key(args):
+    return json.dumps({k: getattr(args, k) for k in RUN_KEYS}, sort_keys=True)
+
+
+def save_checkpoint(path, raw_model, optimizer, scheduler, accelerator, history, args):
+    """The whole training state after an epoch, written by the main process."""
+    if accelerator.is_main_process:
+        state = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
+                     scheduler=scheduler.state_dict(), history=history, run=run_key(args))
+        if accelerator.scaler is not None:
+            state["scaler"] = accelerator.scaler.state_dict()  # fp16's loss scale
+        atomic_write(path, lambda tmp: torch.save(state, tmp))
+    accelerator.wait_for_everyone()
+
+
+def load_checkpoint(path, raw_model, optimizer, scheduler, accelerator, args):
+    """The finished epochs' history from the checkpoint at `path` (its state loaded) with
+    --resume; [] when there is none, or with --overwrite."""
+    if not path.exists():
+        return []
+    if not (args.resume or args.overwrite):
+        raise DataError(f"{path}: an unfinished run is there: pass --resume to continue it "
+                        "or --overwrite to start over")
+    if not args.resume:
+        return []
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state["run"] != run_key(args):
+        raise DataError(f"{path}: saved with other settings, cannot --resume ({state['run']})")
+    raw_model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if accelerator.scaler is not None and "scaler" in state:
+        accelerator.scaler.load_state_dict(state["scaler"])
+    accelerator.print(f"{path.name}: resuming after epoch {len(state['history'])}")
+    return state["history"]
+
+
+@contextlib.contextmanager
+def fold_errors(fold, ckpt):
+    """An error in training names the fold and says what became of the fold's checkpoint."""
+    try:
+        yield
+    except (DataError, FloatingPointError) as e:
+        kept = f", last good checkpoint kept ({ckpt})" if ckpt.exists() else ""
+        raise type(e)(f"fold {fold}: {one_line(e)}; no predictions written{kept}") from None
 
 
 def train_fold(args, accelerator, train, test, fold, stem):
-    """Train on every fold but `fold`, score it each epoch, predict it and the test set with TTA."""
-    import torch
-    from tqdm import tqdm
+    """Train on every fold but `fold`, score it each epoch, predict it and the test set with
+    TTA, write the outputs."""
     start = time.time()
-    trn = train[train["fold"] != fold].reset_index(drop=True)
-    if args.frac < 1:
-        trn = trn.iloc[np.sort(rng(args.seed, 4).permutation(len(trn))[:max(1, round(args.frac * len(trn)))])]
-        trn = trn.reset_index(drop=True)
-    val = train[train["fold"] == fold].reset_index(drop=True)
-    if trn["target"].sum() == 0 or trn["target"].sum() == len(trn):
-        raise DataError(f"fold {fold}: the training images hold only one class")
+    # data: `fold` validates, the other folds (a --frac share of them) train
+    trn, val = split_fold(train, fold, args.frac, args.seed)
     per_epoch = negatives_per_epoch(trn["target"].to_numpy(), args.epochs, args.neg_ratio)
     sampler = EpochSampler(trn["target"].to_numpy(), args.batch_size, per_epoch, args.seed,
                            accelerator.process_index, accelerator.num_processes)
-    train_loader = make_loader(Images(trn["path"], args.size, args.cache), accelerator, args, sampler)
+    train_loader = make_loader(Images(trn["path"], args.size, args.cache), accelerator, args,
+                               sampler)
     val_loader = make_loader(Images(val["path"], args.size, args.cache), accelerator, args)
-
-    seed_all(args.seed, 5)
-    net = create_model(args.model, args.pretrained, args.weights)
-    net = net.to(accelerator.device, memory_format=torch.channels_last)
-    augment = build_augment(net.pretrained_cfg["mean"], net.pretrained_cfg["std"], args.cutout).to(accelerator.device)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=args.lr_max, weight_decay=args.wd)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr_max, div_factor=args.lr_max / args.lr_min,
-                                                    total_steps=args.epochs * len(sampler))
-    model, optimizer = accelerator.prepare(torch.compile(net) if args.compile else net, optimizer)
-
-    ckpt, history, first = Path(args.out) / f"{stem}_last.pt", [], 0
-    run_key = json.dumps({k: getattr(args, k) for k in RUN_KEYS}, sort_keys=True)
-    if ckpt.exists():
-        if not (args.resume or args.overwrite):
-            raise DataError(f"{ckpt}: an unfinished run of fold {fold} is there: pass --resume to continue it "
-                            "or --overwrite to start over")
-        if args.resume:
-            state = torch.load(ckpt, map_location="cpu", weights_only=True)
-            if state["run"] != run_key:
-                raise DataError(f"{ckpt}: saved with other settings, cannot --resume ({state['run']})")
-            net.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            if accelerator.scaler is not None and "scaler" in state:  # fp16's loss scale
-                accelerator.scaler.load_state_dict(state["scaler"])
-            history, first = state["history"], len(state["history"])
-            accelerator.print(f"fold {fold}: resuming after epoch {first}")
-
-    accelerator.print(f"fold {fold}: {len(trn)} training images ({int(trn['target'].sum())} melanomas, "
-                      f"{per_epoch} benign per epoch), {len(val)} validation, {len(test)} test, "
-                      f"{accelerator.num_processes} process(es) on {accelerator.device}")
+    # the model and what trains it; continue after the last finished epoch with --resume
+    raw_model, model, augment, optimizer, scheduler = build_training(args, accelerator,
+                                                                     len(sampler))
+    ckpt = Path(args.out) / f"{stem}_last.pt"
+    history = load_checkpoint(ckpt, raw_model, optimizer, scheduler, accelerator, args)
+    accelerator.print(f"fold {fold}: {len(trn)} training images ({int(trn['target'].sum())} "
+                      f"melanomas, {per_epoch} benign per epoch), {len(val)} validation, "
+                      f"{len(test)} test, {accelerator.num_processes} process(es) on "
+                      f"{accelerator.device}")
     targets = torch.tensor(trn["target"].to_numpy(), dtype=torch.float32)
-    for epoch in range(first, args.epochs):
-        seed_all(args.seed, 6, epoch, accelerator.process_index)
-        sampler.set_epoch(epoch)
-        model.train()
-        t0, loss_sum, seen = time.time(), 0.0, 0
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
-                   disable=not accelerator.is_main_process)
-        for step, (x, idx) in enumerate(bar):
-            x = x.to(accelerator.device, non_blocking=True)
-            y = targets[idx].to(accelerator.device, non_blocking=True)
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(model(augment(x)).float().squeeze(1), y)
-            lr, loss_value = scheduler.get_last_lr()[0], loss.item()  # a sync point: catches a bad step at once
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(f"fold {fold}: loss is {loss_value} at epoch {epoch + 1}, step {step + 1}; "
-                                         f"no predictions written, last good checkpoint kept ({ckpt})")
-            accelerator.backward(loss)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            loss_sum, seen = loss_sum + loss_value * len(idx), seen + len(idx)
-            bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
-        seen_all = accelerator.reduce(torch.tensor([loss_sum, seen], device=accelerator.device), "sum").tolist()
-        train_s = time.time() - t0
-        val_pred = predict(model, augment, val_loader, accelerator, 0, args.seed, "validate")
-        history.append(dict(epoch=epoch + 1, loss=seen_all[0] / seen_all[1], val_auc=roc_auc(val["target"], val_pred),
-                            lr=lr, images=int(seen_all[1]), images_per_s=seen_all[1] / train_s,
-                            seconds=time.time() - t0))
-        h = history[-1]
-        accelerator.print(f"fold {fold} epoch {h['epoch']:2d}/{args.epochs}  loss {h['loss']:.4f}  "
-                          f"val_auc {h['val_auc']:.4f}  lr {h['lr']:.2e}  {h['images_per_s']:.0f} img/s  "
-                          f"{h['seconds']:.0f} s")
-        if accelerator.is_main_process:
-            state = dict(model=net.state_dict(), optimizer=optimizer.state_dict(),
-                         scheduler=scheduler.state_dict(), history=history, run=run_key)
-            if accelerator.scaler is not None:
-                state["scaler"] = accelerator.scaler.state_dict()
-            atomic_write(ckpt, lambda tmp: torch.save(state, tmp))
-        accelerator.wait_for_everyone()
-
-    if first == args.epochs:  # resumed after the last epoch: its plain predictions are not at hand
-        val_pred = predict(model, augment, val_loader, accelerator, 0, args.seed, "validate")
-    oof = predict(model, augment, val_loader, accelerator, args.tta, args.seed, f"OOF TTA x{args.tta}")
+    with fold_errors(fold, ckpt):
+        for epoch in range(len(history), args.epochs):
+            # train on the epoch's fresh sample, score the validation fold (one plain pass),
+            # and save the state
+            seed_all(args.seed, AUGMENT, epoch, accelerator.process_index)
+            sampler.set_epoch(epoch)
+            t0 = time.time()
+            loss, images, lr = train_one_epoch(model, augment, train_loader, optimizer, scheduler,
+                                               accelerator, targets, epoch, args.epochs)
+            train_s = time.time() - t0
+            val_pred = predict(model, augment, val_loader, accelerator, 0, args.seed, "validate")
+            val_auc = roc_auc(val["target"], val_pred)
+            history.append(dict(epoch=epoch + 1, loss=loss, val_auc=val_auc, lr=lr, images=images,
+                                images_per_s=images / train_s, seconds=time.time() - t0))
+            print_epoch(accelerator, fold, args.epochs, history[-1])
+            save_checkpoint(ckpt, raw_model, optimizer, scheduler, accelerator, history, args)
+    # the last epoch's model predicts with TTA: picking an epoch on the validation fold
+    # would inflate the CV
+    oof = predict(model, augment, val_loader, accelerator, args.tta, args.seed,
+                  f"OOF TTA x{args.tta}")
     test_pred = np.zeros(0)
     if len(test):
         test_loader = make_loader(Images(test["path"], args.size, args.cache), accelerator, args)
-        test_pred = predict(model, augment, test_loader, accelerator, args.tta, args.seed + 1, f"test TTA x{args.tta}")
-    result = dict(fold=fold, oof_auc=roc_auc(val["target"], oof), oof_auc_no_tta=roc_auc(val["target"], val_pred),
-                  n_train=len(trn), n_val=len(val), n_test=len(test), processes=accelerator.num_processes,
+        test_pred = predict(model, augment, test_loader, accelerator, args.tta, args.seed + 1,
+                            f"test TTA x{args.tta}")
+    result = dict(fold=fold, oof_auc=roc_auc(val["target"], oof),
+                  oof_auc_no_tta=history[-1]["val_auc"], n_train=len(trn), n_val=len(val),
+                  n_test=len(test), processes=accelerator.num_processes,
                   device=str(accelerator.device), mixed_precision=accelerator.mixed_precision,
                   wall_s=time.time() - start, epochs=history, args=vars(args))
+    # outputs, then the checkpoint goes: the fold is finished
     if accelerator.is_main_process:
-        write_outputs(Path(args.out), stem, val.assign(pred=oof, fold=fold), test.assign(target=test_pred), result, net)
+        write_outputs(Path(args.out), stem, val.assign(pred=oof, fold=fold),
+                      test.assign(target=test_pred), result, raw_model)
         ckpt.unlink(missing_ok=True)
     accelerator.wait_for_everyone()
     accelerator.print(f"fold {fold}: OOF AUC {result['oof_auc']:.4f} with TTA x{args.tta}, "
@@ -634,22 +772,39 @@ def train_fold(args, accelerator, train, test, fold, stem):
     return result
 
 
+def print_epoch(accelerator, fold, epochs, h):
+    accelerator.print(f"fold {fold} epoch {h['epoch']:2d}/{epochs}  loss {h['loss']:.4f}  "
+                      f"val_auc {h['val_auc']:.4f}  lr {h['lr']:.2e}  "
+                      f"{h['images_per_s']:.0f} img/s  {h['seconds']:.0f} s")
+
+
 # ----------------------------------------------------------------------------------------------
 # Outputs
 
-def write_outputs(out, stem, oof, test, result, net):
+def write_outputs(out, stem, oof, test, result, raw_model):
     """Predictions first and the JSON last: a fold is finished when its JSON exists."""
-    from safetensors.torch import save_file
     write_csv(oof[["image_name", "target", "pred", "fold"]], out / f"{stem}_oof.csv")
     if len(test):
         write_csv(test[["image_name", "target"]], out / f"{stem}_test.csv")
-    atomic_write(out / f"{stem}.safetensors",
-                 lambda tmp: save_file({k: v.contiguous() for k, v in net.state_dict().items()}, tmp))
-    atomic_write(out / f"{stem}.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1, default=str)))
+    weights = {k: v.contiguous() for k, v in raw_model.state_dict().items()}
+    atomic_write(out / f"{stem}.safetensors", lambda tmp: save_file(weights, tmp))
+    text = json.dumps(result, indent=1, default=str)
+    atomic_write(out / f"{stem}.json", lambda tmp: Path(tmp).write_text(text))
 
 
 # ----------------------------------------------------------------------------------------------
-# Demo data and benchmark
+# Tools: folds, demo data, benchmark
+
+def write_folds(args):
+    """--make-folds: patient-grouped folds of a train.csv, and a line on what each fold holds."""
+    train = read_csv(args.make_folds, ["image_name", "patient_id", "target"], "train file")
+    folds = make_folds(train, args.n_folds, args.seed, args.make_folds)
+    write_csv(folds, args.out)
+    counts = folds[folds["fold"] >= 0].groupby("fold")["target"].agg(["size", "sum"])
+    per_fold = ", ".join(f"{k}: {n} images/{m} melanomas" for k, (n, m) in counts.iterrows())
+    print(f"wrote {args.out}: {len(folds)} images, {folds['patient_id'].nunique()} patients; "
+          f"per fold {per_fold}")
+
 
 def draw_lesion(h, w, malignant, r):
     """A skin-coloured image with one lesion. A hidden score, 1.5 standard deviations higher on
@@ -658,7 +813,8 @@ def draw_lesion(h, w, malignant, r):
     s = np.clip(r.normal(1.5 if malignant else 0, 1) / 3, -0.5, 1.2)
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     skin = np.array([225, 180, 150]) * r.uniform(0.8, 1.05) + r.normal(0, 6, (h, w, 3))
-    cy, cx = h / 2 + r.uniform(-0.1, 0.1) * h, w / 2 + r.uniform(-0.1, 0.1) * w
+    cy = h / 2 + r.uniform(-0.1, 0.1) * h
+    cx = w / 2 + r.uniform(-0.1, 0.1) * w
     ang = np.arctan2(yy - cy, xx - cx)
     radius = min(h, w) * (0.16 + 0.1 * s) * r.uniform(0.85, 1.15)
     edge = radius * (1 + max(0.02, 0.2 * s) * np.sin(r.integers(3, 7) * ang + r.uniform(0, 6)))
@@ -673,12 +829,14 @@ def make_demo_data(root, n_patients=150, n_test=60, seed=0, shape=(96, 128)):
     2-8 images per patient, about 6 % melanomas, and its own folds.csv."""
     root = Path(root)
     r = np.random.default_rng(seed)
+    sites = ["torso", "lower extremity", "head/neck"]
     rows = []
     for p in range(n_patients):
         for _ in range(r.integers(2, 9)):
             rows.append(dict(image_name=f"ISIC_{len(rows):07d}", patient_id=f"IP_{p:07d}",
-                             sex=r.choice(["male", "female"]), age_approx=float(r.integers(4, 18) * 5),
-                             anatom_site_general_challenge=r.choice(["torso", "lower extremity", "head/neck"]),
+                             sex=r.choice(["male", "female"]),
+                             age_approx=float(r.integers(4, 18) * 5),
+                             anatom_site_general_challenge=r.choice(sites),
                              target=int(r.random() < 0.06)))
     train = pd.DataFrame(rows)
     train.loc[r.choice(len(train), 5, replace=False), "target"] = 1
@@ -686,10 +844,13 @@ def make_demo_data(root, n_patients=150, n_test=60, seed=0, shape=(96, 128)):
     train["benign_malignant"] = np.where(train["target"] == 1, "malignant", "benign")
     test = pd.DataFrame(dict(image_name=[f"ISIC_{9000000 + i}" for i in range(n_test)],
                              patient_id=[f"IP_{9000000 + i // 3}" for i in range(n_test)]))
-    for split, df, targets in (("train", train, train["target"]), ("test", test, r.random(n_test) < 0.06)):
-        (root / "jpeg" / split).mkdir(parents=True, exist_ok=True)
+    test_targets = r.random(n_test) < 0.06  # hidden: they only shape the test images
+    for split, df, targets in (("train", train, train["target"]), ("test", test, test_targets)):
+        folder = root / "jpeg" / split
+        folder.mkdir(parents=True, exist_ok=True)
         for name, t in zip(df["image_name"], targets):
-            Image.fromarray(draw_lesion(*shape, bool(t), r)).save(root / "jpeg" / split / f"{name}.jpg", quality=90)
+            image = Image.fromarray(draw_lesion(*shape, bool(t), r))
+            image.save(folder / f"{name}.jpg", quality=90)
     write_csv(test, root / "test.csv")
     write_csv(make_folds(train, 5, seed), root / "folds.csv")
     write_csv(train, root / "train.csv")  # last: its presence marks a complete dataset
@@ -699,9 +860,11 @@ def make_demo_data(root, n_patients=150, n_test=60, seed=0, shape=(96, 128)):
 def benchmark_jpegs(folder, seed=0):
     """Full-size test JPEGs like the competition's originals: a smooth lesion photo at 6000x4000
     (2.7 MB) and 1872x1053, and a noisier 6000x4000 (3.8 MB) whose entropy decoding costs more."""
-    r, files = np.random.default_rng(seed), {}
+    r = np.random.default_rng(seed)
+    files = {}
     for w, h, noise in ((6000, 4000, 0), (6000, 4000, 2), (1872, 1053, 0)):
-        photo = np.asarray(Image.fromarray(draw_lesion(h // 16, w // 16, True, r)).resize((w, h), Image.BICUBIC))
+        photo = Image.fromarray(draw_lesion(h // 16, w // 16, True, r))
+        photo = np.asarray(photo.resize((w, h), Image.BICUBIC))
         grain = r.integers(0, 256, (h // 8, w // 8, 3), dtype=np.uint8)
         grain = np.asarray(Image.fromarray(grain).resize((w, h), Image.BICUBIC))
         pixels = photo * 0.9 + grain * 0.1 + (r.normal(0, noise, (h, w, 1)) if noise else 0)
@@ -725,20 +888,25 @@ def seconds(fn, repeat=3, sync=lambda: None):
 
 
 def benchmark(args):
-    """Images/s of loading, augmentation, a training step and TTA on this machine, with ratios."""
-    import torch
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    """Images/s of loading, augmentation, a training step and TTA on this machine, with ratios.
+    The training step is train_one_epoch's, under the same Accelerator as training."""
+    accelerator = Accelerator(cpu=args.cpu, mixed_precision=args.mixed_precision)
+    device = accelerator.device
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
-    dtype = dict(bf16=torch.bfloat16, fp16=torch.float16).get(args.mixed_precision)
-    size, bs, tta = args.size, args.batch_size, max(args.tta, 1)
-    machine = torch.cuda.get_device_name() if device.type == "cuda" else f"{os.cpu_count()} CPU cores"
-    print(f"benchmark: {device} ({machine}), "
-          f"torch {torch.__version__}, --size {size} --model {args.model} --batch-size {bs} --tta {tta} "
-          f"--mixed-precision {args.mixed_precision or 'no'}")
+    size = args.size
+    bs = args.batch_size
+    tta = max(args.tta, 1)
+    machine = f"{os.cpu_count()} CPU cores"
+    if device.type == "cuda":
+        machine = torch.cuda.get_device_name()
+    print(f"benchmark: {device} ({machine}), torch {torch.__version__}, --size {size} "
+          f"--model {args.model} --batch-size {bs} --tta {tta} "
+          f"--mixed-precision {accelerator.mixed_precision}")
     with tempfile.TemporaryDirectory() as tmp:
         files = benchmark_jpegs(tmp)
         big, _, small = files
-        print("(a) loading, one process, img/s     ours    plain  ratio  (1/8-scale decode, the floor)")
+        print("(a) loading, one process, img/s     ours    plain  ratio  "
+              "(1/8-scale decode, the floor)")
         per_image = {}
         for f, mb in files.items():
             ours = seconds(lambda: load_image(f, size), 5)
@@ -750,59 +918,56 @@ def benchmark(args):
                     im.load()
 
             per_image[f] = (ours, plain)
-            print(f"    {Path(f).stem:>15} {mb:3.1f} MB {1 / ours:7.1f}  {1 / plain:7.2f}  {plain / ours:4.1f}x  "
-                  f"({1 / seconds(floor, 5):.1f})")
+            print(f"    {Path(f).stem:>15} {mb:3.1f} MB {1 / ours:7.1f}  {1 / plain:7.2f}  "
+                  f"{plain / ours:4.1f}x  ({1 / seconds(floor, 5):.1f})")
         mix = [0.44 * a + 0.56 * b for a, b in zip(per_image[big], per_image[small])]
-        print(f"    mix, 44 % 6000x4000   {1 / mix[0]:7.1f}  {1 / mix[1]:7.2f}  {mix[1] / mix[0]:4.1f}x")
+        print(f"    mix, 44 % 6000x4000   {1 / mix[0]:7.1f}  {1 / mix[1]:7.2f}  "
+              f"{mix[1] / mix[0]:4.1f}x")
 
-        net = create_model(args.model, False).to(device, memory_format=torch.channels_last)
-        augment = build_augment(net.pretrained_cfg["mean"], net.pretrained_cfg["std"], args.cutout).to(device)
-        model = torch.compile(net) if args.compile else net
-        optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4, weight_decay=0.1)
+        steps = argparse.Namespace(**{**vars(args), "pretrained": False, "weights": None})
+        _, model, augment, optimizer, scheduler = build_training(steps, accelerator, 10**6)
         x = torch.randint(0, 256, (bs, 3, size, size), dtype=torch.uint8, device=device)
-        y = torch.zeros(bs, device=device)
+        targets = torch.zeros(bs)
+        idx = torch.arange(bs)
         print(f"(b) augmentation stack {bs / seconds(lambda: augment(x), sync=sync):10.1f} img/s")
 
-        def autocast():
-            return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-
-        def step(inputs):
-            with autocast():
-                loss = torch.nn.functional.binary_cross_entropy_with_logits(model(inputs).float().squeeze(1), y)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        def step(batch):
+            train_one_epoch(model, augment, [(batch, idx)], optimizer, scheduler, accelerator,
+                            targets, 0, 1)
 
         batch_files = [big if i % 25 < 11 else small for i in range(bs)]  # 44 % large originals
         cache = os.path.join(tmp, "cache")
 
         def load_batch(load):
-            return torch.from_numpy(np.stack([load(f) for f in batch_files])).permute(0, 3, 1, 2).to(device)
+            images = np.stack([load(f) for f in batch_files])
+            return torch.from_numpy(images).permute(0, 3, 1, 2).to(device)
 
-        ready = augment(x)
-        bare = bs / seconds(lambda: step(ready), sync=sync)
+        bare = bs / seconds(lambda: step(x), sync=sync)
         print(f"(c) training step, bare (tensors on the device) {bare:8.1f} img/s")
         for what, load in (("decoding originals", lambda f: load_image(f, size)),
                            ("reading --cache", lambda f: cached_load(f, size, cache))):
-            whole = bs / seconds(lambda: step(augment(load_batch(load))), 2, sync)
-            print(f"    whole step, {what:<18} {whole:8.1f} img/s, {bare / whole:5.2f}x the bare step "
-                  "(one loader process)")
-        net.eval()
+            whole = bs / seconds(lambda: step(load_batch(load)), 2, sync)
+            print(f"    whole step, {what:<18} {whole:8.1f} img/s, {bare / whole:5.2f}x the bare "
+                  "step (one loader process)")
+        model.eval()
 
         def decode_once():
-            with torch.no_grad(), autocast():
+            with torch.no_grad():
                 predict_batch(model, augment, load_batch(lambda f: load_image(f, size)), tta, (0,))
 
         def reread():
-            with torch.no_grad(), autocast():
+            with torch.no_grad():
                 for _ in range(tta):
                     torch.sigmoid(model(augment(load_batch(lambda f: load_image(f, size)))))
 
-        once, again = bs / seconds(decode_once, 1, sync), bs / seconds(reread, 1, sync)
-        print(f"(d) TTA x{tta}, decode once {once:8.1f} img/s; re-read per pass {again:8.1f} img/s; "
-              f"ratio {once / again:4.1f}x")
+        once = bs / seconds(decode_once, 1, sync)
+        again = bs / seconds(reread, 1, sync)
+        print(f"(d) TTA x{tta}, decode once {once:8.1f} img/s; re-read per pass {again:8.1f} "
+              f"img/s; ratio {once / again:4.1f}x")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    gpu = f", GPU {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if device.type == "cuda" else ""
+    gpu = ""
+    if device.type == "cuda":
+        gpu = f", GPU {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
     print(f"peak memory: process {peak:.2f} GiB{gpu}")
 
 
@@ -811,33 +976,22 @@ def benchmark(args):
 
 def run(args):
     if args.make_folds:
-        out = args.out or "folds.csv"
-        folds = make_folds(read_csv(args.make_folds, ["image_name", "patient_id", "target"], "train file"),
-                           args.n_folds, args.seed, args.make_folds)
-        write_csv(folds, out)
-        counts = folds[folds["fold"] >= 0].groupby("fold")["target"].agg(["size", "sum"])
-        print(f"wrote {out}: {len(folds)} images, {folds['patient_id'].nunique()} patients; per fold "
-              + ", ".join(f"{k}: {n} images/{m} melanomas" for k, (n, m) in counts.iterrows()))
-        return
+        return write_folds(args)
     if args.benchmark:
         return benchmark(args)
-    from accelerate import Accelerator
     accelerator = Accelerator(cpu=args.cpu, mixed_precision=args.mixed_precision)
-    if args.demo and accelerator.is_main_process and not (Path(args.data_dir) / "train.csv").exists():
-        print(f"making the demo dataset in {args.data_dir}/ (once)")
-        make_demo_data(args.data_dir, seed=args.seed)
-    accelerator.wait_for_everyone()
-    if args.folds is None:
-        args.folds = str(Path(args.data_dir) / "folds.csv") if args.demo else "folds.csv"
-    args.out = args.out or "preds"
-    name = args.name or f"{args.model.replace('/', '-')}_{args.size}"
+    # the demo's dataset is made once, by the main process, before the others read it
+    with accelerator.main_process_first():
+        if args.demo and not (Path(args.data_dir) / "train.csv").exists():
+            print(f"making the demo dataset in {args.data_dir}/ (once)")
+            make_demo_data(args.data_dir, seed=args.seed)
     train, test = read_data(args)
     if not len(test):
         accelerator.print(f"no test.csv in {args.data_dir}: predicting the validation fold only")
     check_images(list(train["path"]) + list(test["path"]), accelerator.is_main_process)
     results = []
     for fold in args.fold:
-        stem = f"{name}_fold{fold}"
+        stem = f"{args.name}_fold{fold}"
         done = Path(args.out) / f"{stem}.json"
         if done.exists() and not args.overwrite:
             accelerator.print(f"fold {fold}: finished already ({done}); --overwrite retrains it")
@@ -845,10 +999,11 @@ def run(args):
             continue
         results.append(train_fold(args, accelerator, train, test, fold, stem))
     if len(results) > 1 and accelerator.is_main_process:
-        oof = pd.concat([pd.read_csv(Path(args.out) / f"{name}_fold{r['fold']}_oof.csv") for r in results])
+        oof = pd.concat([pd.read_csv(Path(args.out) / f"{args.name}_fold{r['fold']}_oof.csv")
+                         for r in results])
         folds = ", ".join(str(r["fold"]) for r in results)
-        cv = roc_auc(oof["target"], oof["pred"])
-        print(f"CV AUC over folds {folds}: {cv:.4f} (one AUC over their concatenated OOF predictions)")
+        print(f"CV AUC over folds {folds}: {roc_auc(oof['target'], oof['pred']):.4f} "
+              "(one AUC over their concatenated OOF predictions)")
 
 
 def main(argv=None):
@@ -856,8 +1011,7 @@ def main(argv=None):
     try:
         run(args)
     except (DataError, FloatingPointError) as e:
-        # a DataError raised in a loader process arrives with its traceback: keep its last line
-        print(f"error: {str(e).strip().splitlines()[-1].split('DataError: ')[-1]}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -195,7 +195,7 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def test_augment_shape_dtype_range_and_seeded_draws():
-    aug = melanoma.build_augment(MEAN, STD, cutout=True)
+    aug = melanoma.Augment(MEAN, STD, cutout=True)
     x = torch.randint(0, 256, (8, 3, 40, 40), dtype=torch.uint8)
     with melanoma.seeded(0):
         a = aug(x)
@@ -225,7 +225,7 @@ def test_seeded_leaves_the_global_generator_alone():
 def test_tta_zero_is_a_plain_forward_and_tta_averages_seeded_views():
     torch.manual_seed(0)
     model = melanoma.create_model("test_efficientnet", pretrained=False).eval()
-    aug = melanoma.build_augment(MEAN, STD)
+    aug = melanoma.Augment(MEAN, STD)
     x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
     with torch.no_grad():
         plain = melanoma.predict_batch(model, aug, x, 0, (7,))
