@@ -31,10 +31,12 @@ import json
 import math
 import os
 import pickle
+import re
 import resource
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import kornia.augmentation as K
@@ -75,9 +77,16 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        """A bad flag is bad input like any other: one line, exit code 2."""
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="Train, validate and predict melanoma classifiers.",
-                                formatter_class=HelpFormatter)
+    p = ArgumentParser(description="Train, validate and predict melanoma classifiers.",
+                       formatter_class=HelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--data-dir", help="competition data: train.csv, test.csv and jpeg/train/ "
                    "(official) or train/ (resized datasets)")
@@ -140,17 +149,7 @@ def get_args(argv=None):
     if "--demo" in argv:
         p.set_defaults(**DEMO_DEFAULTS)
     args = p.parse_args(argv)
-    for flag in ("size", "epochs", "batch_size", "n_folds"):
-        if getattr(args, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
-    if args.tta < 0 or args.num_workers < 0:
-        p.error("--tta and --num-workers must be 0 or more")
-    if not 0 < args.frac <= 1:
-        p.error(f"--frac must be in (0, 1], got {args.frac}")
-    if args.neg_ratio is not None and args.neg_ratio <= 0:
-        p.error(f"--neg-ratio must be positive, got {args.neg_ratio}")
-    if not (args.demo or args.make_folds or args.benchmark or args.data_dir):
-        p.error("say what to train on: --data-dir DIR, or --demo for the built-in synthetic data")
+    check_flags(p, args)
     if args.folds is None:
         args.folds = str(Path(args.data_dir) / "folds.csv") if args.demo else "folds.csv"
     args.out = args.out or ("folds.csv" if args.make_folds else "preds")
@@ -158,8 +157,57 @@ def get_args(argv=None):
     return args
 
 
+def check_flags(p, args):
+    """Refuse flag values that would fail later or give a wrong result, naming the flag."""
+    for flag in ("size", "epochs", "batch_size", "n_folds"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    if args.size > 4096:
+        p.error(f"--size must be at most 4096 pixels, got {args.size}")
+    for flag in ("tta", "num_workers", "seed"):
+        if getattr(args, flag) < 0:
+            p.error(f"--{flag.replace('_', '-')} must be 0 or more, got {getattr(args, flag)}")
+    if args.num_workers > 64:
+        p.error(f"--num-workers must be at most 64, got {args.num_workers}")
+    for flag in ("frac", "neg_ratio", "lr_min", "lr_max", "wd"):
+        value = getattr(args, flag)
+        if value is not None and not math.isfinite(value):
+            p.error(f"--{flag.replace('_', '-')} must be a finite number, got {value}")
+    if not 0 < args.frac <= 1:
+        p.error(f"--frac must be in (0, 1], got {args.frac}")
+    if args.neg_ratio is not None and args.neg_ratio <= 0:
+        p.error(f"--neg-ratio must be positive, got {args.neg_ratio}")
+    if not 0 < args.lr_min <= args.lr_max:
+        p.error(f"need 0 < --lr-min <= --lr-max, got --lr-min {args.lr_min} --lr-max {args.lr_max}")
+    if args.wd < 0:
+        p.error(f"--wd must be 0 or more, got {args.wd}")
+    if args.resume and args.overwrite:
+        p.error("--resume continues a checkpoint and --overwrite discards it: pass one")
+    if len(set(args.fold)) < len(args.fold):
+        p.error(f"--fold lists a fold twice: {' '.join(map(str, args.fold))}")
+    if args.name is not None and (not args.name.strip() or set(args.name) & {"/", "\\", "\0"}
+                                  or args.name.startswith(".")):
+        p.error(f"--name must be a plain file-name part, got {args.name!r}")
+    if not (args.demo or args.make_folds or args.benchmark or args.data_dir):
+        p.error("say what to train on: --data-dir DIR, or --demo for the built-in synthetic data")
+
+
 class DataError(Exception):
     """Bad input (a file, a column, a row, a flag): reported as one line, exit code 2."""
+
+
+def one_line(e):
+    """An error's message on one line; one raised in a loader process carries its traceback,
+    whose last line is the message."""
+    lines = str(e).strip().splitlines() or [type(e).__name__]
+    if lines[0].startswith("Caught DataError") or lines[0].startswith("Traceback"):
+        return lines[-1].split("DataError: ")[-1]
+    return " ".join(line.strip() for line in lines)
+
+
+def progress(iterable, desc, show=True, **kw):
+    """A progress bar on a terminal; none in a log file, where the one line per epoch says it."""
+    return tqdm(iterable, desc=desc, leave=False, disable=not (show and sys.stderr.isatty()), **kw)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -189,16 +237,25 @@ def write_csv(df, path):
 
 
 def read_csv(path, columns, what):
+    """A CSV with `columns` and at least one row; image and patient names are read as text."""
+    if Path(path).is_dir():
+        raise DataError(f"{what} {path}: a folder, not a CSV file")
     try:
-        df = pd.read_csv(path)
+        df = pd.read_csv(path, dtype={"image_name": str, "patient_id": str})
     except FileNotFoundError:
         raise DataError(f"{what} {path}: no such file")
+    except OSError as e:
+        raise DataError(f"{what} {path}: cannot read it ({e.strerror or e})")
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise DataError(f"{what} {path}: not a readable CSV ({e})")
+        raise DataError(f"{what} {path}: not a readable CSV ({one_line(e)})")
     missing = [c for c in columns if c not in df.columns]
     if missing:
         raise DataError(f"{what} {path}: missing column(s) {', '.join(missing)} "
-                        f"(has: {', '.join(df.columns)})")
+                        f"(has: {', '.join(map(str, df.columns))})")
+    if not len(df):
+        raise DataError(f"{what} {path}: no rows, only a header")
+    if "image_name" in columns:
+        check_names(df, f"{what} {path}")
     return df
 
 
@@ -213,19 +270,54 @@ def check_targets(df, path):
     df["target"] = target.astype(int)
 
 
-def check_unique(df, path):
-    dup = np.flatnonzero(df["image_name"].duplicated())
-    if len(dup):
-        raise DataError(f"{path}: row {dup[0] + 2}: duplicate image_name "
-                        f"{df['image_name'].iloc[dup[0]]}")
+def check_names(df, where, column="image_name", unique=True):
+    """Every name present and without surrounding spaces (it names a file), and unique."""
+    names = df[column].fillna("").astype(str)
+    problems = ((names.str.strip() == "", "empty {}"),
+                (names.str.strip() != names, "{} {!r} has surrounding spaces"),
+                (names.duplicated() & unique, "duplicate {} {}"))
+    for bad, message in problems:
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise DataError(f"{where}: row {i + 2}: {message.format(column, names.iloc[i])}")
+
+
+def check_whole_numbers(df, column, where):
+    values = pd.to_numeric(df[column], errors="coerce")
+    bad = ~np.isfinite(values.to_numpy(float)) | (values != values.round())
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise DataError(f"{where}: row {i + 2}: {column} must be a whole number, "
+                        f"got {df[column].tolist()[i]!r}")
+    df[column] = values.astype(int)
+
+
+def check_writable(path, flag, folder=True):
+    """Refuse an output location before anything is written: a file where a folder is
+    expected (or the reverse), or a place where files cannot be created."""
+    path = Path(path)
+    if path.exists() and path.is_dir() != folder:
+        raise DataError(f"{flag} {path}: a {'file' if folder else 'folder'}, "
+                        f"not a {'folder' if folder else 'file'}")
+    nearest = path if folder else path.parent
+    while not nearest.exists() and nearest != nearest.parent:
+        nearest = nearest.parent
+    if not nearest.is_dir():
+        raise DataError(f"{flag} {path}: {nearest} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=nearest):
+            pass
+    except OSError as e:
+        raise DataError(f"{flag} {path}: cannot write in {nearest} ({e.strerror or e})")
 
 
 def make_folds(df, n_folds=5, seed=0, path="train.csv"):
     """Patient-grouped, stratified folds: image_name, patient_id, target, fold (-1: never used).
 
     With a `tfrecord` column (the ISIC 2020 resized datasets): 5 folds are the groups
-    {2,4,5} {1,10,13} {0,9,12} {3,8,11} {6,7,14}, the split the winners reported CV on; other
-    counts put tfrecord t in fold t % n_folds; tfrecord -1 (duplicate images) gets fold -1.
+    {2,4,5} {1,10,13} {0,9,12} {3,8,11} {6,7,14}, the split the winners reported CV on, and
+    any other tfrecord t >= 0 goes to fold t % 5; other counts put tfrecord t in fold
+    t % n_folds; a negative tfrecord (-1: duplicate images) gets fold -1.
     Without one: patients with melanomas are dealt, most melanomas first, to the fold with the
     fewest melanomas, then the others, largest first, to the fold with the fewest images
     (ties broken by a shuffle from `seed`).
@@ -235,14 +327,14 @@ def make_folds(df, n_folds=5, seed=0, path="train.csv"):
             raise DataError(f"{path}: missing column {c}")
     df = df.copy()
     check_targets(df, path)
-    check_unique(df, path)
+    check_names(df, path)
+    check_names(df, path, "patient_id", unique=False)
     out = df[["image_name", "patient_id", "target"]].copy()
     if "tfrecord" in df.columns:
-        if n_folds == 5:
-            mapping = TFRECORD_FOLDS
-        else:
-            mapping = {t: t % n_folds for t in df["tfrecord"].unique() if t >= 0}
-        out["fold"] = df["tfrecord"].map(mapping).fillna(-1).astype(int)
+        check_whole_numbers(df, "tfrecord", path)
+        t = df["tfrecord"]
+        published = t.map(TFRECORD_FOLDS) if n_folds == 5 else t % n_folds
+        out["fold"] = np.where(t < 0, -1, published.fillna(t % n_folds)).astype(int)
         return out
     patients = out.groupby("patient_id", sort=True)["target"].agg(["sum", "size"])
     if n_folds > len(patients):
@@ -273,9 +365,7 @@ def find_layout(data_dir):
 
 def read_folds(path):
     folds = read_csv(path, ["image_name", "fold"], "folds file")
-    check_unique(folds, path)
-    if not pd.api.types.is_integer_dtype(folds["fold"]):
-        raise DataError(f"folds file {path}: column fold must hold whole numbers")
+    check_whole_numbers(folds, "fold", f"folds file {path}")
     return folds
 
 
@@ -286,7 +376,6 @@ def read_data(args):
     train = read_csv(train_csv, ["image_name", "target"], "train file")
     check_targets(train, train_csv)
     folds = read_folds(args.folds)
-    check_unique(train, train_csv)
     train = train.drop(columns=["fold"], errors="ignore")
     train = train.merge(folds[["image_name", "fold"]], on="image_name", how="left")
     missing = train["fold"].isna()
@@ -310,24 +399,71 @@ def read_data(args):
     return train, test
 
 
+JPEG_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")  # not stuffed data, not a restart
+
+
+def jpeg_reaches_end(data):
+    """Whether JPEG bytes hold a whole image: the segments and entropy-coded scans, walked from
+    the start, reach the end-of-image marker (bytes after it are allowed)."""
+    pos = 2
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return False
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+        elif marker == 0xD9:
+            return True
+        elif 0xD0 <= marker <= 0xD7 or marker == 0x01:
+            pos += 2
+        else:
+            pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+            if marker == 0xDA:  # a scan: its entropy-coded data runs to the next marker
+                found = JPEG_MARKER.search(data, pos)
+                if found is None:
+                    return False
+                pos = found.start()
+    return data[pos:pos + 2] == b"\xff\xd9"
+
+
+def check_image(path):
+    """Refuse an image that is missing, empty, not an image, implausibly large (a
+    decompression bomb) or, for a JPEG, cut short. Cheap: the header, and the tail of the file
+    (the whole file only when the end marker is not in its last kilobyte)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                width, height = im.size
+                kind = im.format
+    except FileNotFoundError as e:
+        raise DataError(f"image {path}: {e.strerror}")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise DataError(f"image {path}: more than {Image.MAX_IMAGE_PIXELS} pixels, refused as a "
+                        "possible decompression bomb")
+    except (OSError, SyntaxError, ValueError) as e:
+        with open(path, "rb") as f:
+            head = f.read(3)
+        reason = ("empty file" if not head else "not a complete JPEG (truncated)"
+                  if head == b"\xff\xd8\xff" else f"not an image ({e})")
+        raise DataError(f"image {path}: {reason}")
+    if path.lower().endswith((".jpg", ".jpeg")) and kind != "JPEG":
+        raise DataError(f"image {path}: not a JPEG but {kind} (no JPEG header)")
+    if width * height > Image.MAX_IMAGE_PIXELS or min(width, height) < 1:
+        raise DataError(f"image {path}: {width}x{height} pixels, refused as implausible "
+                        f"(at most {Image.MAX_IMAGE_PIXELS} pixels)")
+    if kind == "JPEG":
+        with open(path, "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - 1024))
+            tail = f.read()
+        if b"\xff\xd9" not in tail and not jpeg_reaches_end(Path(path).read_bytes()):
+            raise DataError(f"image {path}: not a complete JPEG (truncated)")
+
+
 def check_images(paths, show=True):
-    """Fail before training on any image that is missing, empty or not a complete JPEG."""
-    for path in tqdm(paths, desc="checking images", disable=not show or len(paths) < 2000,
-                     leave=False):
-        try:
-            with open(path, "rb") as f:
-                head = f.read(3)
-                f.seek(max(0, os.fstat(f.fileno()).st_size - 1024))
-                tail = f.read()
-        except OSError as e:
-            raise DataError(f"image {path}: {e.strerror or e}")
-        if not head:
-            raise DataError(f"image {path}: empty file")
-        if path.lower().endswith((".jpg", ".jpeg")):
-            if head != b"\xff\xd8\xff":
-                raise DataError(f"image {path}: not a complete JPEG (no JPEG header)")
-            if b"\xff\xd9" not in tail:
-                raise DataError(f"image {path}: not a complete JPEG (truncated)")
+    """Every image checked before training, so that a bad one stops the run at once."""
+    for path in progress(paths, "checking images", show and len(paths) >= 2000):
+        check_image(path)
 
 
 def load_image(path, size):
@@ -336,7 +472,7 @@ def load_image(path, size):
         with Image.open(path) as im:
             im.draft("RGB", (size, size))
             return np.array(im.convert("RGB").resize((size, size), Image.BILINEAR))
-    except (OSError, ValueError, SyntaxError) as e:
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise DataError(f"image {path}: cannot decode ({e})")
 
 
@@ -425,7 +561,7 @@ def negatives_per_epoch(targets, epochs, neg_ratio=None):
     n_neg = len(targets) - n_pos
     if neg_ratio is None:
         return math.ceil(n_neg / epochs)
-    return min(n_neg, max(1, round(neg_ratio * n_pos)))
+    return min(n_neg, max(1, round(min(neg_ratio * n_pos, n_neg))))
 
 
 class EpochSampler:
@@ -511,19 +647,24 @@ def predict_batch(model, augment, x, tta, key):
 def read_weights(path):
     """State dict from .safetensors, or a torch file that holds only tensors (no pickled code)."""
     if not Path(path).is_file():
-        raise DataError(f"--weights {path}: no such file")
-    if str(path).endswith(".safetensors"):
-        return load_file(path)
+        reason = "a folder, not a file" if Path(path).is_dir() else "no such file"
+        raise DataError(f"--weights {path}: {reason}")
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        if str(path).endswith(".safetensors"):
+            sd = load_file(path)
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise DataError(f"{path}: refused, it holds pickled objects, not only tensors "
-                        f"({str(e).splitlines()[0]}); save a state_dict or a .safetensors file")
-    except Exception as e:
-        raise DataError(f"{path}: not a weights file ({e})")
+        raise DataError(f"--weights {path}: refused, it holds pickled objects, not only tensors "
+                        f"({str(e).splitlines()[0][:160]}); save a state_dict or a .safetensors "
+                        "file")
+    except Exception as e:  # safetensors' and torch's own errors for a file of another kind
+        raise DataError(f"--weights {path}: not a weights file ({one_line(e)[:160]})")
     for key in ("state_dict", "model"):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]
+    if not (isinstance(sd, dict) and sd and all(torch.is_tensor(v) for v in sd.values())):
+        raise DataError(f"--weights {path}: holds no state dict (names -> tensors)")
     return sd
 
 
@@ -560,11 +701,6 @@ def roc_auc(targets, preds):
     return float(roc_auc_score(targets, preds)) if len(set(targets)) == 2 else float("nan")
 
 
-def one_line(e):
-    """The message of an error; one raised in a loader process arrives with its traceback."""
-    return str(e).strip().splitlines()[-1].split("DataError: ")[-1]
-
-
 def make_loader(dataset, accelerator, args, batch_sampler=None):
     """Training: our batch sampler, which deals batches to processes itself. Prediction: a plain
     loader that accelerate shards, padding the last batch (gather_for_metrics drops the pad)."""
@@ -582,7 +718,7 @@ def predict(model, augment, loader, accelerator, tta, seed, desc):
     rows = []
     probs = []
     with torch.no_grad():
-        bar = tqdm(loader, desc=desc, leave=False, disable=not accelerator.is_main_process)
+        bar = progress(loader, desc, accelerator.is_main_process)
         for b, (x, idx) in enumerate(bar):
             p = predict_batch(model, augment, x, tta, (seed, TTA, accelerator.process_index, b))
             idx, p = accelerator.gather_for_metrics((idx, p))
@@ -600,14 +736,18 @@ def predict(model, augment, loader, accelerator, tta, seed, desc):
 
 
 def split_fold(train, fold, frac, seed):
-    """(training rows: every fold but `fold`, a `frac` share of them; validation rows: `fold`)."""
+    """(training rows: every fold but `fold`, a `frac` share of them; validation rows: `fold`).
+    Each must hold both classes: the one to learn, the other for its AUC to exist."""
     trn = train[train["fold"] != fold].reset_index(drop=True)
     if frac < 1:
         keep = rng(seed, FRAC).permutation(len(trn))[:max(1, round(frac * len(trn)))]
         trn = trn.iloc[np.sort(keep)].reset_index(drop=True)
-    if trn["target"].sum() == 0 or trn["target"].sum() == len(trn):
-        raise DataError(f"fold {fold}: the training images hold only one class")
-    return trn, train[train["fold"] == fold].reset_index(drop=True)
+    val = train[train["fold"] == fold].reset_index(drop=True)
+    for rows, what in ((trn, "training"), (val, "validation")):
+        if rows["target"].nunique() < 2:
+            raise DataError(f"--fold {fold}: its {what} images hold only one class "
+                            f"({len(rows)} images, {int(rows['target'].sum())} melanomas)")
+    return trn, val
 
 
 def build_training(args, accelerator, steps_per_epoch):
@@ -635,8 +775,7 @@ def train_one_epoch(model, augment, loader, optimizer, scheduler, accelerator, t
     model.train()
     loss_sum = 0.0
     seen = 0
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", leave=False,
-               disable=not accelerator.is_main_process)
+    bar = progress(loader, f"epoch {epoch + 1}/{epochs}", accelerator.is_main_process)
     for step, (x, idx) in enumerate(bar):
         x = x.to(accelerator.device, non_blocking=True)
         y = targets[idx].to(accelerator.device, non_blocking=True)
@@ -657,20 +796,65 @@ def train_one_epoch(model, augment, loader, optimizer, scheduler, accelerator, t
     return loss_sum / seen, int(seen), lr
 
 
-# The settings that change a run's result: --resume refuses a checkpoint saved with others.
+# The settings that change what a run trains: --resume refuses a checkpoint saved with others.
 RUN_KEYS = ("model", "pretrained", "weights", "size", "frac", "neg_ratio", "cutout", "epochs",
             "batch_size", "lr_min", "lr_max", "wd", "seed", "folds", "data_dir")
+CHECKPOINT = {"model", "optimizer", "scheduler", "history", "run"}
 
 
-def run_key(args):
-    return json.dumps({k: getattr(args, k) for k in RUN_KEYS}, sort_keys=True)
+def run_key(args, accelerator):
+    key = {k: getattr(args, k) for k in RUN_KEYS}
+    for k in ("weights", "folds", "data_dir"):
+        if key[k] is not None:
+            key[k] = str(Path(key[k]).resolve())
+    key["cache"] = args.cache is not None  # cached images are re-encoded: other pixels
+    key["mixed_precision"] = accelerator.mixed_precision
+    key["processes"] = accelerator.num_processes  # they set the global batch
+    return key
+
+
+def read_checkpoint(path, key):
+    """A checkpoint of this script saved with the settings `key`, read without unpickling code."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, not a torch file, or objects that would run code
+        raise DataError(f"{path}: not a readable checkpoint ({one_line(e)[:160]}); delete it or "
+                        "pass --overwrite")
+    if not isinstance(state, dict) or not CHECKPOINT <= set(state) or \
+            not isinstance(state["run"], dict):
+        raise DataError(f"{path}: not a checkpoint of melanoma.py; delete it or pass --overwrite")
+    changed = [f"--{k.replace('_', '-')} {state['run'].get(k)!r} (saved) vs {v!r} (now)"
+               for k, v in key.items() if state["run"].get(k) != v]
+    if changed:
+        raise DataError(f"{path}: saved with other settings, cannot --resume: "
+                        + "; ".join(changed))
+    return state
+
+
+def check_checkpoints(args, accelerator):
+    """Before any fold trains: each unfinished fold's checkpoint is refused without --resume or
+    --overwrite, and must be a readable one of the same settings with --resume."""
+    for fold in args.fold:
+        ckpt = Path(args.out) / f"{args.name}_fold{fold}_last.pt"
+        if (Path(args.out) / f"{args.name}_fold{fold}.json").exists() and not args.overwrite:
+            continue
+        if not ckpt.exists():
+            if args.resume:
+                accelerator.print(f"fold {fold}: --resume found no checkpoint ({ckpt}): "
+                                  "starting from scratch")
+        elif not (args.resume or args.overwrite):
+            raise DataError(f"{ckpt}: an unfinished run is there: pass --resume to continue it "
+                            "or --overwrite to start over")
+        elif args.resume:
+            read_checkpoint(ckpt, run_key(args, accelerator))
 
 
 def save_checkpoint(path, raw_model, optimizer, scheduler, accelerator, history, args):
     """The whole training state after an epoch, written by the main process."""
     if accelerator.is_main_process:
         state = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
-                     scheduler=scheduler.state_dict(), history=history, run=run_key(args))
+                     scheduler=scheduler.state_dict(), history=history,
+                     run=run_key(args, accelerator))
         if accelerator.scaler is not None:
             state["scaler"] = accelerator.scaler.state_dict()  # fp16's loss scale
         atomic_write(path, lambda tmp: torch.save(state, tmp))
@@ -678,21 +862,22 @@ def save_checkpoint(path, raw_model, optimizer, scheduler, accelerator, history,
 
 
 def load_checkpoint(path, raw_model, optimizer, scheduler, accelerator, args):
-    """The finished epochs' history from the checkpoint at `path` (its state loaded) with
-    --resume; [] when there is none, or with --overwrite."""
+    """The finished epochs' history from the checkpoint at `path`, its state loaded, with
+    --resume; [] without one, or with --overwrite (check_checkpoints ran before)."""
     if not path.exists():
         return []
-    if not (args.resume or args.overwrite):
-        raise DataError(f"{path}: an unfinished run is there: pass --resume to continue it "
-                        "or --overwrite to start over")
-    if not args.resume:
+    if args.overwrite:  # starting over: the old state must not look resumable after an error
+        if accelerator.is_main_process:
+            path.unlink(missing_ok=True)
         return []
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if state["run"] != run_key(args):
-        raise DataError(f"{path}: saved with other settings, cannot --resume ({state['run']})")
-    raw_model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
+    state = read_checkpoint(path, run_key(args, accelerator))
+    try:
+        raw_model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise DataError(f"{path}: does not fit this model ({one_line(e)[:160]}); delete it or "
+                        "pass --overwrite")
     if accelerator.scaler is not None and "scaler" in state:
         accelerator.scaler.load_state_dict(state["scaler"])
     accelerator.print(f"{path.name}: resuming after epoch {len(state['history'])}")
@@ -701,12 +886,16 @@ def load_checkpoint(path, raw_model, optimizer, scheduler, accelerator, args):
 
 @contextlib.contextmanager
 def fold_errors(fold, ckpt):
-    """An error in training names the fold and says what became of the fold's checkpoint."""
+    """An error in training names the fold and says what became of the fold's checkpoint: it
+    is kept when it holds finished epochs, which --resume continues from."""
     try:
         yield
     except (DataError, FloatingPointError) as e:
-        kept = f", last good checkpoint kept ({ckpt})" if ckpt.exists() else ""
+        kept = ""
+        if ckpt.exists():
+            kept = f", last good checkpoint kept ({ckpt}; --resume continues from it)"
         raise type(e)(f"fold {fold}: {one_line(e)}; no predictions written{kept}") from None
+
 
 
 def train_fold(args, accelerator, train, test, fold, stem):
@@ -731,22 +920,20 @@ def train_fold(args, accelerator, train, test, fold, stem):
                       f"{len(test)} test, {accelerator.num_processes} process(es) on "
                       f"{accelerator.device}")
     targets = torch.tensor(trn["target"].to_numpy(), dtype=torch.float32)
-    with fold_errors(fold, ckpt):
-        for epoch in range(len(history), args.epochs):
-            # train on the epoch's fresh sample, score the validation fold (one plain pass),
-            # and save the state
-            seed_all(args.seed, AUGMENT, epoch, accelerator.process_index)
-            sampler.set_epoch(epoch)
-            t0 = time.time()
-            loss, images, lr = train_one_epoch(model, augment, train_loader, optimizer, scheduler,
-                                               accelerator, targets, epoch, args.epochs)
-            train_s = time.time() - t0
-            val_pred = predict(model, augment, val_loader, accelerator, 0, args.seed, "validate")
-            val_auc = roc_auc(val["target"], val_pred)
-            history.append(dict(epoch=epoch + 1, loss=loss, val_auc=val_auc, lr=lr, images=images,
-                                images_per_s=images / train_s, seconds=time.time() - t0))
-            print_epoch(accelerator, fold, args.epochs, history[-1])
-            save_checkpoint(ckpt, raw_model, optimizer, scheduler, accelerator, history, args)
+    for epoch in range(len(history), args.epochs):
+        # train on the epoch's fresh sample, score the validation fold (one plain pass), save
+        seed_all(args.seed, AUGMENT, epoch, accelerator.process_index)
+        sampler.set_epoch(epoch)
+        t0 = time.time()
+        loss, images, lr = train_one_epoch(model, augment, train_loader, optimizer, scheduler,
+                                           accelerator, targets, epoch, args.epochs)
+        train_s = time.time() - t0
+        val_pred = predict(model, augment, val_loader, accelerator, 0, args.seed, "validate")
+        history.append(dict(epoch=epoch + 1, loss=loss, val_auc=roc_auc(val["target"], val_pred),
+                            lr=lr, images=images, images_per_s=images / train_s,
+                            seconds=time.time() - t0))
+        print_epoch(accelerator, fold, args.epochs, history[-1])
+        save_checkpoint(ckpt, raw_model, optimizer, scheduler, accelerator, history, args)
     # the last epoch's model predicts with TTA: picking an epoch on the validation fold
     # would inflate the CV
     oof = predict(model, augment, val_loader, accelerator, args.tta, args.seed,
@@ -797,13 +984,15 @@ def write_outputs(out, stem, oof, test, result, raw_model):
 
 def write_folds(args):
     """--make-folds: patient-grouped folds of a train.csv, and a line on what each fold holds."""
+    check_writable(args.out, "--out", folder=False)
     train = read_csv(args.make_folds, ["image_name", "patient_id", "target"], "train file")
     folds = make_folds(train, args.n_folds, args.seed, args.make_folds)
     write_csv(folds, args.out)
     counts = folds[folds["fold"] >= 0].groupby("fold")["target"].agg(["size", "sum"])
     per_fold = ", ".join(f"{k}: {n} images/{m} melanomas" for k, (n, m) in counts.iterrows())
-    print(f"wrote {args.out}: {len(folds)} images, {folds['patient_id'].nunique()} patients; "
-          f"per fold {per_fold}")
+    left_out = int((folds["fold"] < 0).sum())
+    print(f"wrote {args.out}: {len(folds)} images, {folds['patient_id'].nunique()} patients, "
+          f"{left_out} left out (fold -1); per fold {per_fold}")
 
 
 def draw_lesion(h, w, malignant, r):
@@ -985,7 +1174,14 @@ def run(args):
         if args.demo and not (Path(args.data_dir) / "train.csv").exists():
             print(f"making the demo dataset in {args.data_dir}/ (once)")
             make_demo_data(args.data_dir, seed=args.seed)
+    # every input and output location is checked before the first epoch
+    check_writable(args.out, "--out")
+    if args.cache:
+        check_writable(args.cache, "--cache")
     train, test = read_data(args)
+    for fold in args.fold:
+        split_fold(train, fold, args.frac, args.seed)
+    check_checkpoints(args, accelerator)
     if not len(test):
         accelerator.print(f"no test.csv in {args.data_dir}: predicting the validation fold only")
     check_images(list(train["path"]) + list(test["path"]), accelerator.is_main_process)
@@ -997,7 +1193,8 @@ def run(args):
             accelerator.print(f"fold {fold}: finished already ({done}); --overwrite retrains it")
             results.append(json.loads(done.read_text()))
             continue
-        results.append(train_fold(args, accelerator, train, test, fold, stem))
+        with fold_errors(fold, Path(args.out) / f"{stem}_last.pt"):
+            results.append(train_fold(args, accelerator, train, test, fold, stem))
     if len(results) > 1 and accelerator.is_main_process:
         oof = pd.concat([pd.read_csv(Path(args.out) / f"{args.name}_fold{r['fold']}_oof.csv")
                          for r in results])
