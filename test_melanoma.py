@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -534,6 +535,210 @@ def test_get_args_defaults_are_the_recipe():
         ("tf_efficientnet_b5.ns_jft_in1k", 512, 20, 5e-6, 2e-4, 0.1, 15, True)
     d = melanoma.get_args(["--demo", "--size", "48"])
     assert d.model == "test_efficientnet" and not d.pretrained and d.size == 48
+
+
+# ----------------------------------------------------------------------------------------------
+# Hardening: every bad input refused before training, in one line, with exit code 2
+
+def refused(argv, capsys, *names):
+    """Run melanoma.main in-process; assert exit 2 and one stderr line naming each of `names`."""
+    with pytest.raises(SystemExit) as e:
+        melanoma.main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert all(str(n) in err for n in names), err
+    return err
+
+
+def with_sof_size(jpeg, width, height):
+    """JPEG bytes whose frame header claims width x height (the pixel data stays as it was)."""
+    i = jpeg.index(b"\xff\xc0")
+    return jpeg[:i + 5] + height.to_bytes(2, "big") + width.to_bytes(2, "big") + jpeg[i + 9:]
+
+
+def no_melanoma_in_fold(d, fold):
+    folds = pd.read_csv(d / "folds.csv")
+    folds.loc[(folds["fold"] == fold) & (folds["target"] == 1), "fold"] = (fold + 1) % 5
+    folds.to_csv(d / "folds.csv", index=False)
+
+
+@pytest.mark.parametrize("breakage, flags, names", [
+    # silent wrong results before: now refused
+    (lambda d: break_csv(d, "test.csv", lambda df: pd.concat([df, df.iloc[:1]])), [],
+     ["test.csv", "row 32", "duplicate image_name ISIC_9000000"]),
+    (lambda d: break_csv(d, "test.csv", lambda df: df.iloc[:0]), [], ["test.csv", "no rows"]),
+    (lambda d: break_csv(d, "train.csv", lambda df: df.iloc[:0]), [], ["train.csv", "no rows"]),
+    (lambda d: break_csv(d, "train.csv", lambda df: df.assign(image_name=[""] + list(df["image_name"][1:]))),
+     [], ["train.csv", "row 2", "empty image_name"]),
+    (lambda d: break_csv(d, "test.csv", lambda df: df.assign(image_name=[" ISIC_9000000"] + list(df["image_name"][1:]))),
+     [], ["test.csv", "row 2", "surrounding spaces"]),
+    (lambda d: no_melanoma_in_fold(d, 0), ["--fold", "1", "0"],
+     ["--fold 0", "validation images hold only one class"]),
+    (lambda d: break_csv(d, "folds.csv", lambda df: df.assign(fold=df["fold"].astype(float).where(df.index > 3, 0.5))),
+     [], ["folds.csv", "row 2", "fold must be a whole number"]),
+    # found late before (after training): now before the first epoch
+    (lambda d: first_image(d, "test").write_bytes(with_sof_size(first_image(d, "test").read_bytes(), 60000, 60000)),
+     [], ["jpeg/test/ISIC_9000000.jpg", "decompression bomb"]),
+    (lambda d: first_image(d, "test").write_bytes(first_image(d, "test").read_bytes()[:-200]), [],
+     ["jpeg/test/ISIC_9000000.jpg", "truncated"]),
+    (lambda d: (d / "outfile").write_text("x"), ["--out", "{d}/outfile"], ["--out", "outfile", "a file, not a folder"]),
+    (lambda d: (d / "outfile").write_text("x"), ["--out", "{d}/outfile/sub"], ["--out", "is a file, not a folder"]),
+    (lambda d: (d / "cachefile").write_text("x"), ["--cache", "{d}/cachefile"], ["--cache", "a file, not a folder"]),
+    # tracebacks before
+    (lambda d: None, ["--folds", "{d}/jpeg"], ["folds file", "a folder, not a CSV file"]),
+    (lambda d: (d / "w.safetensors").write_bytes(b"\x80\x04K\x01."), ["--weights", "{d}/w.safetensors"],
+     ["--weights", "w.safetensors", "not a weights file"]),
+    (lambda d: torch.save(torch.zeros(3), d / "w.pt"), ["--weights", "{d}/w.pt"], ["--weights", "holds no state dict"]),
+    (lambda d: None, ["--weights", "{d}/jpeg"], ["--weights", "a folder, not a file"]),
+])
+def test_bad_input_is_refused_before_training(data, tmp_path, capsys, breakage, flags, names):
+    breakage(data)
+    argv = train_args(data, tmp_path / "out") + [f.format(d=data) for f in flags]
+    refused(argv, capsys, *names)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--neg-ratio", "nan"], "--neg-ratio must be a finite number"),
+    (["--neg-ratio", "-1"], "--neg-ratio must be positive"),
+    (["--lr-min", "0"], "need 0 < --lr-min <= --lr-max"),
+    (["--lr-max", "-1"], "need 0 < --lr-min <= --lr-max"),
+    (["--lr-min", "1e-2", "--lr-max", "1e-3"], "need 0 < --lr-min <= --lr-max"),
+    (["--lr-max", "inf"], "--lr-max must be a finite number"),
+    (["--wd", "nan"], "--wd must be a finite number"),
+    (["--wd", "-0.1"], "--wd must be 0 or more"),
+    (["--frac", "nan"], "--frac"),
+    (["--size", "100000"], "--size must be at most 4096"),
+    (["--size", "x"], "--size: invalid int value"),
+    (["--seed", "-1"], "--seed must be 0 or more"),
+    (["--tta", "-2"], "--tta must be 0 or more"),
+    (["--num-workers", "1000"], "--num-workers must be at most 64"),
+    (["--fold", "1", "1"], "--fold lists a fold twice"),
+    (["--name", "a/b"], "--name must be a plain file-name part"),
+    (["--name", ""], "--name must be a plain file-name part"),
+    (["--resume", "--overwrite"], "pass one"),
+])
+def test_bad_flags_are_one_line(tiny_data, tmp_path, capsys, flags, message):
+    refused(train_args(tiny_data, tmp_path / "out") + flags, capsys, message)
+    assert not (tmp_path / "out").exists()
+
+
+def test_huge_neg_ratio_takes_every_benign_image():
+    targets = np.array([1] * 10 + [0] * 100)
+    assert melanoma.negatives_per_epoch(targets, 20, neg_ratio=1e308) == 100
+
+
+def test_unwritable_output_folder_is_refused(tiny_data, tmp_path, capsys, monkeypatch):
+    def read_only(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(melanoma.tempfile, "TemporaryFile", read_only)
+    refused(train_args(tiny_data, tmp_path / "out"), capsys, "--out", "cannot write in", "Permission denied")
+    assert not (tmp_path / "out").exists()
+
+
+def fake_checkpoint(data, out, saved, fold=0):
+    """A checkpoint as melanoma.py writes it, with the run key of the settings `saved`."""
+    args = melanoma.get_args([str(a) for a in train_args(data, out, "--fold", fold)] + saved)
+    key = melanoma.run_key(args, SimpleNamespace(mixed_precision=args.mixed_precision or "no", num_processes=1))
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"test_efficientnet_32_fold{fold}_last.pt"
+    torch.save(dict(model={}, optimizer={}, scheduler={}, history=[], run=key), path)
+    return path
+
+
+@pytest.mark.parametrize("saved, now, names", [
+    (["--mixed-precision", "bf16"], [], ["--mixed-precision 'bf16' (saved) vs 'no' (now)"]),
+    (["--lr-max", "1e-3"], [], ["--lr-max 0.001 (saved) vs 0.003 (now)"]),
+    (["--size", "48", "--cutout"], [], ["--size 48 (saved) vs 32 (now)", "--cutout True (saved) vs False (now)"]),
+])
+def test_resume_names_each_setting_that_differs(tiny_data, tmp_path, capsys, saved, now, names):
+    ckpt = fake_checkpoint(tiny_data, tmp_path, saved)
+    err = refused(train_args(tiny_data, tmp_path, "--resume") + now, capsys, ckpt.name, *names)
+    assert "--seed" not in err and [p.name for p in tmp_path.iterdir()] == [ckpt.name]
+
+
+def test_resume_key_compares_normalised_paths(tiny_data, tmp_path):
+    acc = SimpleNamespace(mixed_precision="no", num_processes=1)
+    a = melanoma.get_args(["--data-dir", f"{tiny_data}/", "--folds", f"{tiny_data}/./folds.csv"])
+    b = melanoma.get_args(["--data-dir", str(tiny_data), "--folds", str(tiny_data / "folds.csv")])
+    assert melanoma.run_key(a, acc) == melanoma.run_key(b, acc)
+    assert melanoma.run_key(a, acc) != melanoma.run_key(b, SimpleNamespace(mixed_precision="bf16", num_processes=1))
+
+
+@pytest.mark.parametrize("content, message", [
+    (lambda p: p.write_bytes(b"PK\x03\x04 truncated"), "not a readable checkpoint"),
+    (lambda p: torch.save({"model": Evil()}, p), "not a readable checkpoint"),
+    (lambda p: torch.save({"model": {}}, p), "not a checkpoint of melanoma.py"),
+])
+def test_resume_refuses_damaged_or_hostile_checkpoints(tiny_data, tmp_path, capsys, content, message):
+    path = tmp_path / "test_efficientnet_32_fold0_last.pt"
+    content(path)
+    refused(train_args(tiny_data, tmp_path, "--resume"), capsys, path.name, message)
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_checkpoint_of_a_later_fold_is_refused_before_the_first_fold_trains(tiny_data, tmp_path, capsys):
+    ckpt = fake_checkpoint(tiny_data, tmp_path, [], fold=1)
+    refused(train_args(tiny_data, tmp_path, "--fold", "0", "1"), capsys, ckpt.name, "--resume", "--overwrite")
+    assert [p.name for p in tmp_path.iterdir()] == [ckpt.name]
+
+
+def test_jpeg_completeness_walks_the_file(tmp_path):
+    smooth_image(300, 200).save(tmp_path / "a.jpg", quality=90)
+    smooth_image(300, 200).save(tmp_path / "p.jpg", quality=90, progressive=True)
+    for name in ("a.jpg", "p.jpg"):
+        data = (tmp_path / name).read_bytes()
+        assert melanoma.jpeg_reaches_end(data)
+        assert melanoma.jpeg_reaches_end(data + bytes(5000))  # trailing bytes after the end marker
+        assert not melanoma.jpeg_reaches_end(data[:len(data) // 2])
+        assert not melanoma.jpeg_reaches_end(data[:-2] + bytes(5000))
+    (tmp_path / "t.jpg").write_bytes((tmp_path / "a.jpg").read_bytes() + bytes(5000))
+    melanoma.check_image(str(tmp_path / "t.jpg"))
+    (tmp_path / "c.jpg").write_bytes((tmp_path / "a.jpg").read_bytes()[:-2] + bytes(5000))
+    with pytest.raises(melanoma.DataError, match="truncated"):
+        melanoma.check_image(str(tmp_path / "c.jpg"))
+
+
+def test_numeric_names_trailing_bytes_and_resume_without_checkpoint_train(data, tmp_path):
+    """Image names that look like numbers, a valid JPEG with trailing bytes, --resume with no
+    checkpoint: all train; the log file gets no progress bars; the JSON is strict JSON."""
+    renames = {}
+    for split, csv in (("train", "train.csv"), ("test", "test.csv")):
+        df = pd.read_csv(data / csv)
+        for i, name in enumerate(df["image_name"]):
+            renames[name] = f"{i + (50000 if split == 'test' else 10000)}"
+            (data / "jpeg" / split / f"{name}.jpg").rename(data / "jpeg" / split / f"{renames[name]}.jpg")
+        df.assign(image_name=df["image_name"].map(renames)).to_csv(data / csv, index=False)
+    break_csv(data, "folds.csv", lambda df: df.assign(image_name=df["image_name"].map(renames)))
+    img = data / "jpeg" / "test" / "50000.jpg"
+    img.write_bytes(img.read_bytes() + b"\x00" * 3000)
+    out = tmp_path / "out"
+    r = run_cli("melanoma.py", *train_args(data, out, "--epochs", "1", "--resume"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "--resume found no checkpoint" in r.stdout and "starting from scratch" in r.stdout
+    assert "\r" not in r.stderr and "it/s" not in r.stderr
+    text = (out / "test_efficientnet_32_fold0.json").read_text()
+    json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))
+    test = pd.read_csv(out / "test_efficientnet_32_fold0_test.csv", dtype={"image_name": str})
+    assert test["image_name"].iloc[0] == "50000" and len(test) == 30
+
+
+def test_make_folds_tfrecords_beyond_14_and_bad_rows(tmp_path, capsys):
+    df = pd.DataFrame(dict(image_name=[f"i{t}" for t in range(-1, 20)], patient_id=[f"p{t}" for t in range(-1, 20)],
+                           target=0, tfrecord=range(-1, 20)))
+    folds = melanoma.make_folds(df, 5)
+    assert folds["fold"].tolist()[:16] == [-1, 2, 1, 0, 3, 0, 0, 4, 4, 3, 2, 1, 3, 2, 1, 4]  # published
+    assert folds["fold"].tolist()[16:] == [t % 5 for t in range(15, 20)]
+    df.to_csv(tmp_path / "t.csv", index=False)
+    melanoma.main(["--make-folds", str(tmp_path / "t.csv"), "--out", str(tmp_path / "f.csv")])
+    assert "21 images, 21 patients, 1 left out (fold -1)" in capsys.readouterr().out
+    for change, names in ((lambda d: d.assign(patient_id=[""] + list(d["patient_id"][1:])), ["row 2", "empty patient_id"]),
+                          (lambda d: d.assign(tfrecord=[np.nan] + list(d["tfrecord"][1:])), ["row 2", "tfrecord"])):
+        change(df).to_csv(tmp_path / "t.csv", index=False)
+        refused(["--make-folds", tmp_path / "t.csv", "--out", tmp_path / "g.csv"], capsys, "t.csv", *names)
+        assert not (tmp_path / "g.csv").exists()
+    refused(["--make-folds", tmp_path / "t.csv", "--out", tmp_path], capsys, "--out", "a folder, not a file")
 
 
 # ----------------------------------------------------------------------------------------------
