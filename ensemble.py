@@ -1,7 +1,8 @@
-"""ensemble.py: blend prediction files into a submission, with a cross-validation score that stays honest.
+"""ensemble.py: blend prediction files into a submission, with a cross-validation score that stays
+honest.
 
-    python ensemble.py preds/*.csv                          # mean of probabilities -> submission.csv
-    python ensemble.py preds/*.csv --method weighted        # or rank, stack
+    python ensemble.py preds/*.csv                      # mean of probabilities -> submission.csv
+    python ensemble.py preds/*.csv --method weighted    # or rank, stack
     python ensemble.py preds/*.csv downloaded_sub.csv --method rank --out blend.csv
 
 Files named {name}_fold{k}_oof.csv (image_name,target,pred,fold) and {name}_fold{k}_test.csv
@@ -20,6 +21,7 @@ import os
 import re
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,22 +29,29 @@ import pandas as pd
 
 METHODS = ("mean", "rank", "weighted", "stack")
 NAME = re.compile(r"^(?P<name>.+)_fold(?P<fold>\d+)_(?P<kind>oof|test)\.csv$")
+OOF_COLUMNS = ["image_name", "target", "pred", "fold"]
+TEST_COLUMNS = ["image_name", "target"]
+
+
+class InputError(Exception):
+    """Bad input: reported as one line, exit code 2, nothing written."""
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="Blend prediction files into a submission.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("files", nargs="+", help="prediction CSVs: {name}_fold{k}_{oof,test}.csv or plain submissions")
-    p.add_argument("--method", choices=METHODS, default="mean", help="how the submission is blended")
-    p.add_argument("--out", default="submission.csv", help="submission path; the report goes beside it as .json")
-    p.add_argument("--folds", default="folds.csv", help="image_name,patient_id file for the patient bootstrap")
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95 %% intervals")
+    p.add_argument("files", nargs="+",
+                   help="prediction CSVs: {name}_fold{k}_{oof,test}.csv or plain submissions")
+    p.add_argument("--method", choices=METHODS, default="mean",
+                   help="how the submission is blended")
+    p.add_argument("--out", default="submission.csv",
+                   help="submission path; the report goes beside it as .json")
+    p.add_argument("--folds", default="folds.csv",
+                   help="image_name,patient_id file for the patient bootstrap")
+    p.add_argument("--bootstrap", type=int, default=1000,
+                   help="bootstrap resamples for the 95 %% intervals")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
     return p.parse_args(argv)
-
-
-class InputError(Exception):
-    """Bad input: reported as one line, exit code 2, nothing written."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -58,7 +67,8 @@ def read_predictions(path, columns):
         raise InputError(f"{path}: cannot read it as CSV ({e})")
     missing = [c for c in columns if c not in df.columns]
     if missing:
-        raise InputError(f"{path}: missing column(s) {', '.join(missing)} (has: {', '.join(map(str, df.columns))})")
+        raise InputError(f"{path}: missing column(s) {', '.join(missing)} "
+                         f"(has: {', '.join(map(str, df.columns))})")
     dup = df["image_name"].duplicated()
     if dup.any():
         raise InputError(f"{path}: duplicate image_name {df['image_name'][dup].iloc[0]}")
@@ -67,49 +77,73 @@ def read_predictions(path, columns):
         bad = ~np.isfinite(values.to_numpy(float))
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
-            raise InputError(f"{path}: row {i + 2}: {c} is {df[c].tolist()[i]!r}, not a finite number")
+            raise InputError(f"{path}: row {i + 2}: {c} is {df[c].tolist()[i]!r}, "
+                             "not a finite number")
         df[c] = values
     return df[columns]
 
 
+@dataclass
+class Model:
+    """One model: OOF predictions (index image_name; target, pred, fold) or None, and test
+    predictions averaged over folds (index image_name), listed in its first test file's order."""
+    name: str
+    files: list
+    oof: pd.DataFrame | None
+    test: pd.Series
+    test_file: str
+    order: list
+
+
 def load_models(files):
-    """{name: {"oof": DataFrame or None, "test": Series by image_name, "files": [...],
-    "test_file": its first test file, "order": that file's image names}}."""
-    models = {}
+    """{name: Model}: the files grouped by model name, each read and checked once."""
+    parts = {}
     for f in files:
         m = NAME.match(Path(f).name)
         name, kind = (m["name"], m["kind"]) if m else (Path(f).stem, "test")
-        model = models.setdefault(name, dict(oof=[], test=[], files=[]))
-        model["files"].append(str(f))
-        cols = ["image_name", "target", "pred", "fold"] if kind == "oof" else ["image_name", "target"]
-        model[kind].append((str(f), read_predictions(f, cols)))
-    for name, model in models.items():
-        if not model["test"]:
-            raise InputError(f"model {name}: no test predictions among {', '.join(model['files'])}")
-        first_file, first = model["test"][0]
-        for f, df in model["test"][1:]:
-            check_same_images(first_file, first["image_name"], f, df["image_name"])
-        model["test_file"], model["order"] = first_file, first["image_name"].tolist()
-        tests = [df.set_index("image_name")["target"] for _, df in model["test"]]
-        model["test"] = pd.concat(tests, axis=1).mean(axis=1)
-        if model["oof"]:
-            oof = pd.concat([df for _, df in model["oof"]], ignore_index=True)
-            dup = oof["image_name"].duplicated()
-            if dup.any():
-                raise InputError(f"model {name}: OOF files overlap on image {oof['image_name'][dup].iloc[0]}")
-            model["oof"] = oof.set_index("image_name")
-        else:
-            model["oof"] = None
+        part = parts.setdefault(name, dict(files=[], oof=[], test=[]))
+        part["files"].append(str(f))
+        columns = OOF_COLUMNS if kind == "oof" else TEST_COLUMNS
+        part[kind].append((str(f), read_predictions(f, columns)))
+    models = {name: make_model(name, p["files"], p["oof"], p["test"]) for name, p in parts.items()}
+    first, *others = models.values()
+    for m in others:
+        check_same_images(first.test_file, first.order, m.test_file, m.order)
     return models
 
 
+def make_model(name, files, oof_parts, test_parts):
+    """A Model from its [(file, DataFrame)] OOF and test parts."""
+    if not test_parts:
+        raise InputError(f"model {name}: no test predictions among {', '.join(files)}")
+    (test_file, first), *others = test_parts
+    for f, df in others:
+        check_same_images(test_file, first["image_name"], f, df["image_name"])
+    test = pd.concat([df.set_index("image_name")["target"] for _, df in test_parts], axis=1)
+    return Model(name, files, concat_oof(name, oof_parts), test.mean(axis=1), test_file,
+                 first["image_name"].tolist())
+
+
+def concat_oof(name, parts):
+    """A model's OOF files as one frame indexed by image_name, or None without any."""
+    if not parts:
+        return None
+    oof = pd.concat([df for _, df in parts], ignore_index=True)
+    dup = oof["image_name"].duplicated()
+    if dup.any():
+        first = oof["image_name"][dup].iloc[0]
+        raise InputError(f"model {name}: OOF files overlap on image {first}")
+    return oof.set_index("image_name")
+
+
 def check_same_images(file_a, names_a, file_b, names_b):
-    only_a = sorted(set(names_a) - set(names_b))
-    only_b = sorted(set(names_b) - set(names_a))
+    only_a = sorted(set(names_a) - set(names_b))[:3]
+    only_b = sorted(set(names_b) - set(names_a))[:3]
     if only_a or only_b:
+        missing = f"missing {', '.join(only_a)}" if only_a else ""
+        extra = f"extra {', '.join(only_b)}" if only_b else ""
         raise InputError(f"{file_b}: its test images differ from {file_a}'s: "
-                         + "; ".join(s for s in (f"missing {', '.join(only_a[:3])}" if only_a else "",
-                                                 f"extra {', '.join(only_b[:3])}" if only_b else "") if s))
+                         + "; ".join(s for s in (missing, extra) if s))
 
 
 def read_patients(path):
@@ -119,7 +153,9 @@ def read_patients(path):
         df = pd.read_csv(path)
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
         raise InputError(f"--folds {path}: cannot read it as CSV ({e})")
-    return df.set_index("image_name")["patient_id"] if {"image_name", "patient_id"} <= set(df.columns) else None
+    if not {"image_name", "patient_id"} <= set(df.columns):
+        return None
+    return df.set_index("image_name")["patient_id"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -142,11 +178,16 @@ def auc(y, p):
 def bootstrap_interval(y, p, groups, n=1000, seed=0):
     """95 % interval of the AUC when whole groups (patients, or images) are resampled with
     replacement: a resample weights each image by its group's count."""
-    codes, score_of = np.unique(groups, return_inverse=True)[1], np.unique(p, return_inverse=True)[1]
+    if not n:
+        return [float("nan")] * 2
+    codes = np.unique(groups, return_inverse=True)[1]
+    score_of = np.unique(p, return_inverse=True)[1]
     draw, n_groups, y = np.random.default_rng(seed), codes.max() + 1, np.asarray(y, float)
-    scores = [weighted_auc(y, score_of, np.bincount(draw.integers(0, n_groups, n_groups), minlength=n_groups)[codes])
-              for _ in range(n)]
-    return [float(q) for q in np.nanpercentile(scores, [2.5, 97.5])] if n else [float("nan")] * 2
+    scores = []
+    for _ in range(n):
+        counts = np.bincount(draw.integers(0, n_groups, n_groups), minlength=n_groups)
+        scores.append(weighted_auc(y, score_of, counts[codes]))
+    return [float(q) for q in np.nanpercentile(scores, [2.5, 97.5])]
 
 
 def to_rank(p):
@@ -183,7 +224,8 @@ def fit(method, X, y):
     if method == "weighted":
         w = fit_weights(X, y)
         return (lambda Z: Z @ w), w.tolist()
-    from sklearn.linear_model import LogisticRegression  # imported here: a second of start-up otherwise
+    # imported here: a second of start-up for every other method otherwise
+    from sklearn.linear_model import LogisticRegression
     stack = LogisticRegression(C=1.0).fit(logit(X), y)
     return (lambda Z: stack.predict_proba(logit(Z))[:, 1]), stack.coef_[0].tolist()
 
@@ -200,95 +242,111 @@ def nested_oof(method, X, y, folds):
 # ------------------------------------------------------------------------------------------------
 # Report
 
+def oof_truth(models):
+    """{image: target} over all OOF files, refusing models that disagree on a target."""
+    truth = {}
+    for m in models:
+        for img, t in zip(m.oof.index, m.oof["target"]):
+            if truth.setdefault(img, t) != t:
+                raise InputError(f"model {m.name}: target of {img} disagrees with another "
+                                 "model's OOF")
+    return truth
+
+
+def shared_oof(models):
+    """The images whose OOF all `models` cover, sorted."""
+    return sorted(set.intersection(*(set(m.oof.index) for m in models))) if models else []
+
+
 def build_report(models, method, patients, n_boot, seed):
     names = list(models)
-    with_oof = [n for n in names if models[n]["oof"] is not None]
+    with_oof = [m for m in models.values() if m.oof is not None]
     if method in ("weighted", "stack") and len(with_oof) < len(names):
         raise InputError(f"--method {method} fits on OOF predictions, and model(s) "
-                         f"{', '.join(n for n in names if n not in with_oof)} have none")
+                         f"{', '.join(n for n in names if models[n].oof is None)} have none")
     report = dict(method=method, models={}, notes=[])
-    truth = {}
-    for n in with_oof:
-        oof = models[n]["oof"]
-        for img, t in zip(oof.index, oof["target"]):
-            if truth.setdefault(img, t) != t:
-                raise InputError(f"model {n}: target of {img} disagrees with another model's OOF")
+    truth = oof_truth(with_oof)
     group_of = patients
     if group_of is not None and not set(truth) <= set(group_of.index):
-        report["notes"].append("some OOF images have no patient_id in --folds: intervals resample images")
+        report["notes"].append("some OOF images have no patient_id in --folds: intervals "
+                               "resample images")
         group_of = None
     if group_of is None and truth:
-        report["notes"].append("intervals from a bootstrap over images (no patient ids): too narrow, "
-                               "since one patient's images are correlated")
+        report["notes"].append("intervals from a bootstrap over images (no patient ids): too "
+                               "narrow, since one patient's images are correlated")
     report["bootstrap_over"] = "patients" if group_of is not None else "images"
 
     def score(y, p, index):
         groups = group_of.loc[index].to_numpy() if group_of is not None else np.arange(len(y))
         return dict(auc=auc(y, p), ci95=bootstrap_interval(y, p, groups, n_boot, seed))
 
-    for n in names:
-        oof = models[n]["oof"]
-        entry = dict(files=models[n]["files"], n_test=len(models[n]["test"]))
-        if oof is not None:
-            entry.update(folds=sorted(int(k) for k in oof["fold"].unique()), n_oof=len(oof),
-                         **score(oof["target"].to_numpy(), oof["pred"].to_numpy(), oof.index))
-        report["models"][n] = entry
-    common = sorted(set.intersection(*(set(models[n]["oof"].index) for n in with_oof))) if with_oof else []
-    if common and any(len(models[n]["oof"]) != len(common) for n in with_oof):
-        report["notes"].append(f"models cover different OOF images: correlations and ensembles use the "
-                               f"{len(common)} images all of them cover")
-    shared_targets = set(models[with_oof[0]]["oof"].loc[common, "target"]) if with_oof else set()
+    for m in models.values():
+        entry = dict(files=m.files, n_test=len(m.test))
+        if m.oof is not None:
+            entry.update(folds=sorted(int(k) for k in m.oof["fold"].unique()), n_oof=len(m.oof),
+                         **score(m.oof["target"].to_numpy(), m.oof["pred"].to_numpy(), m.oof.index))
+        report["models"][m.name] = entry
+    common = shared_oof(with_oof)
+    if common and any(len(m.oof) != len(common) for m in with_oof):
+        report["notes"].append(f"models cover different OOF images: correlations and ensembles use "
+                               f"the {len(common)} images all of them cover")
+    shared_targets = set(with_oof[0].oof.loc[common, "target"]) if with_oof else set()
     unscored = ("some models have no OOF" if len(with_oof) < len(names) else
                 "the models share no OOF images" if not common else
                 "the shared OOF images hold one class" if len(shared_targets) < 2 else None)
     if method in ("weighted", "stack") and unscored:
         raise InputError(f"--method {method} fits on OOF predictions, and {unscored}")
     if with_oof:
-        report["ensemble"] = {m: dict(auc=None, note=f"not scored: {unscored}") for m in METHODS}
+        report["ensemble"] = {k: dict(auc=None, note=f"not scored: {unscored}") for k in METHODS}
     if unscored:
-        cols, order = names, models[names[0]]["order"]
-        X = np.column_stack([models[n]["test"].loc[order].to_numpy() for n in names])
-        report["correlation_on"] = f"test predictions of {len(order)} images ({unscored})"
+        cols, X = names, test_matrix(models)
+        report["correlation_on"] = f"test predictions of {len(X)} images ({unscored})"
     else:
-        cols = with_oof
-        X = np.column_stack([models[n]["oof"].loc[common, "pred"].to_numpy() for n in with_oof])
-        y = models[with_oof[0]]["oof"].loc[common, "target"].to_numpy()
-        folds = models[with_oof[0]]["oof"].loc[common, "fold"].to_numpy()
+        cols = [m.name for m in with_oof]
+        X = np.column_stack([m.oof.loc[common, "pred"].to_numpy() for m in with_oof])
+        y, folds = (with_oof[0].oof.loc[common, c].to_numpy() for c in ("target", "fold"))
         report["correlation_on"] = f"OOF predictions of {len(common)} images"
-        for m in METHODS:
-            nested = m in ("weighted", "stack")
+        for k in METHODS:
+            nested = k in ("weighted", "stack")
             if nested and len(np.unique(folds)) < 2:
-                report["ensemble"][m]["note"] = "not scored: nested CV needs OOF of 2 or more folds"
+                report["ensemble"][k]["note"] = "not scored: nested CV needs OOF of 2 or more folds"
                 continue
-            blend, weights = fit(m, X, y)
-            report["ensemble"][m] = dict(**score(y, nested_oof(m, X, y, folds) if nested else blend(X), common),
-                                         nested=nested, weights=weights)
+            blend, weights = fit(k, X, y)
+            p = nested_oof(k, X, y, folds) if nested else blend(X)
+            report["ensemble"][k] = dict(**score(y, p, common), nested=nested, weights=weights)
     frame = pd.DataFrame(X, columns=cols)
     report["pearson"] = frame.corr("pearson").round(4).to_dict()
     report["spearman"] = frame.corr("spearman").round(4).to_dict()
     return report
 
 
+def test_matrix(models):
+    """Test predictions (images x models), in the first model's test order."""
+    order = next(iter(models.values())).order
+    return np.column_stack([m.test.loc[order].to_numpy() for m in models.values()])
+
+
 def blend_test(models, method):
     """Submission rows in the first model's test order, fitted on all OOF."""
-    names = list(models)
-    order = models[names[0]]["order"]
-    Z = np.column_stack([models[n]["test"].loc[order].to_numpy() for n in names])
     if method in ("weighted", "stack"):
-        common = sorted(set.intersection(*(set(models[n]["oof"].index) for n in names)))
-        X = np.column_stack([models[n]["oof"].loc[common, "pred"].to_numpy() for n in names])
-        blend = fit(method, X, models[names[0]]["oof"].loc[common, "target"].to_numpy())[0]
+        common = shared_oof(list(models.values()))
+        X = np.column_stack([m.oof.loc[common, "pred"].to_numpy() for m in models.values()])
+        blend = fit(method, X, next(iter(models.values())).oof.loc[common, "target"].to_numpy())[0]
     else:
         blend = fit(method, None, None)[0]
-    return pd.DataFrame(dict(image_name=order, target=np.clip(blend(Z), 0, 1)))
+    order = next(iter(models.values())).order
+    return pd.DataFrame(dict(image_name=order, target=np.clip(blend(test_matrix(models)), 0, 1)))
 
 
 def format_report(r):
     def ci(e):
-        return f"{e['auc']:.4f}  [{e['ci95'][0]:.4f}, {e['ci95'][1]:.4f}]" if e.get("auc") is not None else "n/a"
+        if e.get("auc") is None:
+            return "n/a"
+        return f"{e['auc']:.4f}  [{e['ci95'][0]:.4f}, {e['ci95'][1]:.4f}]"
 
     width = max([len(n) for n in r["models"]] + [8])
-    lines = [f"{'model':<{width}}  {'folds':<11} {'OOF':>6}  CV AUC  95 % interval ({r['bootstrap_over']})"]
+    lines = [f"{'model':<{width}}  {'folds':<11} {'OOF':>6}  CV AUC  "
+             f"95 % interval ({r['bootstrap_over']})"]
     for n, e in r["models"].items():
         folds = ",".join(map(str, e["folds"])) if "folds" in e else "-"
         score = ci(e) if "auc" in e else "no OOF (test only)"
@@ -303,9 +361,10 @@ def format_report(r):
         lines.append("\nensemble CV AUC (weighted and stack: nested, fitted on the other folds)")
         for m, e in r["ensemble"].items():
             mark = "*" if m == r["method"] else " "
+            kind = "coefficients" if m == "stack" else "weights"
             weights = ", ".join(f"{w:.3f}" for w in e.get("weights") or [])
-            extra = e.get("note") or (f"{'coefficients' if m == 'stack' else 'weights'} {weights}" if weights else "")
-            lines.append(f"{mark} {m:<9} {ci(e)}  {extra}")
+            weights = f"{kind} {weights}" if weights else ""
+            lines.append(f"{mark} {m:<9} {ci(e)}  {e.get('note') or weights}")
     lines += [f"note: {n}" for n in r["notes"]]
     return "\n".join(lines)
 
@@ -327,20 +386,17 @@ def main(argv=None):
     args = get_args(argv)
     try:
         models = load_models(args.files)
-        names = list(models)
-        for n in names[1:]:
-            a, b = models[names[0]], models[n]
-            check_same_images(a["test_file"], a["order"], b["test_file"], b["order"])
-        report = build_report(models, args.method, read_patients(args.folds), args.bootstrap, args.seed)
+        patients = read_patients(args.folds)
+        report = build_report(models, args.method, patients, args.bootstrap, args.seed)
         submission = blend_test(models, args.method)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(format_report(report))
+    report_path = Path(args.out).with_suffix(".json")
     atomic_write_text(args.out, submission.to_csv(index=False))
-    atomic_write_text(Path(args.out).with_suffix(".json"), json.dumps(report, indent=1))
-    print(f"wrote {args.out} ({len(submission)} images, method {args.method}) "
-          f"and {Path(args.out).with_suffix('.json')}")
+    atomic_write_text(report_path, json.dumps(report, indent=1))
+    print(f"wrote {args.out} ({len(submission)} images, method {args.method}) and {report_path}")
 
 
 if __name__ == "__main__":
