@@ -16,6 +16,7 @@ It starts in under half a second (no torch); a 1,000-resample patient bootstrap 
 ISIC 2020 OOF predictions takes about 0.6 s on one CPU core.
 """
 import argparse
+import functools
 import json
 import os
 import re
@@ -369,13 +370,24 @@ def format_report(r):
     return "\n".join(lines)
 
 
-def atomic_write_text(path, text):
+@functools.cache
+def new_file_mode():
+    """The permission bits open(path, "w") gives a new file under the current umask."""
+    umask = os.umask(0)  # the umask can only be read by setting it: restored at once
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def atomic_write(path, write):
+    """Call write(tmp_path), then rename tmp into place: a crash leaves the old file or the new one.
+    The file gets the permission bits of a plain open(path, "w"), not mkstemp's 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        write(tmp)
+        os.chmod(tmp, new_file_mode())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -394,8 +406,9 @@ def main(argv=None):
         sys.exit(2)
     print(format_report(report))
     report_path = Path(args.out).with_suffix(".json")
-    atomic_write_text(args.out, submission.to_csv(index=False))
-    atomic_write_text(report_path, json.dumps(report, indent=1))
+    text = json.dumps(report, indent=1)
+    atomic_write(args.out, lambda tmp: submission.to_csv(tmp, index=False))
+    atomic_write(report_path, lambda tmp: Path(tmp).write_text(text))
     print(f"wrote {args.out} ({len(submission)} images, method {args.method}) and {report_path}")
 
 

@@ -703,3 +703,24 @@ def test_ensemble_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, make, 
 def test_ensemble_imports_no_torch():
     r = run_cli("-c", "import ensemble, sys; print('torch' in sys.modules, 'sklearn' in sys.modules)")
     assert r.stdout.split() == ["False", "False"]
+
+
+def test_ensemble_atomic_write_replaces_whole_files_with_umask_permissions(tmp_path):
+    path = tmp_path / "new" / "f.txt"
+    ensemble.atomic_write(path, lambda tmp: Path(tmp).write_text("old"))
+
+    def crash(tmp):
+        Path(tmp).write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        ensemble.atomic_write(path, crash)
+    assert path.read_text() == "old" and [p.name for p in path.parent.iterdir()] == ["f.txt"]
+    write_model(tmp_path, "a", {0: (Y, [.1, .9, .2, .7, .3, .4])}, [0.2, 0.4])
+    files = " ".join(str(p) for p in tmp_path.glob("*.csv"))
+    for umask, mode in (("022", 0o644), ("077", 0o600)):
+        out = tmp_path / f"out{umask}" / "sub.csv"
+        r = subprocess.run(["sh", "-c", f"umask {umask}; {sys.executable} {ROOT / 'ensemble.py'} {files} "
+                            f"--out {out} --bootstrap 0"], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        assert [p.stat().st_mode & 0o777 for p in (out, out.with_suffix(".json"))] == [mode, mode]
