@@ -18,6 +18,7 @@ ISIC 2020 OOF predictions takes about 0.6 s on one CPU core.
 import argparse
 import functools
 import json
+import math
 import os
 import re
 import sys
@@ -29,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 METHODS = ("mean", "rank", "weighted", "stack")
+PROBABILITY_METHODS = ("mean", "weighted", "stack")  # rank takes any scores
 NAME = re.compile(r"^(?P<name>.+)_fold(?P<fold>\d+)_(?P<kind>oof|test)\.csv$")
 OOF_COLUMNS = ["image_name", "target", "pred", "fold"]
 TEST_COLUMNS = ["image_name", "target"]
@@ -44,44 +46,109 @@ def get_args(argv=None):
     p.add_argument("files", nargs="+",
                    help="prediction CSVs: {name}_fold{k}_{oof,test}.csv or plain submissions")
     p.add_argument("--method", choices=METHODS, default="mean",
-                   help="how the submission is blended")
+                   help="how the submission is blended; all but rank take probabilities in [0, 1]")
     p.add_argument("--out", default="submission.csv",
-                   help="submission path; the report goes beside it as .json")
+                   help="submission CSV (not .json); the report goes beside it as {stem}.json")
     p.add_argument("--folds", default="folds.csv",
                    help="image_name,patient_id file for the patient bootstrap")
     p.add_argument("--bootstrap", type=int, default=1000,
-                   help="bootstrap resamples for the 95 %% intervals")
+                   help="bootstrap resamples for the 95 %% intervals, 0 for none")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.bootstrap < 0:
+        raise InputError(f"--bootstrap {args.bootstrap}: the number of resamples must be 0 or more")
+    return args
+
+
+def output_paths(out):
+    """The submission, the report and the heat map: out, {stem}.json and
+    {stem}_correlation.png beside it."""
+    out = Path(out)
+    return out, out.with_suffix(".json"), out.with_name(f"{out.stem}_correlation.png")
+
+
+def check_outputs(out, inputs):
+    """Refuse an --out that cannot be written, or whose outputs would overwrite an input or each
+    other, before anything is read."""
+    paths = output_paths(out)
+    if paths[0].suffix.lower() == ".json":
+        raise InputError(f"--out {out}: the report goes beside the submission as {{stem}}.json and "
+                         "would overwrite it; give a .csv path")
+    for p in paths:
+        if p.is_dir():
+            raise InputError(f"--out {out}: {p} is a folder")
+    folder = paths[0].absolute().parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise InputError(f"--out {out}: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(f"--out {out}: cannot write in {folder}")
+    given = {Path(f).resolve(): f for f in inputs}
+    for p in paths:
+        if p.resolve() in given:
+            raise InputError(f"--out {out}: would overwrite the input {given[p.resolve()]}")
 
 
 # ------------------------------------------------------------------------------------------------
 # Reading
 
-def read_predictions(path, columns):
-    """A prediction CSV with `columns`, unique image names, and finite numbers."""
+def read_csv(path, columns, what=""):
+    """A CSV with `columns` and at least one row, all read as text, whose image names are unique,
+    non-empty and without surrounding spaces. Errors name the file, after `what` it is."""
+    where = f"{what} {path}".strip()
+    if Path(path).is_dir():
+        raise InputError(f"{where}: is a folder, not a CSV file")
     try:
-        df = pd.read_csv(path)
+        # no NA parsing: an image named "NA" stays a name, and an empty cell stays ""
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
     except FileNotFoundError:
-        raise InputError(f"{path}: no such file")
-    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: cannot read it as CSV ({e})")
+        raise InputError(f"{where}: no such file")
+    except (OSError, ValueError) as e:
+        raise InputError(f"{where}: cannot read it as CSV ({e})")
     missing = [c for c in columns if c not in df.columns]
     if missing:
-        raise InputError(f"{path}: missing column(s) {', '.join(missing)} "
+        raise InputError(f"{where}: missing column(s) {', '.join(missing)} "
                          f"(has: {', '.join(map(str, df.columns))})")
-    dup = df["image_name"].duplicated()
-    if dup.any():
-        raise InputError(f"{path}: duplicate image_name {df['image_name'][dup].iloc[0]}")
+    if df.empty:
+        raise InputError(f"{where}: a header and no rows")
+    names = df["image_name"]
+    refuse_rows(where, names == "", names, "image_name is empty")
+    refuse_rows(where, names.str.strip() != names, names,
+                "image_name {value!r} has surrounding spaces")
+    refuse_rows(where, names.duplicated(), names, "duplicate image_name {value}")
+    return df
+
+
+def refuse_rows(where, bad, values, problem):
+    """InputError naming the first row where `bad` holds, numbered as in the file (the header is
+    row 1), with `problem` formatted with that row's value."""
+    bad = np.asarray(bad, bool)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise InputError(f"{where}: row {i + 2}: " + problem.format(value=values.iloc[i]))
+
+
+def read_predictions(path, kind, probabilities):
+    """An OOF (image_name,target,pred,fold) or test (image_name,target) prediction file with
+    finite numbers, OOF targets 0 or 1 and whole fold numbers; predictions in [0, 1] if
+    `probabilities`."""
+    columns = OOF_COLUMNS if kind == "oof" else TEST_COLUMNS
+    df = read_csv(path, columns)[columns]
     for c in columns[1:]:
         values = pd.to_numeric(df[c], errors="coerce")
-        bad = ~np.isfinite(values.to_numpy(float))
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
-            raise InputError(f"{path}: row {i + 2}: {c} is {df[c].tolist()[i]!r}, "
-                             "not a finite number")
+        refuse_rows(path, ~np.isfinite(values.to_numpy(float)), df[c],
+                    f"{c} is {{value!r}}, not a finite number")
         df[c] = values
-    return df[columns]
+    if kind == "oof":
+        refuse_rows(path, ~df["target"].isin([0, 1]), df["target"], "target is {value}, not 0 or 1")
+        refuse_rows(path, df["fold"] != df["fold"].round(), df["fold"],
+                    "fold is {value}, not a whole number")
+    pred = df["pred" if kind == "oof" else "target"]
+    if probabilities and not pred.between(0, 1).all():
+        raise InputError(f"{path}: {pred.name} ranges over [{pred.min():.4g}, {pred.max():.4g}], "
+                         "not probabilities in [0, 1] (--method rank takes any scores)")
+    return df
 
 
 @dataclass
@@ -96,16 +163,19 @@ class Model:
     order: list
 
 
-def load_models(files):
+def load_models(files, probabilities):
     """{name: Model}: the files grouped by model name, each read and checked once."""
-    parts = {}
+    parts, seen = {}, {}
     for f in files:
+        if Path(f).name in seen:
+            raise InputError(f"{seen[Path(f).name]} and {f}: the same file name twice, whose "
+                             "predictions would merge into one model")
+        seen[Path(f).name] = f
         m = NAME.match(Path(f).name)
         name, kind = (m["name"], m["kind"]) if m else (Path(f).stem, "test")
         part = parts.setdefault(name, dict(files=[], oof=[], test=[]))
         part["files"].append(str(f))
-        columns = OOF_COLUMNS if kind == "oof" else TEST_COLUMNS
-        part[kind].append((str(f), read_predictions(f, columns)))
+        part[kind].append((str(f), read_predictions(f, kind, probabilities)))
     models = {name: make_model(name, p["files"], p["oof"], p["test"]) for name, p in parts.items()}
     first, *others = models.values()
     for m in others:
@@ -148,14 +218,14 @@ def check_same_images(file_a, names_a, file_b, names_b):
 
 
 def read_patients(path):
-    if not path or not Path(path).is_file():
+    """patient_id by image_name from a folds file; None if absent or without patient_id."""
+    if not path or not Path(path).exists():
         return None
-    try:
-        df = pd.read_csv(path)
-    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise InputError(f"--folds {path}: cannot read it as CSV ({e})")
-    if not {"image_name", "patient_id"} <= set(df.columns):
+    df = read_csv(path, ["image_name"], "folds file")
+    if "patient_id" not in df.columns:
         return None
+    ids = df["patient_id"]
+    refuse_rows(f"folds file {path}", ids.str.strip() == "", ids, "patient_id is empty")
     return df.set_index("image_name")["patient_id"]
 
 
@@ -307,10 +377,12 @@ def build_report(models, method, patients, n_boot, seed):
         X = np.column_stack([m.oof.loc[common, "pred"].to_numpy() for m in with_oof])
         y, folds = (with_oof[0].oof.loc[common, c].to_numpy() for c in ("target", "fold"))
         report["correlation_on"] = f"OOF predictions of {len(common)} images"
+        probabilities = all(in_unit_interval(m) for m in models.values())
         for k in METHODS:
             nested = k in ("weighted", "stack")
-            if nested and len(np.unique(folds)) < 2:
-                report["ensemble"][k]["note"] = "not scored: nested CV needs OOF of 2 or more folds"
+            why = not_scored(k, probabilities, y, folds)
+            if why:
+                report["ensemble"][k]["note"] = f"not scored: {why}"
                 continue
             blend, weights = fit(k, X, y)
             p = nested_oof(k, X, y, folds) if nested else blend(X)
@@ -319,6 +391,24 @@ def build_report(models, method, patients, n_boot, seed):
     report["pearson"] = frame.corr("pearson").round(4).to_dict()
     report["spearman"] = frame.corr("spearman").round(4).to_dict()
     return report
+
+
+def not_scored(method, probabilities, y, folds):
+    """Why `method` gets no ensemble CV on these OOF targets and folds, or None."""
+    nested = method in ("weighted", "stack")
+    if method in PROBABILITY_METHODS and not probabilities:
+        return "predictions outside [0, 1], which only rank takes"
+    if nested and len(set(folds)) < 2:
+        return "nested CV needs OOF of 2 or more folds"
+    if nested and any(len(set(y[folds != k])) < 2 for k in set(folds)):
+        return "nested CV needs both classes outside each fold"
+    return None
+
+
+def in_unit_interval(model):
+    """Whether all the model's predictions are probabilities."""
+    preds = [model.test] + ([model.oof["pred"]] if model.oof is not None else [])
+    return all(p.between(0, 1).all() for p in preds)
 
 
 def test_matrix(models):
@@ -336,7 +426,7 @@ def blend_test(models, method):
     else:
         blend = fit(method, None, None)[0]
     order = next(iter(models.values())).order
-    return pd.DataFrame(dict(image_name=order, target=np.clip(blend(test_matrix(models)), 0, 1)))
+    return pd.DataFrame(dict(image_name=order, target=blend(test_matrix(models))))
 
 
 def format_report(r):
@@ -394,22 +484,32 @@ def atomic_write(path, write):
             os.remove(tmp)
 
 
+def finite(x):
+    """x with NaN and infinities as None, all the way down: JSON has no NaN."""
+    if isinstance(x, dict):
+        return {k: finite(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [finite(v) for v in x]
+    return None if isinstance(x, float) and not math.isfinite(x) else x
+
+
 def main(argv=None):
-    args = get_args(argv)
     try:
-        models = load_models(args.files)
+        args = get_args(argv)
+        check_outputs(args.out, args.files + [args.folds])
+        models = load_models(args.files, args.method in PROBABILITY_METHODS)
         patients = read_patients(args.folds)
         report = build_report(models, args.method, patients, args.bootstrap, args.seed)
         submission = blend_test(models, args.method)
     except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)  # pandas' messages span lines
         sys.exit(2)
+    out, report_path, _ = output_paths(args.out)
     print(format_report(report))
-    report_path = Path(args.out).with_suffix(".json")
-    text = json.dumps(report, indent=1)
-    atomic_write(args.out, lambda tmp: submission.to_csv(tmp, index=False))
+    text = json.dumps(finite(report), indent=1, allow_nan=False)
+    atomic_write(out, lambda tmp: submission.to_csv(tmp, index=False))
     atomic_write(report_path, lambda tmp: Path(tmp).write_text(text))
-    print(f"wrote {args.out} ({len(submission)} images, method {args.method}) and {report_path}")
+    print(f"wrote {out} ({len(submission)} images, method {args.method}) and {report_path}")
 
 
 if __name__ == "__main__":
