@@ -41,19 +41,25 @@ class InputError(Exception):
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="Blend prediction files into a submission.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="Blend prediction files into a submission.")
     p.add_argument("files", nargs="+",
                    help="prediction CSVs: {name}_fold{k}_{oof,test}.csv or plain submissions")
     p.add_argument("--method", choices=METHODS, default="mean",
-                   help="how the submission is blended; all but rank take probabilities in [0, 1]")
+                   help="how the submission is blended; all but rank take probabilities in [0, 1] "
+                        "(default: %(default)s)")
     p.add_argument("--out", default="submission.csv",
-                   help="submission CSV (not .json); the report goes beside it as {stem}.json")
-    p.add_argument("--folds", default="folds.csv",
-                   help="image_name,patient_id file for the patient bootstrap")
+                   help="submission CSV (not .json); the report goes beside it as {stem}.json "
+                        "(default: %(default)s)")
+    p.add_argument("--folds",
+                   help="image_name,patient_id CSV for the patient bootstrap (default: the folds "
+                        "file that the runs recorded in the {name}_fold{k}.json beside their "
+                        "prediction files, if they agree, else ./folds.csv if present; without "
+                        "patient ids the bootstrap is over images)")
     p.add_argument("--bootstrap", type=int, default=1000,
-                   help="bootstrap resamples for the 95 %% intervals, 0 for none")
-    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+                   help="bootstrap resamples for the 95 %% intervals, 0 for none "
+                        "(default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the bootstrap (default: %(default)s)")
     args = p.parse_args(argv)
     if args.bootstrap < 0:
         raise InputError(f"--bootstrap {args.bootstrap}: the number of resamples must be 0 or more")
@@ -218,15 +224,77 @@ def check_same_images(file_a, names_a, file_b, names_b):
 
 
 def read_patients(path):
-    """patient_id by image_name from a folds file; None if absent or without patient_id."""
-    if not path or not Path(path).exists():
-        return None
+    """patient_id by image_name from a folds file, or None if it has no patient_id column."""
     df = read_csv(path, ["image_name"], "folds file")
     if "patient_id" not in df.columns:
         return None
     ids = df["patient_id"]
     refuse_rows(f"folds file {path}", ids.str.strip() == "", ids, "patient_id is empty")
     return df.set_index("image_name")["patient_id"]
+
+
+def run_files(files):
+    """The runs' JSON beside the prediction files: {dir}/{name}_fold{k}.json for each
+    {dir}/{name}_fold{k}_{oof,test}.csv, where it exists."""
+    runs = [Path(f).with_name(f"{m['name']}_fold{m['fold']}.json")
+            for f in files if (m := NAME.match(Path(f).name))]
+    return [run for run in dict.fromkeys(runs) if run.exists()]
+
+
+def recorded_folds(run):
+    """The folds path as the run was given it (its JSON's args.folds), or None if it has none."""
+    try:
+        record = json.loads(Path(run).read_text())
+    except (OSError, ValueError) as e:
+        raise InputError(f"{run}: cannot read the run's JSON ({e})")
+    args = record.get("args") if isinstance(record, dict) else None
+    if not isinstance(args, dict):
+        raise InputError(f"{run}: not a run's JSON (no \"args\" object)")
+    folds = args.get("folds")
+    if folds is not None and not isinstance(folds, str):
+        raise InputError(f"{run}: args.folds is {folds!r}, not a path")
+    return folds
+
+
+def find_recorded(folds, run):
+    """A folds path as a run recorded it, relative to the folder the run was started in: tried
+    from the current folder, then from the parent of the run's output folder. None if neither."""
+    for path in (Path(folds), Path(run).absolute().parent.parent / folds):
+        if path.exists():
+            return path.resolve()
+    return None
+
+
+def choose_folds(folds, files):
+    """The folds file for the patient ids: (path or None, whence, notes). --folds wins; else the
+    one all the runs recorded; else ./folds.csv if present."""
+    if folds:
+        return folds, "given by --folds", []
+    recorded, notes = {}, []
+    for run in run_files(files):
+        given = recorded_folds(run)
+        found = find_recorded(given, run) if given else None
+        if given and not found:
+            notes.append(f"{run} records folds file {given}, found neither here nor in "
+                         f"{Path(run).absolute().parent.parent}")
+        if found:
+            recorded.setdefault(found, run)
+    if len(recorded) > 1:
+        (a, run_a), (b, run_b) = list(recorded.items())[:2]
+        notes.append(f"the runs record different folds files: {a} ({run_a}) and {b} ({run_b})")
+    if len(recorded) == 1 and not notes:
+        return next(iter(recorded)), "recorded by the runs", []
+    fallback = Path("folds.csv")
+    return (fallback if fallback.exists() else None), "in the current folder", notes
+
+
+def find_patients(folds, files):
+    """(patient_id by image_name or None, where they came from, notes) for the bootstrap."""
+    path, whence, notes = choose_folds(folds, files)
+    patients = read_patients(path) if path else None
+    if path and patients is None:
+        notes.append(f"folds file {path} has no patient_id column")
+    return patients, f"patient ids from {path}, {whence}", notes
 
 
 # ------------------------------------------------------------------------------------------------
@@ -329,23 +397,24 @@ def shared_oof(models):
     return sorted(set.intersection(*(set(m.oof.index) for m in models))) if models else []
 
 
-def build_report(models, method, patients, n_boot, seed):
+def build_report(models, method, patients, n_boot, seed, patients_from=None, notes=()):
     names = list(models)
     with_oof = [m for m in models.values() if m.oof is not None]
     if method in ("weighted", "stack") and len(with_oof) < len(names):
         raise InputError(f"--method {method} fits on OOF predictions, and model(s) "
                          f"{', '.join(n for n in names if models[n].oof is None)} have none")
-    report = dict(method=method, models={}, notes=[])
+    report = dict(method=method, models={}, notes=list(notes))
     truth = oof_truth(with_oof)
     group_of = patients
     if group_of is not None and not set(truth) <= set(group_of.index):
-        report["notes"].append("some OOF images have no patient_id in --folds: intervals "
-                               "resample images")
+        report["notes"].append(f"some OOF images have no patient_id ({patients_from}): "
+                               "intervals resample images")
         group_of = None
     if group_of is None and truth:
         report["notes"].append("intervals from a bootstrap over images (no patient ids): too "
                                "narrow, since one patient's images are correlated")
     report["bootstrap_over"] = "patients" if group_of is not None else "images"
+    report["patient_ids"] = patients_from if group_of is not None else None
 
     def score(y, p, index):
         groups = group_of.loc[index].to_numpy() if group_of is not None else np.arange(len(y))
@@ -456,8 +525,9 @@ def format_report(r):
             weights = ", ".join(f"{w:.3f}" for w in e.get("weights") or [])
             weights = f"{kind} {weights}" if weights else ""
             lines.append(f"{mark} {m:<9} {ci(e)}  {e.get('note') or weights}")
+    lines += [r["patient_ids"]] if r["patient_ids"] else []
     lines += [f"note: {n}" for n in r["notes"]]
-    return "\n".join(lines)
+    return "\n".join(line.rstrip() for line in lines)
 
 
 @functools.cache
@@ -496,10 +566,12 @@ def finite(x):
 def main(argv=None):
     try:
         args = get_args(argv)
-        check_outputs(args.out, args.files + [args.folds])
+        inputs = args.files + ([args.folds] if args.folds else []) + run_files(args.files)
+        check_outputs(args.out, inputs)
         models = load_models(args.files, args.method in PROBABILITY_METHODS)
-        patients = read_patients(args.folds)
-        report = build_report(models, args.method, patients, args.bootstrap, args.seed)
+        patients, patients_from, notes = find_patients(args.folds, args.files)
+        report = build_report(models, args.method, patients, args.bootstrap, args.seed,
+                              patients_from, notes)
         submission = blend_test(models, args.method)
     except InputError as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)  # pandas' messages span lines

@@ -640,8 +640,11 @@ def test_ensemble_auc_and_bootstrap_over_patients(tmp_path):
         tmp_path / "folds.csv.txt", index=False)
     run_ensemble(tmp_path, "--folds", tmp_path / "folds.csv.txt")
     assert json.loads((tmp_path / "sub.json").read_text())["bootstrap_over"] == "patients"
-    r = run_ensemble(tmp_path, "--folds", tmp_path / "absent.csv")
-    assert "over images" in r.stdout and json.loads((tmp_path / "sub.json").read_text())["bootstrap_over"] == "images"
+    assert "absent.csv: no such file" in run_ensemble(tmp_path, "--folds", "absent.csv", expect=2).stderr
+    made(tmp_path / "no_ids.txt", "image_name,fold\nimg0,0\n")
+    r = run_ensemble(tmp_path, "--folds", "no_ids.txt")
+    assert "over images" in r.stdout and "no_ids.txt has no patient_id column" in r.stdout
+    assert json.loads((tmp_path / "sub.json").read_text())["bootstrap_over"] == "images"
     assert by_patient[1] - by_patient[0] > 0  # patients give their own, valid interval
 
 
@@ -780,6 +783,46 @@ def test_ensemble_report_is_json_without_nan(tmp_path):
     report = json.loads((tmp_path / "sub.json").read_text(), parse_constant=no_nan)
     assert report["models"]["a"]["auc"] is None and report["models"]["a"]["ci95"] == [None, None]
     assert report["pearson"]["a"]["b"] is None
+
+
+def write_run(d, name, k, folds):
+    """The {name}_fold{k}.json of a run given --folds `folds`, as melanoma.py writes it."""
+    run = dict(fold=k, oof_auc=float("nan"), args=dict(folds=str(folds), data_dir="data"))
+    (d / f"{name}_fold{k}.json").write_text(json.dumps(run))
+
+
+def test_ensemble_finds_the_patient_ids_the_runs_recorded(tmp_path):
+    project, elsewhere = tmp_path / "project", made(tmp_path / "elsewhere")
+    preds = project / "preds"
+    preds.mkdir(parents=True)
+    ids = pd.DataFrame(dict(image_name=[f"img{i}" for i in range(12)], patient_id=[f"p{i // 3}" for i in range(12)]))
+    ids.to_csv(made(project / "data") / "folds.csv", index=False)
+    for name in "ab":
+        write_model(preds, name, {0: (Y, [.1, .9, .2, .7, .3, .4]), 1: (Y, [.2, .6, .1, .8, .7, .3])}, [0.2, 0.4])
+        for k in (0, 1):
+            write_run(preds, name, k, "data/folds.csv")  # relative to project/, where the runs started
+    files = sorted(preds.glob("*.csv"))
+
+    def report_from(cwd, *args):
+        r = run_cli(ROOT / "ensemble.py", *files, "--out", tmp_path / "out" / "sub.csv", "--bootstrap", "50", *args,
+                    cwd=cwd)
+        assert r.returncode == 0, r.stderr
+        return json.loads((tmp_path / "out" / "sub.json").read_text())
+
+    report = report_from(elsewhere)
+    assert report["bootstrap_over"] == "patients"
+    assert report["patient_ids"] == f"patient ids from {project / 'data' / 'folds.csv'}, recorded by the runs"
+    ids.to_csv(elsewhere / "mine.csv", index=False)
+    assert report_from(elsewhere, "--folds", "mine.csv")["patient_ids"] == "patient ids from mine.csv, given by --folds"
+    write_run(preds, "b", 1, elsewhere / "mine.csv")
+    report = report_from(elsewhere)
+    assert report["bootstrap_over"] == "images" and report["patient_ids"] is None
+    assert f"different folds files: {project / 'data' / 'folds.csv'}" in report["notes"][0]
+    assert str(elsewhere / "mine.csv") in report["notes"][0]
+    ids.to_csv(elsewhere / "folds.csv", index=False)
+    assert report_from(elsewhere)["patient_ids"] == "patient ids from folds.csv, in the current folder"
+    (preds / "a_fold0.json").write_text("{")
+    assert "a_fold0.json: cannot read the run's JSON" in refused(elsewhere, *files, "--out", "out/sub.csv")
 
 
 def test_ensemble_imports_no_torch():
