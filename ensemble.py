@@ -530,6 +530,28 @@ def format_report(r):
     return "\n".join(line.rstrip() for line in lines)
 
 
+def plot_correlation(path, report):
+    """The models' Pearson correlations as a PNG heat map, each cell annotated; written
+    atomically."""
+    # imported here: half a second of start-up otherwise. A bare Figure draws with Agg and needs
+    # neither pyplot nor a display.
+    from matplotlib.figure import Figure
+    names = list(report["pearson"])
+    corr = np.array([[report["pearson"][a][b] for b in names] for a in names], float)
+    side = 3 + 0.8 * len(names)
+    fig = Figure(figsize=(side + 1.5, side), layout="constrained")
+    ax = fig.subplots()
+    image = ax.imshow(corr, cmap="coolwarm", vmin=-1, vmax=1)
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    ax.set_yticks(range(len(names)), names)
+    for (i, j), c in np.ndenumerate(corr):
+        ax.text(j, i, "n/a" if np.isnan(c) else f"{c:.3f}", ha="center", va="center",
+                color="white" if abs(c) > 0.7 else "black")
+    fig.colorbar(image, ax=ax, label="Pearson correlation")
+    ax.set_title(f"Pearson correlation of the models\non {report['correlation_on']}", fontsize=10)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+
+
 @functools.cache
 def new_file_mode():
     """The permission bits open(path, "w") gives a new file under the current umask."""
@@ -576,12 +598,14 @@ def main(argv=None):
     except InputError as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)  # pandas' messages span lines
         sys.exit(2)
-    out, report_path, _ = output_paths(args.out)
+    out, report_path, heat_map = output_paths(args.out)
     print(format_report(report))
     text = json.dumps(finite(report), indent=1, allow_nan=False)
     atomic_write(out, lambda tmp: submission.to_csv(tmp, index=False))
     atomic_write(report_path, lambda tmp: Path(tmp).write_text(text))
-    print(f"wrote {out} ({len(submission)} images, method {args.method}) and {report_path}")
+    plot_correlation(heat_map, report)
+    print(f"wrote {out} ({len(submission)} images, method {args.method}), {report_path} "
+          f"and {heat_map}")
 
 
 if __name__ == "__main__":

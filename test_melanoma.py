@@ -577,6 +577,10 @@ def test_ensemble_mean_and_rank_match_hand_computed_values(tmp_path):
     assert report["models"]["a"]["auc"] == pytest.approx(1.0) and report["models"]["b"]["auc"] == pytest.approx(0.875)
     assert report["ensemble"]["mean"]["auc"] == pytest.approx(1.0)  # mean .15 .75 .15 .75 .5 .35
     assert "CV AUC" in r.stdout and "Pearson / Spearman" in r.stdout
+    heat_map = tmp_path / "sub_correlation.png"
+    assert f"and {heat_map}" in r.stdout and heat_map.read_bytes().startswith(b"\x89PNG")
+    with Image.open(heat_map) as image:
+        assert image.format == "PNG" and image.mode == "RGBA" and min(image.size) > 200
 
 
 def test_ensemble_weighted_picks_the_informative_model_and_stack_is_a_logistic_regression(tmp_path):
