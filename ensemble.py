@@ -8,12 +8,17 @@ honest.
 Files named {name}_fold{k}_oof.csv (image_name,target,pred,fold) and {name}_fold{k}_test.csv
 (image_name,target) are one model per {name}: its OOF files concatenated, its test predictions
 averaged over folds. Any other image_name,target file is a model with test predictions only.
+`mean`, `weighted` and `stack` take probabilities in [0, 1]; `rank` takes any finite scores.
 Reports, per model and per method, the CV AUC on the concatenated OOF with a 95 % interval from a
-bootstrap over patients; `weighted` and `stack` are scored by nested CV (fitted on the other
-folds, scored on the held-out one). The report is printed and written beside --out as JSON.
+bootstrap over patients (ids from --folds, else from the folds file the runs recorded in their
+{name}_fold{k}.json); `weighted` and `stack` are scored by nested CV (fitted on the other folds,
+scored on the held-out one). The report is printed and written beside --out as {stem}.json, with
+a heat map of the models' correlations as {stem}_correlation.png. Bad input is refused in one line
+(exit code 2) before anything is written.
 
 It starts in under half a second (no torch); a 1,000-resample patient bootstrap of the 32,692
-ISIC 2020 OOF predictions takes about 0.6 s on one CPU core.
+ISIC 2020 OOF predictions takes about 0.6 s on one CPU core; the heat map adds 1-1.5 s (matplotlib,
+measured on a busy 2-core machine).
 """
 import argparse
 import functools
