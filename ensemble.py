@@ -1,125 +1,305 @@
-"""ensemble.py: blend prediction files into a submission, with a cross-validation score that stays honest.
+"""ensemble.py: blend prediction files into a submission, with a cross-validation score that stays
+honest.
 
-    python ensemble.py preds/*.csv                          # mean of probabilities -> submission.csv
-    python ensemble.py preds/*.csv --method weighted        # or rank, stack
+    python ensemble.py preds/*.csv                      # mean of probabilities -> submission.csv
+    python ensemble.py preds/*.csv --method weighted    # or rank, stack
     python ensemble.py preds/*.csv downloaded_sub.csv --method rank --out blend.csv
 
 Files named {name}_fold{k}_oof.csv (image_name,target,pred,fold) and {name}_fold{k}_test.csv
 (image_name,target) are one model per {name}: its OOF files concatenated, its test predictions
 averaged over folds. Any other image_name,target file is a model with test predictions only.
+`mean`, `weighted` and `stack` take probabilities in [0, 1]; `rank` takes any finite scores.
 Reports, per model and per method, the CV AUC on the concatenated OOF with a 95 % interval from a
-bootstrap over patients; `weighted` and `stack` are scored by nested CV (fitted on the other
-folds, scored on the held-out one). The report is printed and written beside --out as JSON.
+bootstrap over patients (ids from --folds, else from the folds file the runs recorded in their
+{name}_fold{k}.json); `weighted` and `stack` are scored by nested CV (fitted on the other folds,
+scored on the held-out one). The report is printed and written beside --out as {stem}.json, with
+a heat map of the models' correlations as {stem}_correlation.png. Bad input is refused in one line
+(exit code 2) before anything is written.
 
 It starts in under half a second (no torch); a 1,000-resample patient bootstrap of the 32,692
-ISIC 2020 OOF predictions takes about 0.6 s on one CPU core.
+ISIC 2020 OOF predictions takes about 0.6 s on one CPU core; the heat map adds 1-1.5 s (matplotlib,
+measured on a busy 2-core machine).
 """
 import argparse
+import functools
 import json
+import math
 import os
 import re
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 METHODS = ("mean", "rank", "weighted", "stack")
+PROBABILITY_METHODS = ("mean", "weighted", "stack")  # rank takes any scores
 NAME = re.compile(r"^(?P<name>.+)_fold(?P<fold>\d+)_(?P<kind>oof|test)\.csv$")
-
-
-def get_args(argv=None):
-    p = argparse.ArgumentParser(description="Blend prediction files into a submission.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("files", nargs="+", help="prediction CSVs: {name}_fold{k}_{oof,test}.csv or plain submissions")
-    p.add_argument("--method", choices=METHODS, default="mean", help="how the submission is blended")
-    p.add_argument("--out", default="submission.csv", help="submission path; the report goes beside it as .json")
-    p.add_argument("--folds", default="folds.csv", help="image_name,patient_id file for the patient bootstrap")
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95 %% intervals")
-    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
-    return p.parse_args(argv)
+OOF_COLUMNS = ["image_name", "target", "pred", "fold"]
+TEST_COLUMNS = ["image_name", "target"]
 
 
 class InputError(Exception):
     """Bad input: reported as one line, exit code 2, nothing written."""
 
 
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="Blend prediction files into a submission.")
+    p.add_argument("files", nargs="+",
+                   help="prediction CSVs: {name}_fold{k}_{oof,test}.csv or plain submissions")
+    p.add_argument("--method", choices=METHODS, default="mean",
+                   help="how the submission is blended; all but rank take probabilities in [0, 1] "
+                        "(default: %(default)s)")
+    p.add_argument("--out", default="submission.csv",
+                   help="submission CSV (not .json); the report goes beside it as {stem}.json "
+                        "(default: %(default)s)")
+    p.add_argument("--folds",
+                   help="image_name,patient_id CSV for the patient bootstrap (default: the folds "
+                        "file that the runs recorded in the {name}_fold{k}.json beside their "
+                        "prediction files, if they agree, else ./folds.csv if present; without "
+                        "patient ids the bootstrap is over images)")
+    p.add_argument("--bootstrap", type=int, default=1000,
+                   help="bootstrap resamples for the 95 %% intervals, 0 for none "
+                        "(default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the bootstrap (default: %(default)s)")
+    args = p.parse_args(argv)
+    if args.bootstrap < 0:
+        raise InputError(f"--bootstrap {args.bootstrap}: the number of resamples must be 0 or more")
+    return args
+
+
+def output_paths(out):
+    """The submission, the report and the heat map: out, {stem}.json and
+    {stem}_correlation.png beside it."""
+    out = Path(out)
+    return out, out.with_suffix(".json"), out.with_name(f"{out.stem}_correlation.png")
+
+
+def check_outputs(out, inputs):
+    """Refuse an --out that cannot be written, or whose outputs would overwrite an input or each
+    other, before anything is read."""
+    paths = output_paths(out)
+    if paths[0].suffix.lower() == ".json":
+        raise InputError(f"--out {out}: the report goes beside the submission as {{stem}}.json and "
+                         "would overwrite it; give a .csv path")
+    for p in paths:
+        if p.is_dir():
+            raise InputError(f"--out {out}: {p} is a folder")
+    folder = paths[0].absolute().parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise InputError(f"--out {out}: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(f"--out {out}: cannot write in {folder}")
+    given = {Path(f).resolve(): f for f in inputs}
+    for p in paths:
+        if p.resolve() in given:
+            raise InputError(f"--out {out}: would overwrite the input {given[p.resolve()]}")
+
+
 # ------------------------------------------------------------------------------------------------
 # Reading
 
-def read_predictions(path, columns):
-    """A prediction CSV with `columns`, unique image names, and finite numbers."""
+def read_csv(path, columns, what=""):
+    """A CSV with `columns` and at least one row, all read as text, whose image names are unique,
+    non-empty and without surrounding spaces. Errors name the file, after `what` it is."""
+    where = f"{what} {path}".strip()
+    if Path(path).is_dir():
+        raise InputError(f"{where}: is a folder, not a CSV file")
     try:
-        df = pd.read_csv(path)
+        # no NA parsing: an image named "NA" stays a name, and an empty cell stays ""
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
     except FileNotFoundError:
-        raise InputError(f"{path}: no such file")
-    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: cannot read it as CSV ({e})")
+        raise InputError(f"{where}: no such file")
+    except (OSError, ValueError) as e:
+        raise InputError(f"{where}: cannot read it as CSV ({e})")
     missing = [c for c in columns if c not in df.columns]
     if missing:
-        raise InputError(f"{path}: missing column(s) {', '.join(missing)} (has: {', '.join(map(str, df.columns))})")
-    dup = df["image_name"].duplicated()
-    if dup.any():
-        raise InputError(f"{path}: duplicate image_name {df['image_name'][dup].iloc[0]}")
+        raise InputError(f"{where}: missing column(s) {', '.join(missing)} "
+                         f"(has: {', '.join(map(str, df.columns))})")
+    if df.empty:
+        raise InputError(f"{where}: a header and no rows")
+    names = df["image_name"]
+    refuse_rows(where, names == "", names, "image_name is empty")
+    refuse_rows(where, names.str.strip() != names, names,
+                "image_name {value!r} has surrounding spaces")
+    refuse_rows(where, names.duplicated(), names, "duplicate image_name {value}")
+    return df
+
+
+def refuse_rows(where, bad, values, problem):
+    """InputError naming the first row where `bad` holds, numbered as in the file (the header is
+    row 1), with `problem` formatted with that row's value."""
+    bad = np.asarray(bad, bool)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise InputError(f"{where}: row {i + 2}: " + problem.format(value=values.iloc[i]))
+
+
+def read_predictions(path, kind, probabilities):
+    """An OOF (image_name,target,pred,fold) or test (image_name,target) prediction file with
+    finite numbers, OOF targets 0 or 1 and whole fold numbers; predictions in [0, 1] if
+    `probabilities`."""
+    columns = OOF_COLUMNS if kind == "oof" else TEST_COLUMNS
+    df = read_csv(path, columns)[columns]
     for c in columns[1:]:
         values = pd.to_numeric(df[c], errors="coerce")
-        bad = ~np.isfinite(values.to_numpy(float))
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
-            raise InputError(f"{path}: row {i + 2}: {c} is {df[c].tolist()[i]!r}, not a finite number")
+        refuse_rows(path, ~np.isfinite(values.to_numpy(float)), df[c],
+                    f"{c} is {{value!r}}, not a finite number")
         df[c] = values
-    return df[columns]
+    if kind == "oof":
+        refuse_rows(path, ~df["target"].isin([0, 1]), df["target"], "target is {value}, not 0 or 1")
+        refuse_rows(path, df["fold"] != df["fold"].round(), df["fold"],
+                    "fold is {value}, not a whole number")
+    pred = df["pred" if kind == "oof" else "target"]
+    if probabilities and not pred.between(0, 1).all():
+        raise InputError(f"{path}: {pred.name} ranges over [{pred.min():.4g}, {pred.max():.4g}], "
+                         "not probabilities in [0, 1] (--method rank takes any scores)")
+    return df
 
 
-def load_models(files):
-    """{name: {"oof": DataFrame or None, "test": Series by image_name, "files": [...],
-    "test_file": its first test file, "order": that file's image names}}."""
-    models = {}
+@dataclass
+class Model:
+    """One model: OOF predictions (index image_name; target, pred, fold) or None, and test
+    predictions averaged over folds (index image_name), listed in its first test file's order."""
+    name: str
+    files: list
+    oof: pd.DataFrame | None
+    test: pd.Series
+    test_file: str
+    order: list
+
+
+def load_models(files, probabilities):
+    """{name: Model}: the files grouped by model name, each read and checked once."""
+    parts, seen = {}, {}
     for f in files:
+        if Path(f).name in seen:
+            raise InputError(f"{seen[Path(f).name]} and {f}: the same file name twice, whose "
+                             "predictions would merge into one model")
+        seen[Path(f).name] = f
         m = NAME.match(Path(f).name)
         name, kind = (m["name"], m["kind"]) if m else (Path(f).stem, "test")
-        model = models.setdefault(name, dict(oof=[], test=[], files=[]))
-        model["files"].append(str(f))
-        cols = ["image_name", "target", "pred", "fold"] if kind == "oof" else ["image_name", "target"]
-        model[kind].append((str(f), read_predictions(f, cols)))
-    for name, model in models.items():
-        if not model["test"]:
-            raise InputError(f"model {name}: no test predictions among {', '.join(model['files'])}")
-        first_file, first = model["test"][0]
-        for f, df in model["test"][1:]:
-            check_same_images(first_file, first["image_name"], f, df["image_name"])
-        model["test_file"], model["order"] = first_file, first["image_name"].tolist()
-        tests = [df.set_index("image_name")["target"] for _, df in model["test"]]
-        model["test"] = pd.concat(tests, axis=1).mean(axis=1)
-        if model["oof"]:
-            oof = pd.concat([df for _, df in model["oof"]], ignore_index=True)
-            dup = oof["image_name"].duplicated()
-            if dup.any():
-                raise InputError(f"model {name}: OOF files overlap on image {oof['image_name'][dup].iloc[0]}")
-            model["oof"] = oof.set_index("image_name")
-        else:
-            model["oof"] = None
+        part = parts.setdefault(name, dict(files=[], oof=[], test=[]))
+        part["files"].append(str(f))
+        part[kind].append((str(f), read_predictions(f, kind, probabilities)))
+    models = {name: make_model(name, p["files"], p["oof"], p["test"]) for name, p in parts.items()}
+    first, *others = models.values()
+    for m in others:
+        check_same_images(first.test_file, first.order, m.test_file, m.order)
     return models
 
 
+def make_model(name, files, oof_parts, test_parts):
+    """A Model from its [(file, DataFrame)] OOF and test parts."""
+    if not test_parts:
+        raise InputError(f"model {name}: no test predictions among {', '.join(files)}")
+    (test_file, first), *others = test_parts
+    for f, df in others:
+        check_same_images(test_file, first["image_name"], f, df["image_name"])
+    test = pd.concat([df.set_index("image_name")["target"] for _, df in test_parts], axis=1)
+    return Model(name, files, concat_oof(name, oof_parts), test.mean(axis=1), test_file,
+                 first["image_name"].tolist())
+
+
+def concat_oof(name, parts):
+    """A model's OOF files as one frame indexed by image_name, or None without any."""
+    if not parts:
+        return None
+    oof = pd.concat([df for _, df in parts], ignore_index=True)
+    dup = oof["image_name"].duplicated()
+    if dup.any():
+        first = oof["image_name"][dup].iloc[0]
+        raise InputError(f"model {name}: OOF files overlap on image {first}")
+    return oof.set_index("image_name")
+
+
 def check_same_images(file_a, names_a, file_b, names_b):
-    only_a = sorted(set(names_a) - set(names_b))
-    only_b = sorted(set(names_b) - set(names_a))
+    only_a = sorted(set(names_a) - set(names_b))[:3]
+    only_b = sorted(set(names_b) - set(names_a))[:3]
     if only_a or only_b:
+        missing = f"missing {', '.join(only_a)}" if only_a else ""
+        extra = f"extra {', '.join(only_b)}" if only_b else ""
         raise InputError(f"{file_b}: its test images differ from {file_a}'s: "
-                         + "; ".join(s for s in (f"missing {', '.join(only_a[:3])}" if only_a else "",
-                                                 f"extra {', '.join(only_b[:3])}" if only_b else "") if s))
+                         + "; ".join(s for s in (missing, extra) if s))
 
 
 def read_patients(path):
-    if not path or not Path(path).is_file():
+    """patient_id by image_name from a folds file, or None if it has no patient_id column."""
+    df = read_csv(path, ["image_name"], "folds file")
+    if "patient_id" not in df.columns:
         return None
+    ids = df["patient_id"]
+    refuse_rows(f"folds file {path}", ids.str.strip() == "", ids, "patient_id is empty")
+    return df.set_index("image_name")["patient_id"]
+
+
+def run_files(files):
+    """The runs' JSON beside the prediction files: {dir}/{name}_fold{k}.json for each
+    {dir}/{name}_fold{k}_{oof,test}.csv, where it exists."""
+    runs = [Path(f).with_name(f"{m['name']}_fold{m['fold']}.json")
+            for f in files if (m := NAME.match(Path(f).name))]
+    return [run for run in dict.fromkeys(runs) if run.exists()]
+
+
+def recorded_folds(run):
+    """The folds path as the run was given it (its JSON's args.folds), or None if it has none."""
     try:
-        df = pd.read_csv(path)
-    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise InputError(f"--folds {path}: cannot read it as CSV ({e})")
-    return df.set_index("image_name")["patient_id"] if {"image_name", "patient_id"} <= set(df.columns) else None
+        record = json.loads(Path(run).read_text())
+    except (OSError, ValueError) as e:
+        raise InputError(f"{run}: cannot read the run's JSON ({e})")
+    args = record.get("args") if isinstance(record, dict) else None
+    if not isinstance(args, dict):
+        raise InputError(f"{run}: not a run's JSON (no \"args\" object)")
+    folds = args.get("folds")
+    if folds is not None and not isinstance(folds, str):
+        raise InputError(f"{run}: args.folds is {folds!r}, not a path")
+    return folds
+
+
+def find_recorded(folds, run):
+    """A folds path as a run recorded it, relative to the folder the run was started in: tried
+    from the current folder, then from the parent of the run's output folder. None if neither."""
+    for path in (Path(folds), Path(run).absolute().parent.parent / folds):
+        if path.exists():
+            return path.resolve()
+    return None
+
+
+def choose_folds(folds, files):
+    """The folds file for the patient ids: (path or None, whence, notes). --folds wins; else the
+    one all the runs recorded; else ./folds.csv if present."""
+    if folds:
+        return folds, "given by --folds", []
+    recorded, notes = {}, []
+    for run in run_files(files):
+        given = recorded_folds(run)
+        found = find_recorded(given, run) if given else None
+        if given and not found:
+            notes.append(f"{run} records folds file {given}, found neither here nor in "
+                         f"{Path(run).absolute().parent.parent}")
+        if found:
+            recorded.setdefault(found, run)
+    if len(recorded) > 1:
+        (a, run_a), (b, run_b) = list(recorded.items())[:2]
+        notes.append(f"the runs record different folds files: {a} ({run_a}) and {b} ({run_b})")
+    if len(recorded) == 1 and not notes:
+        return next(iter(recorded)), "recorded by the runs", []
+    fallback = Path("folds.csv")
+    return (fallback if fallback.exists() else None), "in the current folder", notes
+
+
+def find_patients(folds, files):
+    """(patient_id by image_name or None, where they came from, notes) for the bootstrap."""
+    path, whence, notes = choose_folds(folds, files)
+    patients = read_patients(path) if path else None
+    if path and patients is None:
+        notes.append(f"folds file {path} has no patient_id column")
+    return patients, f"patient ids from {path}, {whence}", notes
 
 
 # ------------------------------------------------------------------------------------------------
@@ -142,11 +322,16 @@ def auc(y, p):
 def bootstrap_interval(y, p, groups, n=1000, seed=0):
     """95 % interval of the AUC when whole groups (patients, or images) are resampled with
     replacement: a resample weights each image by its group's count."""
-    codes, score_of = np.unique(groups, return_inverse=True)[1], np.unique(p, return_inverse=True)[1]
+    if not n:
+        return [float("nan")] * 2
+    codes = np.unique(groups, return_inverse=True)[1]
+    score_of = np.unique(p, return_inverse=True)[1]
     draw, n_groups, y = np.random.default_rng(seed), codes.max() + 1, np.asarray(y, float)
-    scores = [weighted_auc(y, score_of, np.bincount(draw.integers(0, n_groups, n_groups), minlength=n_groups)[codes])
-              for _ in range(n)]
-    return [float(q) for q in np.nanpercentile(scores, [2.5, 97.5])] if n else [float("nan")] * 2
+    scores = []
+    for _ in range(n):
+        counts = np.bincount(draw.integers(0, n_groups, n_groups), minlength=n_groups)
+        scores.append(weighted_auc(y, score_of, counts[codes]))
+    return [float(q) for q in np.nanpercentile(scores, [2.5, 97.5])]
 
 
 def to_rank(p):
@@ -183,7 +368,8 @@ def fit(method, X, y):
     if method == "weighted":
         w = fit_weights(X, y)
         return (lambda Z: Z @ w), w.tolist()
-    from sklearn.linear_model import LogisticRegression  # imported here: a second of start-up otherwise
+    # imported here: a second of start-up for every other method otherwise
+    from sklearn.linear_model import LogisticRegression
     stack = LogisticRegression(C=1.0).fit(logit(X), y)
     return (lambda Z: stack.predict_proba(logit(Z))[:, 1]), stack.coef_[0].tolist()
 
@@ -200,95 +386,132 @@ def nested_oof(method, X, y, folds):
 # ------------------------------------------------------------------------------------------------
 # Report
 
-def build_report(models, method, patients, n_boot, seed):
+def oof_truth(models):
+    """{image: target} over all OOF files, refusing models that disagree on a target."""
+    truth = {}
+    for m in models:
+        for img, t in zip(m.oof.index, m.oof["target"]):
+            if truth.setdefault(img, t) != t:
+                raise InputError(f"model {m.name}: target of {img} disagrees with another "
+                                 "model's OOF")
+    return truth
+
+
+def shared_oof(models):
+    """The images whose OOF all `models` cover, sorted."""
+    return sorted(set.intersection(*(set(m.oof.index) for m in models))) if models else []
+
+
+def build_report(models, method, patients, n_boot, seed, patients_from=None, notes=()):
     names = list(models)
-    with_oof = [n for n in names if models[n]["oof"] is not None]
+    with_oof = [m for m in models.values() if m.oof is not None]
     if method in ("weighted", "stack") and len(with_oof) < len(names):
         raise InputError(f"--method {method} fits on OOF predictions, and model(s) "
-                         f"{', '.join(n for n in names if n not in with_oof)} have none")
-    report = dict(method=method, models={}, notes=[])
-    truth = {}
-    for n in with_oof:
-        oof = models[n]["oof"]
-        for img, t in zip(oof.index, oof["target"]):
-            if truth.setdefault(img, t) != t:
-                raise InputError(f"model {n}: target of {img} disagrees with another model's OOF")
+                         f"{', '.join(n for n in names if models[n].oof is None)} have none")
+    report = dict(method=method, models={}, notes=list(notes))
+    truth = oof_truth(with_oof)
     group_of = patients
     if group_of is not None and not set(truth) <= set(group_of.index):
-        report["notes"].append("some OOF images have no patient_id in --folds: intervals resample images")
+        report["notes"].append(f"some OOF images have no patient_id ({patients_from}): "
+                               "intervals resample images")
         group_of = None
     if group_of is None and truth:
-        report["notes"].append("intervals from a bootstrap over images (no patient ids): too narrow, "
-                               "since one patient's images are correlated")
+        report["notes"].append("intervals from a bootstrap over images (no patient ids): too "
+                               "narrow, since one patient's images are correlated")
     report["bootstrap_over"] = "patients" if group_of is not None else "images"
+    report["patient_ids"] = patients_from if group_of is not None else None
 
     def score(y, p, index):
         groups = group_of.loc[index].to_numpy() if group_of is not None else np.arange(len(y))
         return dict(auc=auc(y, p), ci95=bootstrap_interval(y, p, groups, n_boot, seed))
 
-    for n in names:
-        oof = models[n]["oof"]
-        entry = dict(files=models[n]["files"], n_test=len(models[n]["test"]))
-        if oof is not None:
-            entry.update(folds=sorted(int(k) for k in oof["fold"].unique()), n_oof=len(oof),
-                         **score(oof["target"].to_numpy(), oof["pred"].to_numpy(), oof.index))
-        report["models"][n] = entry
-    common = sorted(set.intersection(*(set(models[n]["oof"].index) for n in with_oof))) if with_oof else []
-    if common and any(len(models[n]["oof"]) != len(common) for n in with_oof):
-        report["notes"].append(f"models cover different OOF images: correlations and ensembles use the "
-                               f"{len(common)} images all of them cover")
-    shared_targets = set(models[with_oof[0]]["oof"].loc[common, "target"]) if with_oof else set()
+    for m in models.values():
+        entry = dict(files=m.files, n_test=len(m.test))
+        if m.oof is not None:
+            entry.update(folds=sorted(int(k) for k in m.oof["fold"].unique()), n_oof=len(m.oof),
+                         **score(m.oof["target"].to_numpy(), m.oof["pred"].to_numpy(), m.oof.index))
+        report["models"][m.name] = entry
+    common = shared_oof(with_oof)
+    if common and any(len(m.oof) != len(common) for m in with_oof):
+        report["notes"].append(f"models cover different OOF images: correlations and ensembles use "
+                               f"the {len(common)} images all of them cover")
+    shared_targets = set(with_oof[0].oof.loc[common, "target"]) if with_oof else set()
     unscored = ("some models have no OOF" if len(with_oof) < len(names) else
                 "the models share no OOF images" if not common else
                 "the shared OOF images hold one class" if len(shared_targets) < 2 else None)
     if method in ("weighted", "stack") and unscored:
         raise InputError(f"--method {method} fits on OOF predictions, and {unscored}")
     if with_oof:
-        report["ensemble"] = {m: dict(auc=None, note=f"not scored: {unscored}") for m in METHODS}
+        report["ensemble"] = {k: dict(auc=None, note=f"not scored: {unscored}") for k in METHODS}
     if unscored:
-        cols, order = names, models[names[0]]["order"]
-        X = np.column_stack([models[n]["test"].loc[order].to_numpy() for n in names])
-        report["correlation_on"] = f"test predictions of {len(order)} images ({unscored})"
+        cols, X = names, test_matrix(models)
+        report["correlation_on"] = f"test predictions of {len(X)} images ({unscored})"
     else:
-        cols = with_oof
-        X = np.column_stack([models[n]["oof"].loc[common, "pred"].to_numpy() for n in with_oof])
-        y = models[with_oof[0]]["oof"].loc[common, "target"].to_numpy()
-        folds = models[with_oof[0]]["oof"].loc[common, "fold"].to_numpy()
+        cols = [m.name for m in with_oof]
+        X = np.column_stack([m.oof.loc[common, "pred"].to_numpy() for m in with_oof])
+        y, folds = (with_oof[0].oof.loc[common, c].to_numpy() for c in ("target", "fold"))
         report["correlation_on"] = f"OOF predictions of {len(common)} images"
-        for m in METHODS:
-            nested = m in ("weighted", "stack")
-            if nested and len(np.unique(folds)) < 2:
-                report["ensemble"][m]["note"] = "not scored: nested CV needs OOF of 2 or more folds"
+        probabilities = all(in_unit_interval(m) for m in models.values())
+        for k in METHODS:
+            nested = k in ("weighted", "stack")
+            why = not_scored(k, probabilities, y, folds)
+            if why:
+                report["ensemble"][k]["note"] = f"not scored: {why}"
                 continue
-            blend, weights = fit(m, X, y)
-            report["ensemble"][m] = dict(**score(y, nested_oof(m, X, y, folds) if nested else blend(X), common),
-                                         nested=nested, weights=weights)
+            blend, weights = fit(k, X, y)
+            p = nested_oof(k, X, y, folds) if nested else blend(X)
+            report["ensemble"][k] = dict(**score(y, p, common), nested=nested, weights=weights)
     frame = pd.DataFrame(X, columns=cols)
     report["pearson"] = frame.corr("pearson").round(4).to_dict()
     report["spearman"] = frame.corr("spearman").round(4).to_dict()
     return report
 
 
+def not_scored(method, probabilities, y, folds):
+    """Why `method` gets no ensemble CV on these OOF targets and folds, or None."""
+    nested = method in ("weighted", "stack")
+    if method in PROBABILITY_METHODS and not probabilities:
+        return "predictions outside [0, 1], which only rank takes"
+    if nested and len(set(folds)) < 2:
+        return "nested CV needs OOF of 2 or more folds"
+    if nested and any(len(set(y[folds != k])) < 2 for k in set(folds)):
+        return "nested CV needs both classes outside each fold"
+    return None
+
+
+def in_unit_interval(model):
+    """Whether all the model's predictions are probabilities."""
+    preds = [model.test] + ([model.oof["pred"]] if model.oof is not None else [])
+    return all(p.between(0, 1).all() for p in preds)
+
+
+def test_matrix(models):
+    """Test predictions (images x models), in the first model's test order."""
+    order = next(iter(models.values())).order
+    return np.column_stack([m.test.loc[order].to_numpy() for m in models.values()])
+
+
 def blend_test(models, method):
     """Submission rows in the first model's test order, fitted on all OOF."""
-    names = list(models)
-    order = models[names[0]]["order"]
-    Z = np.column_stack([models[n]["test"].loc[order].to_numpy() for n in names])
     if method in ("weighted", "stack"):
-        common = sorted(set.intersection(*(set(models[n]["oof"].index) for n in names)))
-        X = np.column_stack([models[n]["oof"].loc[common, "pred"].to_numpy() for n in names])
-        blend = fit(method, X, models[names[0]]["oof"].loc[common, "target"].to_numpy())[0]
+        common = shared_oof(list(models.values()))
+        X = np.column_stack([m.oof.loc[common, "pred"].to_numpy() for m in models.values()])
+        blend = fit(method, X, next(iter(models.values())).oof.loc[common, "target"].to_numpy())[0]
     else:
         blend = fit(method, None, None)[0]
-    return pd.DataFrame(dict(image_name=order, target=np.clip(blend(Z), 0, 1)))
+    order = next(iter(models.values())).order
+    return pd.DataFrame(dict(image_name=order, target=blend(test_matrix(models))))
 
 
 def format_report(r):
     def ci(e):
-        return f"{e['auc']:.4f}  [{e['ci95'][0]:.4f}, {e['ci95'][1]:.4f}]" if e.get("auc") is not None else "n/a"
+        if e.get("auc") is None:
+            return "n/a"
+        return f"{e['auc']:.4f}  [{e['ci95'][0]:.4f}, {e['ci95'][1]:.4f}]"
 
     width = max([len(n) for n in r["models"]] + [8])
-    lines = [f"{'model':<{width}}  {'folds':<11} {'OOF':>6}  CV AUC  95 % interval ({r['bootstrap_over']})"]
+    lines = [f"{'model':<{width}}  {'folds':<11} {'OOF':>6}  CV AUC  "
+             f"95 % interval ({r['bootstrap_over']})"]
     for n, e in r["models"].items():
         folds = ",".join(map(str, e["folds"])) if "folds" in e else "-"
         score = ci(e) if "auc" in e else "no OOF (test only)"
@@ -303,44 +526,91 @@ def format_report(r):
         lines.append("\nensemble CV AUC (weighted and stack: nested, fitted on the other folds)")
         for m, e in r["ensemble"].items():
             mark = "*" if m == r["method"] else " "
+            kind = "coefficients" if m == "stack" else "weights"
             weights = ", ".join(f"{w:.3f}" for w in e.get("weights") or [])
-            extra = e.get("note") or (f"{'coefficients' if m == 'stack' else 'weights'} {weights}" if weights else "")
-            lines.append(f"{mark} {m:<9} {ci(e)}  {extra}")
+            weights = f"{kind} {weights}" if weights else ""
+            lines.append(f"{mark} {m:<9} {ci(e)}  {e.get('note') or weights}")
+    lines += [r["patient_ids"]] if r["patient_ids"] else []
     lines += [f"note: {n}" for n in r["notes"]]
-    return "\n".join(lines)
+    return "\n".join(line.rstrip() for line in lines)
 
 
-def atomic_write_text(path, text):
+def plot_correlation(path, report):
+    """The models' Pearson correlations as a PNG heat map, each cell annotated; written
+    atomically."""
+    # imported here: half a second of start-up otherwise. A bare Figure draws with Agg and needs
+    # neither pyplot nor a display.
+    from matplotlib.figure import Figure
+    names = list(report["pearson"])
+    corr = np.array([[report["pearson"][a][b] for b in names] for a in names], float)
+    side = 3 + 0.8 * len(names)
+    fig = Figure(figsize=(side + 1.5, side), layout="constrained")
+    ax = fig.subplots()
+    image = ax.imshow(corr, cmap="coolwarm", vmin=-1, vmax=1)
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    ax.set_yticks(range(len(names)), names)
+    for (i, j), c in np.ndenumerate(corr):
+        ax.text(j, i, "n/a" if np.isnan(c) else f"{c:.3f}", ha="center", va="center",
+                color="white" if abs(c) > 0.7 else "black")
+    fig.colorbar(image, ax=ax, label="Pearson correlation")
+    ax.set_title(f"Pearson correlation of the models\non {report['correlation_on']}", fontsize=10)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+
+
+@functools.cache
+def new_file_mode():
+    """The permission bits open(path, "w") gives a new file under the current umask."""
+    umask = os.umask(0)  # the umask can only be read by setting it: restored at once
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def atomic_write(path, write):
+    """Call write(tmp_path), then rename tmp into place: a crash leaves the old file or the new one.
+    The file gets the permission bits of a plain open(path, "w"), not mkstemp's 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        write(tmp)
+        os.chmod(tmp, new_file_mode())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
+def finite(x):
+    """x with NaN and infinities as None, all the way down: JSON has no NaN."""
+    if isinstance(x, dict):
+        return {k: finite(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [finite(v) for v in x]
+    return None if isinstance(x, float) and not math.isfinite(x) else x
+
+
 def main(argv=None):
-    args = get_args(argv)
     try:
-        models = load_models(args.files)
-        names = list(models)
-        for n in names[1:]:
-            a, b = models[names[0]], models[n]
-            check_same_images(a["test_file"], a["order"], b["test_file"], b["order"])
-        report = build_report(models, args.method, read_patients(args.folds), args.bootstrap, args.seed)
+        args = get_args(argv)
+        inputs = args.files + ([args.folds] if args.folds else []) + run_files(args.files)
+        check_outputs(args.out, inputs)
+        models = load_models(args.files, args.method in PROBABILITY_METHODS)
+        patients, patients_from, notes = find_patients(args.folds, args.files)
+        report = build_report(models, args.method, patients, args.bootstrap, args.seed,
+                              patients_from, notes)
         submission = blend_test(models, args.method)
     except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)  # pandas' messages span lines
         sys.exit(2)
+    out, report_path, heat_map = output_paths(args.out)
     print(format_report(report))
-    atomic_write_text(args.out, submission.to_csv(index=False))
-    atomic_write_text(Path(args.out).with_suffix(".json"), json.dumps(report, indent=1))
-    print(f"wrote {args.out} ({len(submission)} images, method {args.method}) "
-          f"and {Path(args.out).with_suffix('.json')}")
+    text = json.dumps(finite(report), indent=1, allow_nan=False)
+    atomic_write(out, lambda tmp: submission.to_csv(tmp, index=False))
+    atomic_write(report_path, lambda tmp: Path(tmp).write_text(text))
+    plot_correlation(heat_map, report)
+    print(f"wrote {out} ({len(submission)} images, method {args.method}), {report_path} "
+          f"and {heat_map}")
 
 
 if __name__ == "__main__":

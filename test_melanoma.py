@@ -782,6 +782,10 @@ def test_ensemble_mean_and_rank_match_hand_computed_values(tmp_path):
     assert report["models"]["a"]["auc"] == pytest.approx(1.0) and report["models"]["b"]["auc"] == pytest.approx(0.875)
     assert report["ensemble"]["mean"]["auc"] == pytest.approx(1.0)  # mean .15 .75 .15 .75 .5 .35
     assert "CV AUC" in r.stdout and "Pearson / Spearman" in r.stdout
+    heat_map = tmp_path / "sub_correlation.png"
+    assert f"and {heat_map}" in r.stdout and heat_map.read_bytes().startswith(b"\x89PNG")
+    with Image.open(heat_map) as image:
+        assert image.format == "PNG" and image.mode == "RGBA" and min(image.size) > 200
 
 
 def test_ensemble_weighted_picks_the_informative_model_and_stack_is_a_logistic_regression(tmp_path):
@@ -845,8 +849,11 @@ def test_ensemble_auc_and_bootstrap_over_patients(tmp_path):
         tmp_path / "folds.csv.txt", index=False)
     run_ensemble(tmp_path, "--folds", tmp_path / "folds.csv.txt")
     assert json.loads((tmp_path / "sub.json").read_text())["bootstrap_over"] == "patients"
-    r = run_ensemble(tmp_path, "--folds", tmp_path / "absent.csv")
-    assert "over images" in r.stdout and json.loads((tmp_path / "sub.json").read_text())["bootstrap_over"] == "images"
+    assert "absent.csv: no such file" in run_ensemble(tmp_path, "--folds", "absent.csv", expect=2).stderr
+    made(tmp_path / "no_ids.txt", "image_name,fold\nimg0,0\n")
+    r = run_ensemble(tmp_path, "--folds", "no_ids.txt")
+    assert "over images" in r.stdout and "no_ids.txt has no patient_id column" in r.stdout
+    assert json.loads((tmp_path / "sub.json").read_text())["bootstrap_over"] == "images"
     assert by_patient[1] - by_patient[0] > 0  # patients give their own, valid interval
 
 
@@ -885,26 +892,169 @@ def model_x(d, **oof):
     csv_of(d / "x_fold0_oof.csv", **oof)
 
 
+def refused(d, *argv):
+    """ensemble.py run in d: exit code 2 and one line on stderr, no traceback, nothing written."""
+    before = sorted(d.rglob("*"))
+    r = run_cli(ROOT / "ensemble.py", *argv, cwd=d)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert sorted(d.rglob("*")) == before
+    return lines[0]
+
+
+def made(path, text=None):
+    """path, made a folder (text None) or a file holding text."""
+    path.mkdir() if text is None else path.write_text(text)
+    return path
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda d: None, "absent.csv: no such file"),
     (lambda d: (d / "x_fold0_test.csv").write_bytes(b"\xff\xfe\x00garbage\x00"), "x_fold0_test.csv"),
+    (lambda d: made(d / "x_fold0_test.csv"), "x_fold0_test.csv: is a folder"),
     (lambda d: csv_of(d / "x_fold0_test.csv", image_name=["t0", "t1"], pred=[.1, .2]), "missing column(s) target"),
-    (lambda d: csv_of(d / "x_fold0_test.csv", image_name=["t0", "t0"], target=[.1, .2]), "duplicate image_name t0"),
+    (lambda d: csv_of(d / "x_fold0_test.csv", image_name=[], target=[]), "x_fold0_test.csv: a header and no rows"),
+    (lambda d: csv_of(d / "x_fold0_test.csv", image_name=["t0", "t0"], target=[.1, .2]),
+     "x_fold0_test.csv: row 3: duplicate image_name t0"),
+    (lambda d: csv_of(d / "x_fold0_test.csv", image_name=["t0", ""], target=[.1, .2]), "row 3: image_name is empty"),
+    (lambda d: csv_of(d / "x_fold0_test.csv", image_name=["t0 ", "t1"], target=[.1, .2]),
+     "x_fold0_test.csv: row 2: image_name 't0 ' has surrounding spaces"),
     (lambda d: csv_of(d / "x_fold0_test.csv", image_name=["t0", "t9"], target=[.1, .2]), "missing t1; extra t9"),
     (lambda d: csv_of(d / "x_fold0_test.csv", image_name=["t0", "t1"], target=[.1, np.nan]), "row 3: target"),
     (lambda d: model_x(d, image_name=["img0"], target=[0], pred=[np.inf], fold=0), "row 2: pred"),
+    (lambda d: model_x(d, image_name=["img0"], target=[2], pred=[.5], fold=0),
+     "x_fold0_oof.csv: row 2: target is 2, not 0 or 1"),
+    (lambda d: model_x(d, image_name=["img0", "img1"], target=[0, .5], pred=[.5, .5], fold=0),
+     "x_fold0_oof.csv: row 3: target is 0.5, not 0 or 1"),
+    (lambda d: model_x(d, image_name=["img0"], target=[0], pred=[.5], fold=[1.5]),
+     "x_fold0_oof.csv: row 2: fold is 1.5, not a whole number"),
+    (lambda d: model_x(d, image_name=["img0", "img1"], target=[0, 1], pred=[-2.5, 3], fold=0),
+     "x_fold0_oof.csv: pred ranges over [-2.5, 3], not probabilities in [0, 1] (--method rank takes any scores)"),
+    (lambda d: csv_of(d / "x_fold0_test.csv", image_name=["t0", "t1"], target=[.1, 1.2]), "target ranges over [0.1, 1.2]"),
     (lambda d: csv_of(d / "a_fold5_oof.csv", image_name=["img0"], target=[0], pred=[.5], fold=5), "overlap on image img0"),
     (lambda d: model_x(d, image_name=["img1"], target=[0], pred=[.5], fold=0), "img1 disagrees"),
+    (lambda d: shutil.copy(d / "a_fold0_oof.csv", made(d / "b")), "a_fold0_oof.csv and b/a_fold0_oof.csv: the same file name"),
 ])
 def test_ensemble_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, make, message):
     write_model(tmp_path, "a", {0: (Y, [.1, .9, .2, .7, .3, .4])}, [0.2, 0.4])
     make(tmp_path)
-    files = sorted(str(p) for p in tmp_path.glob("*.csv")) + ([str(tmp_path / "absent.csv")] if "absent" in message else [])
-    r = run_cli(ROOT / "ensemble.py", *files, "--out", tmp_path / "out" / "sub.csv")
-    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
-    assert not (tmp_path / "out").exists()
+    files = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.csv"))
+    files += ["absent.csv"] if "absent" in message else []
+    assert message in refused(tmp_path, *files, "--out", "out/sub.csv")
+
+
+A = ["a_fold0_oof.csv", "a_fold0_test.csv"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (lambda d: [*A, "a_fold0_oof.csv"], "a_fold0_oof.csv and a_fold0_oof.csv: the same file name twice"),
+    (lambda d: [*A, "--bootstrap", "-1"], "--bootstrap -1: the number of resamples must be 0 or more"),
+    (lambda d: ["absent_fold0_oof.csv", "--out", "sub.json"], "--out sub.json: the report goes beside"),
+    (lambda d: [*A, "--out", made(d / "o")], "o is a folder"),
+    (lambda d: [*A, "--out", made(d / "sub.json") / ".." / "sub.csv"], "sub.json is a folder"),
+    (lambda d: [*A, "--out", made(d / "f", "") / "out" / "sub.csv"], "f is a file, not a folder"),
+    (lambda d: [*A, "--out", "a_fold0_test.csv"], "--out a_fold0_test.csv: would overwrite the input a_fold0_test.csv"),
+    (lambda d: [*A, "--folds", made(d / "f").name], "folds file f: is a folder"),
+    (lambda d: [*A, "--folds", made(d / "f.csv", "image_name,patient_id\nimg0,p0\nimg1,\n")],
+     "f.csv: row 3: patient_id is empty"),
+    (lambda d: [*A, "--folds", made(d / "f.csv", "image_name,patient_id\nimg0,p0\nimg0,p1\n")],
+     "f.csv: row 3: duplicate image_name img0"),
+    (lambda d: [*A, "--folds", made(d / "f.csv", "image_name,patient_id\n img0,p0\n")],
+     "f.csv: row 2: image_name ' img0' has surrounding spaces"),
+    (lambda d: [*A, "--folds", made(d / "f.csv", 'image_name,patient_id\n"img0,p0\n')], "f.csv: cannot read it as CSV"),
+])
+def test_ensemble_bad_flags_outputs_and_folds_are_one_line_errors(tmp_path, argv, message):
+    write_model(tmp_path, "a", {0: (Y, [.1, .9, .2, .7, .3, .4])}, [0.2, 0.4])
+    assert message in refused(tmp_path, *argv(tmp_path))
+
+
+def test_ensemble_rank_takes_logits_and_keeps_their_order_mean_refuses_them(tmp_path):
+    logits = [2.0, -3.0, 0.5, 7.0]
+    write_model(tmp_path, "a", {0: (Y, [-2, 3, -1, 1, 0, .5]), 1: (Y, [-2, 2, -1, 1, 0, .5])}, logits)
+    r = run_ensemble(tmp_path, "--method", "rank")
+    sub = pd.read_csv(tmp_path / "sub.csv")["target"].to_numpy()
+    assert np.array_equal(np.argsort(sub), np.argsort(logits)) and sub.min() == 0 and sub.max() == 1
+    report = json.loads((tmp_path / "sub.json").read_text())
+    assert report["ensemble"]["rank"]["auc"] == pytest.approx(1.0)
+    assert "outside [0, 1]" in report["ensemble"]["mean"]["note"] and "outside [0, 1]" in r.stdout
+    err = run_ensemble(tmp_path, expect=2).stderr
+    assert "a_fold0_oof.csv: pred ranges over [-2, 3], not probabilities" in err and "--method rank" in err
+
+
+def test_ensemble_report_is_json_without_nan(tmp_path):
+    write_model(tmp_path, "a", {0: ([0, 0, 0], [.1, .2, .3])}, [0.5, 0.5])  # one class, constant test
+    write_model(tmp_path, "b", {0: ([0, 0, 0], [.3, .1, .2])}, [0.2, 0.4])
+    run_ensemble(tmp_path, "--bootstrap", "0")
+
+    def no_nan(token):
+        raise ValueError(f"{token} in the report")
+
+    report = json.loads((tmp_path / "sub.json").read_text(), parse_constant=no_nan)
+    assert report["models"]["a"]["auc"] is None and report["models"]["a"]["ci95"] == [None, None]
+    assert report["pearson"]["a"]["b"] is None
+
+
+def write_run(d, name, k, folds):
+    """The {name}_fold{k}.json of a run given --folds `folds`, as melanoma.py writes it."""
+    run = dict(fold=k, oof_auc=float("nan"), args=dict(folds=str(folds), data_dir="data"))
+    (d / f"{name}_fold{k}.json").write_text(json.dumps(run))
+
+
+def test_ensemble_finds_the_patient_ids_the_runs_recorded(tmp_path):
+    project, elsewhere = tmp_path / "project", made(tmp_path / "elsewhere")
+    preds = project / "preds"
+    preds.mkdir(parents=True)
+    ids = pd.DataFrame(dict(image_name=[f"img{i}" for i in range(12)], patient_id=[f"p{i // 3}" for i in range(12)]))
+    ids.to_csv(made(project / "data") / "folds.csv", index=False)
+    for name in "ab":
+        write_model(preds, name, {0: (Y, [.1, .9, .2, .7, .3, .4]), 1: (Y, [.2, .6, .1, .8, .7, .3])}, [0.2, 0.4])
+        for k in (0, 1):
+            write_run(preds, name, k, "data/folds.csv")  # relative to project/, where the runs started
+    files = sorted(preds.glob("*.csv"))
+
+    def report_from(cwd, *args):
+        r = run_cli(ROOT / "ensemble.py", *files, "--out", tmp_path / "out" / "sub.csv", "--bootstrap", "50", *args,
+                    cwd=cwd)
+        assert r.returncode == 0, r.stderr
+        return json.loads((tmp_path / "out" / "sub.json").read_text())
+
+    report = report_from(elsewhere)
+    assert report["bootstrap_over"] == "patients"
+    assert report["patient_ids"] == f"patient ids from {project / 'data' / 'folds.csv'}, recorded by the runs"
+    ids.to_csv(elsewhere / "mine.csv", index=False)
+    assert report_from(elsewhere, "--folds", "mine.csv")["patient_ids"] == "patient ids from mine.csv, given by --folds"
+    write_run(preds, "b", 1, elsewhere / "mine.csv")
+    report = report_from(elsewhere)
+    assert report["bootstrap_over"] == "images" and report["patient_ids"] is None
+    assert f"different folds files: {project / 'data' / 'folds.csv'}" in report["notes"][0]
+    assert str(elsewhere / "mine.csv") in report["notes"][0]
+    ids.to_csv(elsewhere / "folds.csv", index=False)
+    assert report_from(elsewhere)["patient_ids"] == "patient ids from folds.csv, in the current folder"
+    (preds / "a_fold0.json").write_text("{")
+    assert "a_fold0.json: cannot read the run's JSON" in refused(elsewhere, *files, "--out", "out/sub.csv")
 
 
 def test_ensemble_imports_no_torch():
     r = run_cli("-c", "import ensemble, sys; print('torch' in sys.modules, 'sklearn' in sys.modules)")
     assert r.stdout.split() == ["False", "False"]
+
+
+def test_ensemble_atomic_write_replaces_whole_files_with_umask_permissions(tmp_path):
+    path = tmp_path / "new" / "f.txt"
+    ensemble.atomic_write(path, lambda tmp: Path(tmp).write_text("old"))
+
+    def crash(tmp):
+        Path(tmp).write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        ensemble.atomic_write(path, crash)
+    assert path.read_text() == "old" and [p.name for p in path.parent.iterdir()] == ["f.txt"]
+    write_model(tmp_path, "a", {0: (Y, [.1, .9, .2, .7, .3, .4])}, [0.2, 0.4])
+    files = " ".join(str(p) for p in tmp_path.glob("*.csv"))
+    for umask, mode in (("022", 0o644), ("077", 0o600)):
+        out = tmp_path / f"out{umask}" / "sub.csv"
+        r = subprocess.run(["sh", "-c", f"umask {umask}; {sys.executable} {ROOT / 'ensemble.py'} {files} "
+                            f"--out {out} --bootstrap 0"], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        assert [p.stat().st_mode & 0o777 for p in (out, out.with_suffix(".json"))] == [mode, mode]
