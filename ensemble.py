@@ -45,8 +45,15 @@ class InputError(Exception):
     """Bad input: reported as one line, exit code 2, nothing written."""
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        """A bad flag is bad input like any other: one line, exit code 2 (not argparse's usage)."""
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="Blend prediction files into a submission.")
+    p = ArgumentParser(description="Blend prediction files into a submission.")
     p.add_argument("files", nargs="+",
                    help="prediction CSVs: {name}_fold{k}_{oof,test}.csv or plain submissions")
     p.add_argument("--method", choices=METHODS, default="mean",

@@ -51,6 +51,9 @@ from safetensors.torch import load_file, save_file
 from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
 
+# torch-free helpers shared with ensemble.py, which stays free of torch so that it starts at once
+from ensemble import ArgumentParser, atomic_write, finite
+
 DEMO_DEFAULTS = dict(data_dir="demo_data", model="test_efficientnet", pretrained=False, size=64,
                      epochs=12, batch_size=32, lr_max=2e-3, tta=4, num_workers=0, name="demo")
 
@@ -75,13 +78,6 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if "default" in action.help or action.default in (None, False, argparse.SUPPRESS):
             return action.help
         return super()._get_help_string(action)
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):
-        """A bad flag is bad input like any other: one line, exit code 2."""
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
 
 
 def get_args(argv=None):
@@ -216,20 +212,6 @@ def progress(iterable, desc, show=True, **kw):
 # The published 5-fold split of the resized datasets' patient-grouped tfrecord groups.
 TFRECORD_FOLDS = {2: 0, 4: 0, 5: 0, 1: 1, 10: 1, 13: 1, 0: 2, 9: 2, 12: 2, 3: 3, 8: 3, 11: 3,
                   6: 4, 7: 4, 14: 4}
-
-
-def atomic_write(path, write):
-    """Call write(tmp_path), then rename tmp into place: a crash leaves the old file or the new."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def write_csv(df, path):
@@ -975,7 +957,7 @@ def write_outputs(out, stem, oof, test, result, raw_model):
         write_csv(test[["image_name", "target"]], out / f"{stem}_test.csv")
     weights = {k: v.contiguous() for k, v in raw_model.state_dict().items()}
     atomic_write(out / f"{stem}.safetensors", lambda tmp: save_file(weights, tmp))
-    text = json.dumps(result, indent=1, default=str)
+    text = json.dumps(finite(result), indent=1, default=str, allow_nan=False)
     atomic_write(out / f"{stem}.json", lambda tmp: Path(tmp).write_text(text))
 
 

@@ -540,7 +540,7 @@ def test_get_args_defaults_are_the_recipe():
 # ----------------------------------------------------------------------------------------------
 # Hardening: every bad input refused before training, in one line, with exit code 2
 
-def refused(argv, capsys, *names):
+def refused_run(argv, capsys, *names):
     """Run melanoma.main in-process; assert exit 2 and one stderr line naming each of `names`."""
     with pytest.raises(SystemExit) as e:
         melanoma.main([str(a) for a in argv])
@@ -594,7 +594,7 @@ def no_melanoma_in_fold(d, fold):
 def test_bad_input_is_refused_before_training(data, tmp_path, capsys, breakage, flags, names):
     breakage(data)
     argv = train_args(data, tmp_path / "out") + [f.format(d=data) for f in flags]
-    refused(argv, capsys, *names)
+    refused_run(argv, capsys, *names)
     assert not (tmp_path / "out").exists()
 
 
@@ -619,7 +619,7 @@ def test_bad_input_is_refused_before_training(data, tmp_path, capsys, breakage, 
     (["--resume", "--overwrite"], "pass one"),
 ])
 def test_bad_flags_are_one_line(tiny_data, tmp_path, capsys, flags, message):
-    refused(train_args(tiny_data, tmp_path / "out") + flags, capsys, message)
+    refused_run(train_args(tiny_data, tmp_path / "out") + flags, capsys, message)
     assert not (tmp_path / "out").exists()
 
 
@@ -628,12 +628,12 @@ def test_huge_neg_ratio_takes_every_benign_image():
     assert melanoma.negatives_per_epoch(targets, 20, neg_ratio=1e308) == 100
 
 
-def test_unwritable_output_folder_is_refused(tiny_data, tmp_path, capsys, monkeypatch):
+def test_unwritable_output_folder_is_refused_run(tiny_data, tmp_path, capsys, monkeypatch):
     def read_only(*a, **k):
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr(melanoma.tempfile, "TemporaryFile", read_only)
-    refused(train_args(tiny_data, tmp_path / "out"), capsys, "--out", "cannot write in", "Permission denied")
+    refused_run(train_args(tiny_data, tmp_path / "out"), capsys, "--out", "cannot write in", "Permission denied")
     assert not (tmp_path / "out").exists()
 
 
@@ -654,7 +654,7 @@ def fake_checkpoint(data, out, saved, fold=0):
 ])
 def test_resume_names_each_setting_that_differs(tiny_data, tmp_path, capsys, saved, now, names):
     ckpt = fake_checkpoint(tiny_data, tmp_path, saved)
-    err = refused(train_args(tiny_data, tmp_path, "--resume") + now, capsys, ckpt.name, *names)
+    err = refused_run(train_args(tiny_data, tmp_path, "--resume") + now, capsys, ckpt.name, *names)
     assert "--seed" not in err and [p.name for p in tmp_path.iterdir()] == [ckpt.name]
 
 
@@ -674,13 +674,13 @@ def test_resume_key_compares_normalised_paths(tiny_data, tmp_path):
 def test_resume_refuses_damaged_or_hostile_checkpoints(tiny_data, tmp_path, capsys, content, message):
     path = tmp_path / "test_efficientnet_32_fold0_last.pt"
     content(path)
-    refused(train_args(tiny_data, tmp_path, "--resume"), capsys, path.name, message)
+    refused_run(train_args(tiny_data, tmp_path, "--resume"), capsys, path.name, message)
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
 
 
 def test_checkpoint_of_a_later_fold_is_refused_before_the_first_fold_trains(tiny_data, tmp_path, capsys):
     ckpt = fake_checkpoint(tiny_data, tmp_path, [], fold=1)
-    refused(train_args(tiny_data, tmp_path, "--fold", "0", "1"), capsys, ckpt.name, "--resume", "--overwrite")
+    refused_run(train_args(tiny_data, tmp_path, "--fold", "0", "1"), capsys, ckpt.name, "--resume", "--overwrite")
     assert [p.name for p in tmp_path.iterdir()] == [ckpt.name]
 
 
@@ -736,9 +736,9 @@ def test_make_folds_tfrecords_beyond_14_and_bad_rows(tmp_path, capsys):
     for change, names in ((lambda d: d.assign(patient_id=[""] + list(d["patient_id"][1:])), ["row 2", "empty patient_id"]),
                           (lambda d: d.assign(tfrecord=[np.nan] + list(d["tfrecord"][1:])), ["row 2", "tfrecord"])):
         change(df).to_csv(tmp_path / "t.csv", index=False)
-        refused(["--make-folds", tmp_path / "t.csv", "--out", tmp_path / "g.csv"], capsys, "t.csv", *names)
+        refused_run(["--make-folds", tmp_path / "t.csv", "--out", tmp_path / "g.csv"], capsys, "t.csv", *names)
         assert not (tmp_path / "g.csv").exists()
-    refused(["--make-folds", tmp_path / "t.csv", "--out", tmp_path], capsys, "--out", "a folder, not a file")
+    refused_run(["--make-folds", tmp_path / "t.csv", "--out", tmp_path], capsys, "--out", "a folder, not a file")
 
 
 # ----------------------------------------------------------------------------------------------
