@@ -54,6 +54,9 @@ from tqdm import tqdm
 # torch-free helpers shared with ensemble.py, which stays free of torch so that it starts at once
 from ensemble import ArgumentParser, atomic_write, finite
 
+# Where the data is looked for without --data-dir: a folder in the working folder, then the
+# competition as Kaggle notebooks mount it.
+DATA_LOCATIONS = ("data", "/kaggle/input/siim-isic-melanoma-classification")
 DEMO_DEFAULTS = dict(data_dir="demo_data", model="test_efficientnet", pretrained=False, size=64,
                      epochs=12, batch_size=32, lr_max=2e-3, tta=4, num_workers=0, name="demo")
 
@@ -85,9 +88,10 @@ def get_args(argv=None):
                        formatter_class=HelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--data-dir", help="competition data: train.csv, test.csv and jpeg/train/ "
-                   "(official) or train/ (resized datasets)")
-    g.add_argument("--folds", help="fold file joined on image_name "
-                   "(default: folds.csv, or the demo's)")
+                   "(official) or train/ (resized datasets); default: the first of "
+                   f"{', '.join(DATA_LOCATIONS)} that holds them")
+    g.add_argument("--folds", help="fold file joined on image_name (default: folds.csv in the "
+                   "data folder if there is one, else the folds.csv beside melanoma.py)")
     g.add_argument("--fold", type=int, nargs="+", default=[0], help="validation fold(s) to train")
     g.add_argument("--frac", type=float, default=1.0,
                    help="fraction of the training images to use (0, 1]")
@@ -146,8 +150,6 @@ def get_args(argv=None):
         p.set_defaults(**DEMO_DEFAULTS)
     args = p.parse_args(argv)
     check_flags(p, args)
-    if args.folds is None:
-        args.folds = str(Path(args.data_dir) / "folds.csv") if args.demo else "folds.csv"
     args.out = args.out or ("folds.csv" if args.make_folds else "preds")
     args.name = args.name or f"{args.model.replace('/', '-')}_{args.size}"
     return args
@@ -184,8 +186,6 @@ def check_flags(p, args):
     if args.name is not None and (not args.name.strip() or set(args.name) & {"/", "\\", "\0"}
                                   or args.name.startswith(".")):
         p.error(f"--name must be a plain file-name part, got {args.name!r}")
-    if not (args.demo or args.make_folds or args.benchmark or args.data_dir):
-        p.error("say what to train on: --data-dir DIR, or --demo for the built-in synthetic data")
 
 
 class DataError(Exception):
@@ -335,14 +335,42 @@ def make_folds(df, n_folds=5, seed=0, path="train.csv"):
     return out
 
 
-def find_layout(data_dir):
-    """(train image dir, test image dir) of the official layout (jpeg/train) or a resized one."""
+def layout_of(data_dir):
+    """(train image dir, test image dir) of the official layout (jpeg/train) or a resized one
+    (train/), or None."""
     d = Path(data_dir)
     for train, test in ((d / "jpeg" / "train", d / "jpeg" / "test"), (d / "train", d / "test")):
         if (d / "train.csv").is_file() and train.is_dir():
             return train, test
-    raise DataError(f"{d}: no competition data found. Looked for train.csv with jpeg/train/*.jpg "
-                    f"(official layout) or train/*.jpg (resized datasets)")
+    return None
+
+
+def find_layout(data_dir):
+    dirs = layout_of(data_dir)
+    if dirs is None:
+        raise DataError(f"{data_dir}: no competition data found. Looked for train.csv with "
+                        "jpeg/train/*.jpg (official layout) or train/*.jpg (resized datasets)")
+    return dirs
+
+
+def locate_data(args, say=print):
+    """Settle --data-dir and --folds, whose defaults depend on what is on disk: the first
+    default location with a competition layout, and the folds file in it or beside this file."""
+    if args.data_dir is None:
+        found = [d for d in DATA_LOCATIONS if layout_of(d)]
+        if not found:
+            raise DataError(f"no competition data found in {' or '.join(DATA_LOCATIONS)} "
+                            "(train.csv with jpeg/train/ or train/): download it with `kaggle "
+                            "competitions download -c siim-isic-melanoma-classification` and unzip "
+                            "it into data/ (or put a resized dataset there in the train/ layout), "
+                            "pass --data-dir DIR, or run --demo, which needs no data")
+        args.data_dir = found[0]
+        say(f"data: {args.data_dir} (the first default location that holds a competition "
+              "layout; --data-dir chooses another)")
+    if args.folds is None:
+        beside = Path(args.data_dir) / "folds.csv"
+        ours = Path(__file__).resolve().parent / "folds.csv"
+        args.folds = str(beside if beside.is_file() else ours)
 
 
 def read_folds(path):
@@ -1156,6 +1184,7 @@ def run(args):
         if args.demo and not (Path(args.data_dir) / "train.csv").exists():
             print(f"making the demo dataset in {args.data_dir}/ (once)")
             make_demo_data(args.data_dir, seed=args.seed)
+    locate_data(args, accelerator.print)
     # every input and output location is checked before the first epoch
     check_writable(args.out, "--out")
     if args.cache:

@@ -742,6 +742,38 @@ def test_make_folds_tfrecords_beyond_14_and_bad_rows(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------------------------
+# The commands as written: a default data location; ensemble.py finds the runs' patient ids
+
+def test_default_data_location_then_ensemble_finds_the_runs_patient_ids(tiny_data, tmp_path):
+    shutil.copytree(tiny_data, tmp_path / "data")
+    r = run_cli(ROOT / "melanoma.py", *TINY, "--epochs", "1", "--fold", "1", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.splitlines()[0].startswith("data: data (the first default location")
+    info = json.loads((tmp_path / "preds" / "test_efficientnet_32_fold1.json").read_text())
+    assert info["args"]["data_dir"] == "data" and info["args"]["folds"] == str(Path("data") / "folds.csv")
+    files = sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "preds").glob("*.csv"))
+    e = run_cli(ROOT / "ensemble.py", *files, "--bootstrap", "50", cwd=tmp_path)
+    assert e.returncode == 0, e.stderr
+    report = json.loads((tmp_path / "submission.json").read_text())
+    assert report["bootstrap_over"] == "patients" and "recorded by the runs" in e.stdout
+
+
+def test_no_data_in_any_default_location_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()  # a data/ folder without a competition layout does not count
+    err = refused_run([*TINY], capsys, "no competition data found in data or /kaggle/input/",
+                      "kaggle competitions download -c siim-isic-melanoma-classification", "--demo")
+    assert "--data-dir" in err and not (tmp_path / "preds").exists()
+
+
+def test_help_shows_the_default_data_locations(capsys):
+    with pytest.raises(SystemExit):
+        melanoma.get_args(["--help"])
+    text = "".join(capsys.readouterr().out.split())  # help text is wrapped, even inside a path
+    assert "data,/kaggle/input/siim-isic-melanoma-classification" in text
+
+
+# ----------------------------------------------------------------------------------------------
 # ensemble.py
 
 import ensemble  # noqa: E402
