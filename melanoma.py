@@ -63,7 +63,7 @@ DEMO_DEFAULTS = dict(data_dir="demo_data", model="test_efficientnet", pretrained
 # Random streams. Every random draw comes from a generator keyed on (seed, STREAM, ...), never
 # from a global state, so that each process and a resumed run draw the same numbers, and no two
 # uses of randomness share a stream.
-NEGATIVES = 1  # which benign images an epoch takes: key (seed, NEGATIVES, permutation)
+NEGATIVES = 1  # benign images an epoch takes: key (seed, NEGATIVES, permutation[, pool > 0])
 SHUFFLE = 2    # the order of an epoch's sample: key (seed, SHUFFLE, epoch)
 TTA = 3        # the views of prediction: key (seed, TTA, process, batch, view); test set: seed + 1
 FRAC = 4       # the --frac subset of the training images: key (seed, FRAC)
@@ -99,9 +99,15 @@ def get_args(argv=None):
     g.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="image-loading processes per training process")
     g.add_argument("--cache", help="directory for images resized to --size (written once, reused)")
+    g.add_argument("--meta", action="store_true", help="join the patient metadata (sex, age, "
+                   "site, the patient's image count, image size) to the image features")
+    g.add_argument("--external", metavar="DIR", action="append", help="ISIC 2019 data (train.csv "
+                   "with image_name, diagnosis; train/*.jpg) that only trains; repeatable")
     g = p.add_argument_group("sampler")
     g.add_argument("--neg-ratio", type=float, help="benign images per melanoma per epoch "
                    "(default: the smallest ratio whose --epochs epochs cover every benign image)")
+    g.add_argument("--external-neg-ratio", type=float, help="benign external images per external "
+                   "melanoma per epoch, drawn apart from the competition's (default: one pool)")
     g = p.add_argument_group("augmentation")
     g.add_argument("--cutout", action="store_true",
                    help="add RandomErasing(p=0.5) to the augmentations")
@@ -111,6 +117,11 @@ def get_args(argv=None):
                    help="start from timm's pretrained weights (downloaded once)")
     g.add_argument("--weights",
                    help="weights file to start from (.safetensors or a torch state dict)")
+    g.add_argument("--head", choices=["linear", "mlp"], default="linear",
+                   help="one Linear layer (the recipe), or Linear-SiLU-Dropout-Linear")
+    g.add_argument("--dropout", type=float, default=0.0, help="dropout before the head, [0, 1)")
+    g.add_argument("--msd", type=int, default=1,
+                   help="multi-sample dropout: the head averaged over this many dropout masks")
     g = p.add_argument_group("optimizer")
     g.add_argument("--epochs", type=int, default=20, help="epochs of the OneCycle schedule")
     g.add_argument("--batch-size", type=int, default=32, help="images per step and process")
@@ -167,14 +178,23 @@ def check_flags(p, args):
             p.error(f"--{flag.replace('_', '-')} must be 0 or more, got {getattr(args, flag)}")
     if args.num_workers > 64:
         p.error(f"--num-workers must be at most 64, got {args.num_workers}")
-    for flag in ("frac", "neg_ratio", "lr_min", "lr_max", "wd"):
+    for flag in ("frac", "neg_ratio", "external_neg_ratio", "lr_min", "lr_max", "wd", "dropout"):
         value = getattr(args, flag)
         if value is not None and not math.isfinite(value):
             p.error(f"--{flag.replace('_', '-')} must be a finite number, got {value}")
     if not 0 < args.frac <= 1:
         p.error(f"--frac must be in (0, 1], got {args.frac}")
-    if args.neg_ratio is not None and args.neg_ratio <= 0:
-        p.error(f"--neg-ratio must be positive, got {args.neg_ratio}")
+    for flag in ("neg_ratio", "external_neg_ratio"):
+        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
+            p.error(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    if args.external_neg_ratio is not None and not args.external:
+        p.error("--external-neg-ratio needs --external")
+    if not 0 <= args.dropout < 1:
+        p.error(f"--dropout must be in [0, 1), got {args.dropout}")
+    if not 1 <= args.msd <= 32:
+        p.error(f"--msd must be 1 to 32, got {args.msd}")
+    if args.msd > 1 and args.dropout == 0:
+        p.error("--msd averages over dropout masks: it needs --dropout above 0")
     if not 0 < args.lr_min <= args.lr_max:
         p.error(f"need 0 < --lr-min <= --lr-max, got --lr-min {args.lr_min} --lr-max {args.lr_max}")
     if args.wd < 0:
@@ -379,11 +399,33 @@ def read_folds(path):
     return folds
 
 
-def read_data(args):
-    """Training rows (with fold, never fold -1) and test rows, each with an image `path`."""
+# The columns --meta reads from train.csv, test.csv and external data.
+META_COLUMNS = ["patient_id", "sex", "age_approx", "anatom_site_general_challenge"]
+# ISIC 2019's diagnoses; only MEL is a melanoma.
+DIAGNOSES_2019 = ("MEL", "NV", "BCC", "BKL", "AK", "SCC", "VASC", "DF")
+
+
+def read_images_csv(path, image_dir, columns, what, meta):
+    """A CSV of images with `columns` (and the metadata columns with --meta), each row given
+    the path of its image and, with --meta, its patient's image count in this table."""
+    df = read_csv(path, columns, what)
+    if meta:
+        missing = [c for c in META_COLUMNS if c not in df.columns]
+        if missing:
+            raise DataError(f"{what} {path}: --meta needs column(s) {', '.join(missing)}")
+        check_names(df, f"{what} {path}", "patient_id", unique=False)
+        df["patient_images"] = df.groupby("patient_id")["image_name"].transform("size")
+    df["path"] = [str(Path(image_dir) / f"{n}.jpg") for n in df["image_name"]]
+    return df
+
+
+def read_data(args, say=print):
+    """Training rows (with fold, never fold -1; external images with fold -1 after them, which
+    only ever train) and test rows, each with an image `path`."""
     train_dir, test_dir = find_layout(args.data_dir)
     train_csv = Path(args.data_dir) / "train.csv"
-    train = read_csv(train_csv, ["image_name", "target"], "train file")
+    train = read_images_csv(train_csv, train_dir, ["image_name", "target"], "train file",
+                            args.meta)
     check_targets(train, train_csv)
     folds = read_folds(args.folds)
     train = train.drop(columns=["fold"], errors="ignore")
@@ -393,20 +435,106 @@ def read_data(args):
         raise DataError(f"folds file {args.folds}: {missing.sum()} image(s) of {train_csv} "
                         f"missing, e.g. {', '.join(train['image_name'][missing].head(3))}")
     train["fold"] = train["fold"].astype(int)
+    known_names = set(train["image_name"])
     train = train[train["fold"] >= 0].reset_index(drop=True)
     known = sorted(train["fold"].unique())
     for k in args.fold:
         if k not in known:
             raise DataError(f"--fold {k}: not in {args.folds} "
                             f"(folds there: {', '.join(map(str, known))})")
-    train["path"] = [str(train_dir / f"{n}.jpg") for n in train["image_name"]]
+    train["external"] = False
+    for folder in args.external or []:
+        extra = read_external(folder, args.meta)
+        seen = extra["image_name"].isin(known_names)
+        known_names |= set(extra["image_name"])
+        say(f"--external {folder}: {int((~seen).sum())} images "
+            f"({int(extra['target'][~seen].sum())} melanomas) for training only; "
+            f"{int(seen.sum())} dropped, already among the training images")
+        train = pd.concat([train, extra[~seen]], ignore_index=True)
     test_csv = Path(args.data_dir) / "test.csv"
+    test = pd.DataFrame(columns=["image_name", "path"])
     if test_csv.is_file():
-        test = read_csv(test_csv, ["image_name"], "test file")
-        test["path"] = [str(test_dir / f"{n}.jpg") for n in test["image_name"]]
-    else:
-        test = pd.DataFrame(columns=["image_name", "path"])
+        test = read_images_csv(test_csv, test_dir, ["image_name"], "test file", args.meta)
     return train, test
+
+
+def read_external(folder, meta):
+    """ISIC 2019 in a competition layout: train.csv with image_name and diagnosis (2019's
+    codes); target 1 for MEL. Fold -1: these images train every fold and validate none."""
+    dirs = layout_of(folder)
+    if dirs is None:
+        raise DataError(f"--external {folder}: no train.csv with train/ (or jpeg/train/) there")
+    csv = Path(folder) / "train.csv"
+    df = read_images_csv(csv, dirs[0], ["image_name", "diagnosis"], "external file", meta)
+    codes = df["diagnosis"].astype(str).str.strip().str.upper()
+    bad = ~codes.isin(DIAGNOSES_2019)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise DataError(f"external file {csv}: row {i + 2}: diagnosis {df['diagnosis'][i]!r} is "
+                        f"not one of ISIC 2019's {', '.join(DIAGNOSES_2019)}")
+    df["target"] = (codes == "MEL").astype(int)
+    df["fold"] = -1
+    df["external"] = True
+    return df
+
+
+def fit_meta(train, test):
+    """The metadata encoding, fitted once and saved with the run: categories from both tables,
+    so that one-hot columns agree, and scaling from the training rows."""
+    tables = [t for t in (train, test) if len(t)]
+    size = "pixels" if all({"width", "height"} <= set(t.columns) for t in tables) else "bytes"
+    spec = dict(size=size)
+    for column, key in (("sex", "sexes"), ("anatom_site_general_challenge", "sites")):
+        values = pd.concat([t[column] for t in tables]).dropna().astype(str)
+        spec[key] = sorted(set(values.str.strip()) - {""})
+    raw = meta_raw(train, spec)
+    for column in ("age", "log_patient_images", "log_size"):
+        spec[column] = [float(raw[column].mean()), float(raw[column].std()) or 1.0]
+    return spec
+
+
+def meta_raw(df, spec):
+    """The numeric metadata before scaling: age (NaN when missing), the log of the patient's
+    image count, and the log of the original image size (pixels, or the file's bytes)."""
+    if spec["size"] == "pixels":
+        size = pd.to_numeric(df["width"], errors="coerce") * pd.to_numeric(df["height"],
+                                                                           errors="coerce")
+    else:
+        size = pd.Series([os.path.getsize(p) for p in df["path"]], index=df.index)
+    return pd.DataFrame(dict(age=pd.to_numeric(df["age_approx"], errors="coerce"),
+                             log_patient_images=np.log(df["patient_images"].astype(float)),
+                             log_size=np.log(size.astype(float).clip(lower=1))))
+
+
+def with_meta(df, spec):
+    """df with its metadata features as columns meta_0, meta_1, ..."""
+    features = meta_features(df, spec) if len(df) else np.zeros((0, meta_width(spec)), np.float32)
+    names = [f"meta_{i}" for i in range(features.shape[1])]
+    return pd.concat([df.reset_index(drop=True), pd.DataFrame(features, columns=names)], axis=1)
+
+
+def meta_width(spec):
+    """The number of metadata features: one-hot sex and site with a missing category each,
+    age with its missing indicator, patient image count, size with its missing indicator."""
+    return len(spec["sexes"]) + 1 + len(spec["sites"]) + 1 + 2 + 1 + 2
+
+
+def meta_features(df, spec):
+    """Metadata as float32 features: sex and site one-hot with a missing category; age scaled,
+    with a missing indicator; the patient's image count and the image size, log-scaled."""
+    raw = meta_raw(df, spec)
+    columns = []
+    for column, key in (("sex", "sexes"), ("anatom_site_general_challenge", "sites")):
+        values = df[column].fillna("").astype(str).str.strip()
+        columns += [values == v for v in spec[key]]
+        columns.append(~values.isin(spec[key]))
+    for column in ("age", "log_patient_images", "log_size"):
+        mean, std = spec[column]
+        scaled = (raw[column] - mean) / std
+        columns.append(scaled.fillna(0).clip(-5, 5))
+        if column != "log_patient_images":
+            columns.append(raw[column].isna())
+    return np.column_stack([np.asarray(c, np.float32) for c in columns])
 
 
 JPEG_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")  # not stuffed data, not a restart
@@ -533,16 +661,18 @@ def seed_all(*key):
     torch.manual_seed(int(rng(*key).integers(2**62)))
 
 
-def negatives_for_epoch(n_neg, per_epoch, seed, epoch):
-    """Positions into the benign images for `epoch`: a stream of permutations, so every benign
-    image is drawn once before any is drawn again, and an epoch that straddles two permutations
-    gets no image twice."""
+def negatives_for_epoch(n_neg, per_epoch, seed, epoch, pool=0):
+    """Positions into a pool's benign images for `epoch`: a stream of permutations, so every
+    benign image is drawn once before any is drawn again, and an epoch that straddles two
+    permutations gets no image twice."""
+    if per_epoch == 0:
+        return np.zeros(0, int)
     start = epoch * per_epoch
     stop = start + per_epoch
     prev = None
     chunks = []
     for c in range((stop + n_neg - 1) // n_neg):
-        perm = rng(seed, NEGATIVES, c).permutation(n_neg)
+        perm = rng(seed, NEGATIVES, c, *([pool] if pool else [])).permutation(n_neg)
         lo = c * n_neg
         epoch_start = (lo // per_epoch) * per_epoch  # of the epoch that straddles lo, if any
         if prev is not None and epoch_start < lo:
@@ -557,13 +687,16 @@ def negatives_for_epoch(n_neg, per_epoch, seed, epoch):
     return np.concatenate(chunks)
 
 
-def epoch_indices(targets, per_epoch, seed, epoch):
-    """The epoch's sample (all positives + per_epoch negatives), shuffled; same on every process."""
+def epoch_indices(targets, per_epoch, seed, epoch, pools=None):
+    """The epoch's sample, shuffled, the same on every process: all positives, and per_epoch
+    negatives drawn from each pool of benign images (one pool, or one count per pool id)."""
     targets = np.asarray(targets)
-    pos = np.flatnonzero(targets == 1)
-    neg = np.flatnonzero(targets == 0)
-    idx = np.concatenate([pos, neg[negatives_for_epoch(len(neg), per_epoch, seed, epoch)]])
-    return rng(seed, SHUFFLE, epoch).permutation(idx)
+    pools = np.zeros(len(targets), int) if pools is None else np.asarray(pools)
+    chosen = [np.flatnonzero(targets == 1)]
+    for pool, count in enumerate(np.atleast_1d(per_epoch)):
+        neg = np.flatnonzero((targets == 0) & (pools == pool))
+        chosen.append(neg[negatives_for_epoch(len(neg), int(count), seed, epoch, pool)])
+    return rng(seed, SHUFFLE, epoch).permutation(np.concatenate(chosen))
 
 
 def negatives_per_epoch(targets, epochs, neg_ratio=None):
@@ -579,15 +712,16 @@ class EpochSampler:
     batch_size * world images and each is dealt across processes, so processes run the same
     number of steps, their indices are disjoint, and together they cover the sample."""
 
-    def __init__(self, targets, batch_size, per_epoch, seed=0, rank=0, world=1):
+    def __init__(self, targets, batch_size, per_epoch, seed=0, rank=0, world=1, pools=None):
         self.targets = np.asarray(targets)
+        self.pools = pools
         self.batch_size = batch_size
         self.per_epoch = per_epoch
         self.seed = seed
         self.rank = rank
         self.world = world
         self.epoch = 0
-        self.n = int(self.targets.sum()) + per_epoch
+        self.n = int(self.targets.sum()) + int(np.sum(per_epoch))
 
     def set_epoch(self, epoch):
         self.epoch = epoch
@@ -596,7 +730,7 @@ class EpochSampler:
         return math.ceil(self.n / (self.batch_size * self.world))
 
     def __iter__(self):
-        idx = epoch_indices(self.targets, self.per_epoch, self.seed, self.epoch)
+        idx = epoch_indices(self.targets, self.per_epoch, self.seed, self.epoch, self.pools)
         for batch in np.array_split(idx, len(self)):
             yield batch[self.rank::self.world].tolist()
 
@@ -639,15 +773,15 @@ def seeded(*key):
         yield
 
 
-def predict_batch(model, augment, x, tta, key):
+def predict_batch(model, augment, x, tta, key, meta=None):
     """Melanoma probability per image: one plain pass (tta=0) or the mean of `tta` augmented
     views of the same decoded batch."""
     if tta == 0:
-        return torch.sigmoid(model(augment(x, random=False)).float().squeeze(1))
+        return torch.sigmoid(model(augment(x, random=False), meta).float().squeeze(1))
     total = 0
     for view in range(tta):
         with seeded(*key, view):
-            total = total + torch.sigmoid(model(augment(x)).float().squeeze(1))
+            total = total + torch.sigmoid(model(augment(x), meta).float().squeeze(1))
     return total / tta
 
 
@@ -678,30 +812,76 @@ def read_weights(path):
     return sd
 
 
-def create_model(name, pretrained=True, weights=None):
-    """timm `name` with a one-logit Linear head; weights from timm (download) or a file."""
+class Net(torch.nn.Module):
+    """A timm backbone's pooled features, joined by the metadata MLP's when there is metadata,
+    then dropout and the head: one Linear layer (the recipe) or a small MLP; one logit.
+    Multi-sample dropout (msd > 1) averages the head over that many dropout masks in training;
+    in eval dropout is off and one pass is the same."""
+
+    def __init__(self, backbone, n_meta=0, head="linear", dropout=0.0, msd=1):
+        super().__init__()
+        self.backbone = backbone
+        width = backbone.num_features
+        self.meta = None
+        if n_meta:
+            # LayerNorm, not BatchNorm: a process's last batch may hold a single image
+            self.meta = torch.nn.Sequential(
+                torch.nn.Linear(n_meta, 128), torch.nn.LayerNorm(128), torch.nn.SiLU(),
+                torch.nn.Dropout(0.3),
+                torch.nn.Linear(128, 32), torch.nn.LayerNorm(32), torch.nn.SiLU(),
+                torch.nn.Dropout(0.3))
+            width += 32
+        self.dropout = torch.nn.Dropout(dropout)
+        if head == "linear":
+            self.head = torch.nn.Linear(width, 1)
+        else:
+            self.head = torch.nn.Sequential(torch.nn.Linear(width, 256), torch.nn.SiLU(),
+                                            torch.nn.Dropout(dropout), torch.nn.Linear(256, 1))
+        self.msd = msd
+
+    def forward(self, x, meta=None):
+        features = self.backbone(x)
+        if self.meta is not None:
+            features = torch.cat([features, self.meta(meta)], dim=1)
+        if not self.training or self.msd == 1:
+            return self.head(self.dropout(features))
+        return torch.stack([self.head(self.dropout(features)) for _ in range(self.msd)]).mean(0)
+
+
+def create_model(name, pretrained=True, weights=None, n_meta=0, head="linear", dropout=0.0,
+                 msd=1):
+    """Net on timm's `name`, weights from timm (a download) or a file: our own saved weights,
+    or a bare timm model's, whose classifier is dropped."""
     if not timm.is_model(name):
         close = timm.list_models(f"*{name.split('.')[0]}*")[:5]
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise DataError(f"--model {name}: not a timm model{hint}")
     try:
-        model = timm.create_model(name, pretrained=pretrained and not weights, num_classes=1)
+        backbone = timm.create_model(name, pretrained=pretrained and not weights, num_classes=0)
     except Exception as e:
         raise DataError(f"--model {name}: could not get pretrained weights ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:200]}). Offline, pass --weights FILE, or "
                         "--no-pretrained to train from scratch")
+    model = Net(backbone, n_meta, head, dropout, msd)
     if weights:
-        sd = read_weights(weights)
-        own = model.state_dict()
-        # a backbone's own classifier (e.g. 1000 ImageNet classes) does not fit our one logit
-        head = {k for k in sd if k in own and sd[k].shape != own[k].shape}
-        missing, unexpected = model.load_state_dict(
-            {k: v for k, v in sd.items() if k not in head}, strict=False)
-        classifier = model.default_cfg.get("classifier", "~")
-        if unexpected or {k for k in missing if not k.startswith(classifier)}:
-            raise DataError(f"--weights {weights}: does not fit --model {name} "
-                            f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")
+        load_weights(model, read_weights(weights), f"--weights {weights}", name)
     return model
+
+
+def load_weights(model, sd, what, name):
+    """Load what fits: every backbone tensor must; the head and metadata MLP may be new."""
+    if not any(k.startswith("backbone.") for k in sd):  # a bare timm model's state dict
+        classifier = model.backbone.default_cfg.get("classifier", "~") + "."
+        sd = {f"backbone.{k}": v for k, v in sd.items() if not k.startswith(classifier)}
+    own = model.state_dict()
+    # a head of another width (other metadata, another head) is left to train anew
+    resized = {k for k in sd if k in own and sd[k].shape != own[k].shape}
+    missing, unexpected = model.load_state_dict(
+        {k: v for k, v in sd.items() if k not in resized}, strict=False)
+    lost = [k for k in list(missing) + sorted(resized) if k.startswith("backbone.")]
+    if unexpected or lost:
+        raise DataError(f"{what}: does not fit --model {name} "
+                        f"(missing {lost[:3]}, unexpected {list(unexpected)[:3]})")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -722,15 +902,17 @@ def make_loader(dataset, accelerator, args, batch_sampler=None):
     return accelerator.prepare(loader)
 
 
-def predict(model, augment, loader, accelerator, tta, seed, desc):
-    """Probabilities for every row of loader's dataset, each exactly once, on every process."""
+def predict(model, augment, loader, accelerator, tta, seed, desc, meta=None):
+    """Probabilities for every row of loader's dataset, each exactly once, on every process;
+    `meta`: the rows' metadata features, or None."""
     model.eval()
     rows = []
     probs = []
     with torch.no_grad():
         bar = progress(loader, desc, accelerator.is_main_process)
         for b, (x, idx) in enumerate(bar):
-            p = predict_batch(model, augment, x, tta, (seed, TTA, accelerator.process_index, b))
+            m = None if meta is None else meta[idx.cpu()].to(x.device)
+            p = predict_batch(model, augment, x, tta, (seed, TTA, accelerator.process_index, b), m)
             idx, p = accelerator.gather_for_metrics((idx, p))
             rows.append(idx.cpu())
             probs.append(p.cpu())
@@ -760,14 +942,15 @@ def split_fold(train, fold, frac, seed):
     return trn, val
 
 
-def build_training(args, accelerator, steps_per_epoch):
+def build_training(args, accelerator, steps_per_epoch, n_meta=0):
     """The model, its augmentation, AdamW and the OneCycle schedule over all epochs. `raw_model`
     is the plain module whose weights are saved and loaded; `model` is the same module as
     accelerate (and torch.compile) wrapped it, for the forward passes."""
     seed_all(args.seed, INIT)
-    raw_model = create_model(args.model, args.pretrained, args.weights)
+    raw_model = create_model(args.model, args.pretrained, args.weights, n_meta, args.head,
+                             args.dropout, args.msd)
     raw_model = raw_model.to(accelerator.device, memory_format=torch.channels_last)
-    cfg = raw_model.pretrained_cfg
+    cfg = raw_model.backbone.pretrained_cfg
     augment = Augment(cfg["mean"], cfg["std"], args.cutout).to(accelerator.device)
     optimizer = torch.optim.AdamW(raw_model.parameters(), lr=args.lr_max, weight_decay=args.wd)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
@@ -779,9 +962,9 @@ def build_training(args, accelerator, steps_per_epoch):
 
 
 def train_one_epoch(model, augment, loader, optimizer, scheduler, accelerator, targets, epoch,
-                    epochs):
+                    epochs, meta=None):
     """One pass over the loader's batches: (mean loss and image count over all processes, the
-    learning rate of the last step)."""
+    learning rate of the last step). `targets` and `meta` (or None) are indexed by row."""
     model.train()
     loss_sum = 0.0
     seen = 0
@@ -789,7 +972,8 @@ def train_one_epoch(model, augment, loader, optimizer, scheduler, accelerator, t
     for step, (x, idx) in enumerate(bar):
         x = x.to(accelerator.device, non_blocking=True)
         y = targets[idx].to(accelerator.device, non_blocking=True)
-        loss = F.binary_cross_entropy_with_logits(model(augment(x)).float().squeeze(1), y)
+        m = None if meta is None else meta[idx].to(accelerator.device, non_blocking=True)
+        loss = F.binary_cross_entropy_with_logits(model(augment(x), m).float().squeeze(1), y)
         lr = scheduler.get_last_lr()[0]
         loss_value = loss.item()  # a CPU-GPU sync point: it catches a bad step at once
         if not math.isfinite(loss_value):
@@ -808,7 +992,8 @@ def train_one_epoch(model, augment, loader, optimizer, scheduler, accelerator, t
 
 # The settings that change what a run trains: --resume refuses a checkpoint saved with others.
 RUN_KEYS = ("model", "pretrained", "weights", "size", "frac", "neg_ratio", "cutout", "epochs",
-            "batch_size", "lr_min", "lr_max", "wd", "seed", "folds", "data_dir")
+            "batch_size", "lr_min", "lr_max", "wd", "seed", "folds", "data_dir", "meta", "head",
+            "dropout", "msd", "external", "external_neg_ratio")
 CHECKPOINT = {"model", "optimizer", "scheduler", "history", "run"}
 
 
@@ -817,6 +1002,7 @@ def run_key(args, accelerator):
     for k in ("weights", "folds", "data_dir"):
         if key[k] is not None:
             key[k] = str(Path(key[k]).resolve())
+    key["external"] = [str(Path(d).resolve()) for d in args.external or []]
     key["cache"] = args.cache is not None  # cached images are re-encoded: other pixels
     key["mixed_precision"] = accelerator.mixed_precision
     key["processes"] = accelerator.num_processes  # they set the global batch
@@ -908,27 +1094,47 @@ def fold_errors(fold, ckpt):
 
 
 
-def train_fold(args, accelerator, train, test, fold, stem):
+def make_sampler(trn, args, accelerator):
+    """The epoch sampler over the training rows: one pool of benign images, or with
+    --external-neg-ratio two, the competition's and the external ones, each with its ratio."""
+    targets = trn["target"].to_numpy()
+    pools = None
+    per_epoch = negatives_per_epoch(targets, args.epochs, args.neg_ratio)
+    if args.external_neg_ratio is not None:
+        pools = trn["external"].to_numpy().astype(int)
+        per_epoch = [negatives_per_epoch(targets[pools == pool], args.epochs, ratio)
+                     for pool, ratio in enumerate((args.neg_ratio, args.external_neg_ratio))]
+    return EpochSampler(targets, args.batch_size, per_epoch, args.seed,
+                        accelerator.process_index, accelerator.num_processes, pools)
+
+
+def meta_tensor(df):
+    """The rows' metadata features (the meta_* columns), or None without --meta."""
+    columns = [c for c in df.columns if str(c).startswith("meta_")]
+    return torch.tensor(df[columns].to_numpy(np.float32)) if columns else None
+
+
+def train_fold(args, accelerator, train, test, fold, stem, meta_spec=None):
     """Train on every fold but `fold`, score it each epoch, predict it and the test set with
     TTA, write the outputs."""
     start = time.time()
-    # data: `fold` validates, the other folds (a --frac share of them) train
+    # data: `fold` validates, the other folds (a --frac share of them) and external images train
     trn, val = split_fold(train, fold, args.frac, args.seed)
-    per_epoch = negatives_per_epoch(trn["target"].to_numpy(), args.epochs, args.neg_ratio)
-    sampler = EpochSampler(trn["target"].to_numpy(), args.batch_size, per_epoch, args.seed,
-                           accelerator.process_index, accelerator.num_processes)
+    sampler = make_sampler(trn, args, accelerator)
     train_loader = make_loader(Images(trn["path"], args.size, args.cache), accelerator, args,
                                sampler)
     val_loader = make_loader(Images(val["path"], args.size, args.cache), accelerator, args)
+    trn_meta, val_meta, test_meta = (meta_tensor(df) for df in (trn, val, test))
     # the model and what trains it; continue after the last finished epoch with --resume
+    n_meta = 0 if trn_meta is None else trn_meta.shape[1]
     raw_model, model, augment, optimizer, scheduler = build_training(args, accelerator,
-                                                                     len(sampler))
+                                                                     len(sampler), n_meta)
     ckpt = Path(args.out) / f"{stem}_last.pt"
     history = load_checkpoint(ckpt, raw_model, optimizer, scheduler, accelerator, args)
     accelerator.print(f"fold {fold}: {len(trn)} training images ({int(trn['target'].sum())} "
-                      f"melanomas, {per_epoch} benign per epoch), {len(val)} validation, "
-                      f"{len(test)} test, {accelerator.num_processes} process(es) on "
-                      f"{accelerator.device}")
+                      f"melanomas, {int(trn['external'].sum())} external; "
+                      f"{sampler.n} per epoch), {len(val)} validation, {len(test)} test, "
+                      f"{accelerator.num_processes} process(es) on {accelerator.device}")
     targets = torch.tensor(trn["target"].to_numpy(), dtype=torch.float32)
     for epoch in range(len(history), args.epochs):
         # train on the epoch's fresh sample, score the validation fold (one plain pass), save
@@ -936,9 +1142,10 @@ def train_fold(args, accelerator, train, test, fold, stem):
         sampler.set_epoch(epoch)
         t0 = time.time()
         loss, images, lr = train_one_epoch(model, augment, train_loader, optimizer, scheduler,
-                                           accelerator, targets, epoch, args.epochs)
+                                           accelerator, targets, epoch, args.epochs, trn_meta)
         train_s = time.time() - t0
-        val_pred = predict(model, augment, val_loader, accelerator, 0, args.seed, "validate")
+        val_pred = predict(model, augment, val_loader, accelerator, 0, args.seed, "validate",
+                           val_meta)
         history.append(dict(epoch=epoch + 1, loss=loss, val_auc=roc_auc(val["target"], val_pred),
                             lr=lr, images=images, images_per_s=images / train_s,
                             seconds=time.time() - t0))
@@ -947,15 +1154,16 @@ def train_fold(args, accelerator, train, test, fold, stem):
     # the last epoch's model predicts with TTA: picking an epoch on the validation fold
     # would inflate the CV
     oof = predict(model, augment, val_loader, accelerator, args.tta, args.seed,
-                  f"OOF TTA x{args.tta}")
+                  f"OOF TTA x{args.tta}", val_meta)
     test_pred = np.zeros(0)
     if len(test):
         test_loader = make_loader(Images(test["path"], args.size, args.cache), accelerator, args)
         test_pred = predict(model, augment, test_loader, accelerator, args.tta, args.seed + 1,
-                            f"test TTA x{args.tta}")
+                            f"test TTA x{args.tta}", test_meta)
     result = dict(fold=fold, oof_auc=roc_auc(val["target"], oof),
                   oof_auc_no_tta=history[-1]["val_auc"], n_train=len(trn), n_val=len(val),
-                  n_test=len(test), processes=accelerator.num_processes,
+                  n_external=int(trn["external"].sum()), n_test=len(test), meta=meta_spec,
+                  processes=accelerator.num_processes,
                   device=str(accelerator.device), mixed_precision=accelerator.mixed_precision,
                   wall_s=time.time() - start, epochs=history, args=vars(args))
     # outputs, then the checkpoint goes: the fold is finished
@@ -1043,6 +1251,10 @@ def make_demo_data(root, n_patients=150, n_test=60, seed=0, shape=(96, 128)):
     train["benign_malignant"] = np.where(train["target"] == 1, "malignant", "benign")
     test = pd.DataFrame(dict(image_name=[f"ISIC_{9000000 + i}" for i in range(n_test)],
                              patient_id=[f"IP_{9000000 + i // 3}" for i in range(n_test)]))
+    meta = np.random.default_rng([seed, 2020])  # apart from r: the images stay as they were
+    test["sex"] = meta.choice(["male", "female"], n_test)
+    test["age_approx"] = meta.integers(4, 18, n_test) * 5.0
+    test["anatom_site_general_challenge"] = meta.choice(sites, n_test)
     test_targets = r.random(n_test) < 0.06  # hidden: they only shape the test images
     for split, df, targets in (("train", train, train["target"]), ("test", test, test_targets)):
         folder = root / "jpeg" / split
@@ -1052,8 +1264,29 @@ def make_demo_data(root, n_patients=150, n_test=60, seed=0, shape=(96, 128)):
             image.save(folder / f"{name}.jpg", quality=90)
     write_csv(test, root / "test.csv")
     write_csv(make_folds(train, 5, seed), root / "folds.csv")
+    make_demo_external(root / "isic2019", train["image_name"][:3], seed, shape)
     write_csv(train, root / "train.csv")  # last: its presence marks a complete dataset
     return root
+
+
+def make_demo_external(root, duplicates, seed=0, shape=(96, 128), n=150):
+    """Synthetic external data in ISIC 2019's resized layout (train.csv with 2019 diagnosis
+    codes, train/*.jpg): about 18 % MEL, and `duplicates`, names also in the competition's."""
+    r = np.random.default_rng([seed, 2019])
+    names = list(duplicates) + [f"ISIC_{1000000 + i:07d}" for i in range(n - len(duplicates))]
+    malignant = r.random(n) < 0.18
+    benign = r.choice([c for c in DIAGNOSES_2019 if c != "MEL"], n)
+    df = pd.DataFrame(dict(image_name=names, patient_id=[f"EX_{i // 2:05d}" for i in range(n)],
+                           sex=r.choice(["male", "female"], n),
+                           age_approx=r.integers(4, 18, n) * 5.0,
+                           anatom_site_general_challenge=r.choice(
+                               ["torso", "lower extremity", "head/neck", "palms/soles"], n),
+                           diagnosis=np.where(malignant, "MEL", benign)))
+    (root / "train").mkdir(parents=True, exist_ok=True)
+    for name, t in zip(names, malignant):
+        image = Image.fromarray(draw_lesion(*shape, bool(t), r))
+        image.save(root / "train" / f"{name}.jpg", quality=90)
+    write_csv(df, root / "train.csv")
 
 
 def benchmark_jpegs(folder, seed=0):
@@ -1189,13 +1422,17 @@ def run(args):
     check_writable(args.out, "--out")
     if args.cache:
         check_writable(args.cache, "--cache")
-    train, test = read_data(args)
+    train, test = read_data(args, accelerator.print)
     for fold in args.fold:
         split_fold(train, fold, args.frac, args.seed)
     check_checkpoints(args, accelerator)
     if not len(test):
         accelerator.print(f"no test.csv in {args.data_dir}: predicting the validation fold only")
     check_images(list(train["path"]) + list(test["path"]), accelerator.is_main_process)
+    meta_spec = None
+    if args.meta:
+        meta_spec = fit_meta(train, test)
+        train, test = (with_meta(df, meta_spec) for df in (train, test))
     results = []
     for fold in args.fold:
         stem = f"{args.name}_fold{fold}"
@@ -1205,7 +1442,7 @@ def run(args):
             results.append(json.loads(done.read_text()))
             continue
         with fold_errors(fold, Path(args.out) / f"{stem}_last.pt"):
-            results.append(train_fold(args, accelerator, train, test, fold, stem))
+            results.append(train_fold(args, accelerator, train, test, fold, stem, meta_spec))
     if len(results) > 1 and accelerator.is_main_process:
         oof = pd.concat([pd.read_csv(Path(args.out) / f"{args.name}_fold{r['fold']}_oof.csv")
                          for r in results])

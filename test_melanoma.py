@@ -339,8 +339,8 @@ def test_weights_with_another_head_keep_the_backbone(tmp_path):
     backbone = timm.create_model("test_efficientnet", pretrained=False, num_classes=1000)
     save_file(backbone.state_dict(), tmp_path / "b.safetensors")
     model = melanoma.create_model("test_efficientnet", pretrained=False, weights=str(tmp_path / "b.safetensors"))
-    assert torch.equal(model.conv_stem.weight, backbone.conv_stem.weight)
-    assert model.get_classifier().out_features == 1
+    assert torch.equal(model.backbone.conv_stem.weight, backbone.conv_stem.weight)
+    assert model.head.out_features == 1
     with pytest.raises(melanoma.DataError, match="does not fit"):
         melanoma.create_model("test_resnet", pretrained=False, weights=str(tmp_path / "b.safetensors"))
 
@@ -378,7 +378,7 @@ def check_outputs(data, out, name, fold):
     from sklearn.metrics import roc_auc_score
     assert info["oof_auc"] == pytest.approx(roc_auc_score(oof["target"], oof["pred"]))
     from safetensors.torch import load_file
-    assert "classifier.weight" in load_file(out / f"{name}_fold{fold}.safetensors")
+    assert "head.weight" in load_file(out / f"{name}_fold{fold}.safetensors")
     assert not list(out.glob("*.tmp")) and not list(out.glob("*_last.pt"))
     return oof, test, info
 
@@ -739,6 +739,119 @@ def test_make_folds_tfrecords_beyond_14_and_bad_rows(tmp_path, capsys):
         refused_run(["--make-folds", tmp_path / "t.csv", "--out", tmp_path / "g.csv"], capsys, "t.csv", *names)
         assert not (tmp_path / "g.csv").exists()
     refused_run(["--make-folds", tmp_path / "t.csv", "--out", tmp_path], capsys, "--out", "a folder, not a file")
+
+
+# ----------------------------------------------------------------------------------------------
+# Modelling: metadata, heads, external data
+
+def meta_table(**cols):
+    df = pd.DataFrame(cols)
+    df["path"] = ""
+    df["patient_images"] = df.groupby("patient_id")["image_name"].transform("size")
+    return df
+
+
+def test_meta_features_scale_mark_missing_and_share_categories():
+    train = meta_table(image_name=["a", "b", "c", "d"], patient_id=["p", "p", "p", "q"],
+                       sex=["male", "female", None, "male"], age_approx=[30, 50, np.nan, 70],
+                       anatom_site_general_challenge=["torso", None, "torso", "head/neck"], width=[600, 600, 6000, 6000],
+                       height=[400, 400, 4000, 4000])
+    test = meta_table(image_name=["t"], patient_id=["r"], sex=["female"], age_approx=[50],
+                      anatom_site_general_challenge=["palms/soles"], width=[600], height=[400])
+    spec = melanoma.fit_meta(train, test)
+    assert spec["sites"] == ["head/neck", "palms/soles", "torso"] and spec["size"] == "pixels"  # test-only site kept
+    assert spec["age"] == pytest.approx([50, 20])
+    a, b = melanoma.meta_features(train, spec), melanoma.meta_features(test, spec)
+    assert a.shape == (4, melanoma.meta_width(spec)) == (4, 12) and b.shape == (1, 12) and a.dtype == np.float32
+    # columns: female, male, sex missing, head/neck, palms/soles, torso, site missing, age, age missing,
+    # patient images, size, size missing
+    assert a[:, :3].tolist() == [[0, 1, 0], [1, 0, 0], [0, 0, 1], [0, 1, 0]]
+    assert a[:, 3:7].tolist() == [[0, 0, 1, 0], [0, 0, 0, 1], [0, 0, 1, 0], [1, 0, 0, 0]]
+    assert b[0, 3:7].tolist() == [0, 1, 0, 0]
+    assert a[:, 7].tolist() == pytest.approx([-1, 0, 0, 1]) and a[:, 8].tolist() == [0, 0, 1, 0]
+    assert a[0, 9] > a[3, 9] and a[0, 10] < a[2, 10]  # 3 images vs 1; 600x400 vs 6000x4000
+    with_size_missing = train.assign(width=[600, np.nan, 6000, 6000])
+    assert melanoma.meta_features(with_size_missing, spec)[1, 10:].tolist() == [0, 1]
+
+
+def test_heads_and_multi_sample_dropout():
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, 32, 32)
+    meta = torch.randn(6, 5)
+    for head in ("linear", "mlp"):
+        model = melanoma.create_model("test_efficientnet", False, n_meta=5, head=head, dropout=0.5, msd=4)
+        model.eval()
+        out = model(x, meta)
+        assert out.shape == (6, 1) and torch.equal(out, model(x, meta))  # eval: deterministic
+        model.msd = 1
+        assert torch.allclose(out, model(x, meta))  # in eval, msd changes nothing
+        model.train()
+        model.msd = 4
+        with melanoma.seeded(1):
+            many = model(x, meta)
+        model.msd = 1
+        with melanoma.seeded(1):
+            features = torch.cat([model.backbone(x), model.meta(meta)], 1)
+            masks = [model.head(model.dropout(features)) for _ in range(4)]
+        assert torch.allclose(many, torch.stack(masks).mean(0), atol=1e-6)  # the mean over 4 masks
+    plain = melanoma.create_model("test_efficientnet", False)
+    assert isinstance(plain.head, torch.nn.Linear) and plain.meta is None  # the recipe: one Linear
+
+
+def test_meta_mlp_external_end_to_end_never_validates_external_images(tiny_data, tmp_path, capsys):
+    out = tmp_path / "out"
+    melanoma.main([str(a) for a in train_args(tiny_data, out, "--meta", "--head", "mlp", "--dropout", "0.2",
+                                              "--msd", "2", "--external", tiny_data / "isic2019",
+                                              "--external-neg-ratio", "1", "--epochs", "1")])
+    log = capsys.readouterr().out
+    assert "147 images" in log and "3 dropped, already among the training images" in log
+    external = pd.read_csv(tiny_data / "isic2019" / "train.csv")
+    oof = pd.read_csv(out / "test_efficientnet_32_fold0_oof.csv")
+    folds = pd.read_csv(tiny_data / "folds.csv")
+    assert sorted(oof["image_name"]) == sorted(folds.query("fold == 0")["image_name"])
+    assert not set(oof["image_name"]) & (set(external["image_name"]) - set(folds["image_name"]))
+    assert len(pd.read_csv(out / "test_efficientnet_32_fold0_test.csv")) == 30
+    info = json.loads((out / "test_efficientnet_32_fold0.json").read_text())
+    assert info["n_external"] == 147 and info["meta"]["size"] == "bytes"
+    assert info["n_train"] == (folds["fold"] != 0).sum() + 147
+
+
+def test_external_images_only_train_and_get_their_own_ratio(tiny_data):
+    args = melanoma.get_args(["--data-dir", str(tiny_data), "--folds", str(tiny_data / "folds.csv"),
+                              "--external", str(tiny_data / "isic2019"), "--external-neg-ratio", "2", "--epochs", "4"])
+    train, _ = melanoma.read_data(args, lambda *a: None)
+    assert (train.loc[train["external"], "fold"] == -1).all() and train["image_name"].is_unique
+    for fold in range(5):
+        trn, val = melanoma.split_fold(train, fold, 1.0, 0)
+        assert not val["external"].any() and trn["external"].sum() == 147
+    trn, _ = melanoma.split_fold(train, 0, 1.0, 0)
+    sampler = melanoma.make_sampler(trn, args, SimpleNamespace(process_index=0, num_processes=1))
+    ext_pos = int((trn["external"] & (trn["target"] == 1)).sum())
+    idx = [i for b in sampler for i in b]
+    chosen = trn.iloc[idx]
+    assert (chosen["target"] == 1).sum() == trn["target"].sum()  # every melanoma
+    assert ((chosen["target"] == 0) & chosen["external"]).sum() == 2 * ext_pos
+    comp_neg = int(((trn["target"] == 0) & ~trn["external"]).sum())
+    assert ((chosen["target"] == 0) & ~chosen["external"]).sum() == -(-comp_neg // 4)
+
+
+@pytest.mark.parametrize("breakage, flags, names", [
+    (lambda d: break_csv(d, "test.csv", lambda df: df.drop(columns=["sex", "age_approx"])), ["--meta"],
+     ["test.csv", "--meta needs column(s) sex, age_approx"]),
+    (lambda d: break_csv(d, "isic2019/train.csv", lambda df: df.assign(diagnosis=["XYZ"] + list(df["diagnosis"][1:]))),
+     ["--external", "{d}/isic2019"], ["isic2019/train.csv", "row 2", "'XYZ'", "MEL"]),
+    (lambda d: None, ["--external", "{d}/nowhere"], ["--external", "nowhere", "no train.csv"]),
+    (lambda d: (d / "isic2019" / "train" / "ISIC_1000010.jpg").unlink(), ["--external", "{d}/isic2019"],
+     ["ISIC_1000010.jpg", "No such file"]),
+    (lambda d: None, ["--msd", "4"], ["--msd averages over dropout masks"]),
+    (lambda d: None, ["--dropout", "1"], ["--dropout must be in [0, 1)"]),
+    (lambda d: None, ["--external-neg-ratio", "2"], ["--external-neg-ratio needs --external"]),
+    (lambda d: None, ["--head", "big"], ["--head", "invalid choice"]),
+])
+def test_modelling_bad_input_is_one_line(data, tmp_path, capsys, breakage, flags, names):
+    breakage(data)
+    refused_run(train_args(data, tmp_path / "out") + [f.format(d=data) for f in flags], capsys, *names)
+    assert not (tmp_path / "out").exists()
 
 
 # ----------------------------------------------------------------------------------------------
