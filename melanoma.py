@@ -26,6 +26,7 @@ for a plain decode and resize; 15-pass TTA decoding once runs 5.7x faster than r
 """
 import argparse
 import contextlib
+import glob
 import hashlib
 import json
 import math
@@ -38,6 +39,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import kornia.augmentation as K
 import numpy as np
@@ -46,6 +48,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from matplotlib.figure import Figure
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from sklearn.metrics import roc_auc_score
@@ -131,6 +134,13 @@ def get_args(argv=None):
     g = p.add_argument_group("prediction")
     g.add_argument("--tta", type=int, default=15,
                    help="augmented passes averaged at prediction; 0: one plain pass")
+    g.add_argument("--predict", metavar="PATH", help="score a folder of images (recursively) or "
+                   "a CSV with image_name with every fold of run --name in --out; no training")
+    g.add_argument("--skip-bad", action="store_true", help="with --predict: leave out unreadable "
+                   "images (listed in {name}_predict_skipped.csv) instead of stopping")
+    g.add_argument("--explain", type=int, default=0, metavar="N", help="Grad-CAM grids of run "
+                   "--name: the N most confident false positives and negatives of each fold's "
+                   "OOF (and with --predict the N top new images); no training")
     g = p.add_argument_group("system")
     g.add_argument("--out", help="output directory (default preds/; with --make-folds the CSV "
                    "path, default folds.csv)")
@@ -173,7 +183,7 @@ def check_flags(p, args):
             p.error(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     if args.size > 4096:
         p.error(f"--size must be at most 4096 pixels, got {args.size}")
-    for flag in ("tta", "num_workers", "seed"):
+    for flag in ("tta", "num_workers", "seed", "explain"):
         if getattr(args, flag) < 0:
             p.error(f"--{flag.replace('_', '-')} must be 0 or more, got {getattr(args, flag)}")
     if args.num_workers > 64:
@@ -840,7 +850,11 @@ class Net(torch.nn.Module):
         self.msd = msd
 
     def forward(self, x, meta=None):
-        features = self.backbone(x)
+        return self.logit(self.backbone.forward_features(x), meta)
+
+    def logit(self, feature_map, meta=None):
+        """The logit from the backbone's last feature map, where Grad-CAM looks."""
+        features = self.backbone.forward_head(feature_map, pre_logits=True)
         if self.meta is not None:
             features = torch.cat([features, self.meta(meta)], dim=1)
         if not self.training or self.msd == 1:
@@ -1198,6 +1212,211 @@ def write_outputs(out, stem, oof, test, result, raw_model):
 
 
 # ----------------------------------------------------------------------------------------------
+# Using a trained model: predict new images, and see where it looks (Grad-CAM)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+# The settings every fold of one --name must share to be averaged as one model.
+MODEL_KEYS = ("model", "size", "head", "dropout", "msd", "cutout")
+
+
+def load_run(out, name):
+    """The finished folds of run `name` in `out`: {fold: (its JSON, its weights file)}. They
+    must be one model: the same MODEL_KEYS and metadata encoding."""
+    pattern = re.compile(rf"^{re.escape(name)}_fold(\d+)\.safetensors$")
+    files = sorted(p for p in Path(out).glob(f"{glob.escape(name)}_fold*.safetensors")
+                   if pattern.match(p.name))
+    if not files:
+        raise DataError(f"--name {name}: no weights in {out} (looked for "
+                        f"{Path(out) / name}_fold{{k}}.safetensors)")
+    runs = {}
+    for path in files:
+        try:
+            info = json.loads(path.with_suffix(".json").read_text())
+            settings = [info["args"][k] for k in MODEL_KEYS] + [info.get("meta")]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise DataError(f"{path.with_suffix('.json')}: the run's JSON is missing or "
+                            f"unreadable ({one_line(e)})")
+        runs[int(pattern.match(path.name)[1])] = (info, path, settings)
+    first = next(iter(runs.values()))
+    for info, path, settings in runs.values():
+        differ = [k for k, a, b in zip(MODEL_KEYS + ("meta",), settings, first[2]) if a != b]
+        if differ:
+            raise DataError(f"--name {name}: {path.name} and {first[1].name} are different "
+                            f"models ({', '.join(differ)} differ); give each its own --name")
+    return {fold: (info, path) for fold, (info, path, _) in runs.items()}
+
+
+def trained_model(info, path):
+    """The model a run's JSON describes, with its saved weights, all of them."""
+    a = info["args"]
+    n_meta = meta_width(info["meta"]) if info.get("meta") else 0
+    model = create_model(a["model"], False, None, n_meta, a["head"], a["dropout"], a["msd"])
+    try:
+        model.load_state_dict(load_file(path))
+    except Exception as e:  # safetensors' own error for a damaged file, torch's for a misfit
+        raise DataError(f"{path}: does not load into {a['model']} ({one_line(e)[:160]})")
+    return model
+
+
+def images_to_predict(path, data_dir, meta):
+    """Rows with image_name and path: every JPEG/PNG under a folder (named by their path relative
+    to it), or the rows of a CSV with image_name, found as test images are in training."""
+    path = Path(path)
+    if path.is_dir():
+        if meta:
+            raise DataError(f"--predict {path}: the model was trained with --meta: pass a CSV "
+                            f"with image_name and {', '.join(META_COLUMNS)}")
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise DataError(f"--predict {path}: no images ({', '.join(IMAGE_SUFFIXES)}) in it")
+        return pd.DataFrame(dict(image_name=[p.relative_to(path).as_posix() for p in files],
+                                 path=[str(p) for p in files]))
+    root = Path(data_dir) if data_dir else path.parent
+    first = read_csv(path, ["image_name"], "--predict file")["image_name"].iloc[0]
+    folders = [root, root / "jpeg" / "test", root / "test", root / "jpeg" / "train",
+               root / "train"]
+    folder = next((d for d in folders if (d / f"{first}.jpg").is_file()), root)
+    return read_images_csv(path, folder, ["image_name"], "--predict file", meta)
+
+
+def readable_rows(rows, skip_bad, out, name, say):
+    """The rows whose image passes check_image. Unreadable ones are refused all together, or
+    with --skip-bad left out and listed in {name}_predict_skipped.csv."""
+    reasons = {}
+    for path in progress(rows["path"], "checking images", len(rows) >= 2000):
+        try:  # every image is tried, so that the user sees all the bad ones at once
+            check_image(path)
+        except DataError as e:
+            reasons[path] = str(e)
+    if not reasons:
+        return rows
+    if not skip_bad:
+        raise DataError(f"{len(reasons)} image(s) cannot be used, e.g. "
+                        f"{'; '.join(list(reasons.values())[:3])}; --skip-bad predicts the rest")
+    bad = rows["path"].isin(reasons)
+    skipped = rows[bad].assign(reason=rows["path"][bad].map(reasons))
+    write_csv(skipped[["image_name", "reason"]], Path(out) / f"{name}_predict_skipped.csv")
+    say(f"skipped {len(reasons)} unreadable image(s): {name}_predict_skipped.csv lists them")
+    return rows[~bad].reset_index(drop=True)
+
+
+def predict_with(info, path, rows, args, accelerator, desc):
+    """One fold's probabilities for `rows`, with its TTA seeds and batches as in training, so
+    that the competition's test images get the numbers of the run's own _test.csv."""
+    a = SimpleNamespace(**info["args"])
+    raw_model = trained_model(info, path).to(accelerator.device, memory_format=torch.channels_last)
+    cfg = raw_model.backbone.pretrained_cfg
+    augment = Augment(cfg["mean"], cfg["std"], a.cutout).to(accelerator.device)
+    model = accelerator.prepare_model(raw_model, evaluation_mode=True)
+    loader_args = SimpleNamespace(num_workers=args.num_workers, batch_size=a.batch_size)
+    loader = make_loader(Images(rows["path"], a.size, args.cache), accelerator, loader_args)
+    return predict(model, augment, loader, accelerator, args.tta, a.seed + 1, desc,
+                   meta_tensor(rows))
+
+
+def predict_images(args):
+    """--predict PATH: every fold of run --name scores the images; the folds are averaged."""
+    start = time.time()
+    accelerator = Accelerator(cpu=args.cpu, mixed_precision=args.mixed_precision)
+    runs = load_run(args.out, args.name)
+    spec = next(iter(runs.values()))[0].get("meta")
+    check_writable(args.out, "--out")
+    rows = images_to_predict(args.predict, args.data_dir, spec is not None)
+    rows = readable_rows(rows, args.skip_bad, args.out, args.name, accelerator.print)
+    if spec:
+        rows = with_meta(rows, spec)
+    scores = rows[["image_name"]].copy()
+    for fold, (info, path) in runs.items():
+        scores[f"fold{fold}"] = predict_with(info, path, rows, args, accelerator,
+                                             f"fold {fold} TTA x{args.tta}")
+    scores["target"] = scores[[f"fold{k}" for k in runs]].mean(axis=1)
+    out = Path(args.out) / f"{args.name}_predict.csv"
+    if accelerator.is_main_process:
+        write_csv(scores, out)
+    accelerator.print(f"wrote {out}: {len(scores)} images, {len(runs)} fold(s) averaged "
+                      f"(target = their mean), TTA x{args.tta}, {time.time() - start:.0f} s")
+    if args.explain:
+        explain(args, accelerator, runs, rows.assign(**{c: scores[c] for c in scores
+                                                        if c.startswith("fold")}))
+
+
+def grad_cam(model, augment, x, meta=None):
+    """(probabilities, Grad-CAM maps in [0, 1] at the images' size): the backbone's last feature
+    maps weighted by the mean gradient of the logit over each, summed, ReLU, upsampled."""
+    model.eval()
+    with torch.no_grad():  # the gradient is needed from the feature maps on, not before
+        feature_map = model.backbone.forward_features(augment(x, random=False))
+    feature_map.requires_grad_()
+    logits = model.logit(feature_map, meta).squeeze(1)
+    grads, = torch.autograd.grad(logits.sum(), feature_map)
+    cam = F.relu((grads.mean(dim=(2, 3), keepdim=True) * feature_map).sum(1, keepdim=True))
+    cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    cam = cam / cam.amax(dim=(1, 2), keepdim=True).clamp_min(1e-12)
+    return torch.sigmoid(logits).detach(), cam.detach()
+
+
+def training_rows(info):
+    """The run's training images (image_name, target, path, and metadata with --meta)."""
+    a = info["args"]
+    train_dir = find_layout(a["data_dir"])[0]
+    rows = read_images_csv(Path(a["data_dir"]) / "train.csv", train_dir,
+                           ["image_name", "target"], "train file", bool(info.get("meta")))
+    return with_meta(rows, info["meta"]) if info.get("meta") else rows
+
+
+def explain(args, accelerator, runs, new=None):
+    """--explain N: one PNG grid per fold, {name}_fold{k}_explain.png: Grad-CAM of the N most
+    confident false positives and false negatives of its OOF predictions, and of the N new
+    images it scores highest (with --predict)."""
+    if not accelerator.is_main_process:
+        return
+    n = args.explain
+    for fold, (info, path) in runs.items():
+        cases = []
+        oof_file = Path(args.out) / f"{args.name}_fold{fold}_oof.csv"
+        if oof_file.is_file():
+            oof = pd.read_csv(oof_file, dtype={"image_name": str})
+            rows = training_rows(info).set_index("image_name").loc[oof["image_name"]]
+            rows = rows.reset_index().assign(score=oof["pred"].to_numpy())
+            fp = rows[rows["target"] == 0].nlargest(n, "score").assign(case="false positive")
+            fn = rows[rows["target"] == 1].nsmallest(n, "score").assign(case="false negative")
+            cases += [fp, fn]
+        if new is not None:
+            top = new.assign(score=new[f"fold{fold}"]).nlargest(n, "score")
+            cases.append(top.assign(case="new, highest scored", target=np.nan))
+        cases = pd.concat(cases, ignore_index=True)
+        model = trained_model(info, path).to(accelerator.device)
+        cfg = model.backbone.pretrained_cfg
+        augment = Augment(cfg["mean"], cfg["std"]).to(accelerator.device)
+        size = info["args"]["size"]
+        x = torch.stack([torch.from_numpy(load_image(p, size)).permute(2, 0, 1)
+                         for p in cases["path"]]).to(accelerator.device)
+        meta = meta_tensor(cases)
+        probs, cams = grad_cam(model, augment, x, None if meta is None else meta.to(x.device))
+        figure = explain_grid(x.permute(0, 2, 3, 1).cpu().numpy(), cams.cpu().numpy(),
+                              cases, probs.cpu().numpy())
+        target = Path(args.out) / f"{args.name}_fold{fold}_explain.png"
+        atomic_write(target, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
+        accelerator.print(f"wrote {target}: Grad-CAM of {len(cases)} images")
+
+
+def explain_grid(images, cams, cases, probs):
+    """A figure with one row per case: the image, and the image under its heat map."""
+    figure = Figure(figsize=(5, 2.6 * len(cases)), layout="constrained")
+    axes = figure.subplots(len(cases), 2, squeeze=False)
+    for row, (image, cam, case, prob) in enumerate(zip(images, cams, cases.itertuples(), probs)):
+        target = "?" if pd.isna(case.target) else int(case.target)
+        axes[row, 0].imshow(image)
+        axes[row, 0].set_title(f"{case.case}\n{case.image_name}", fontsize=8)
+        axes[row, 1].imshow(image)
+        axes[row, 1].imshow(cam, cmap="jet", alpha=0.45, vmin=0, vmax=1)
+        axes[row, 1].set_title(f"target {target}, p = {prob:.3f}", fontsize=8)
+        for ax in axes[row]:
+            ax.axis("off")
+    return figure
+
+
+# ----------------------------------------------------------------------------------------------
 # Tools: folds, demo data, benchmark
 
 def write_folds(args):
@@ -1411,6 +1630,10 @@ def run(args):
         return write_folds(args)
     if args.benchmark:
         return benchmark(args)
+    if args.predict:
+        return predict_images(args)
+    if args.explain:
+        return explain(args, Accelerator(cpu=args.cpu), load_run(args.out, args.name))
     accelerator = Accelerator(cpu=args.cpu, mixed_precision=args.mixed_precision)
     # the demo's dataset is made once, by the main process, before the others read it
     with accelerator.main_process_first():

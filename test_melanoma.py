@@ -855,6 +855,102 @@ def test_modelling_bad_input_is_one_line(data, tmp_path, capsys, breakage, flags
 
 
 # ----------------------------------------------------------------------------------------------
+# Using a trained model: --predict and --explain
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_data, tmp_path_factory):
+    """A finished fold 0 of run 'tiny' (plain passes, --tta 0), and its output folder."""
+    out = tmp_path_factory.mktemp("run")
+    melanoma.main([str(a) for a in train_args(tiny_data, out, "--epochs", "1", "--tta", "0", "--name", "tiny")])
+    return out
+
+
+def test_predict_the_test_set_gives_the_runs_own_numbers(tiny_data, trained_run, capsys):
+    melanoma.main(["--predict", str(tiny_data / "test.csv"), "--name", "tiny", "--out", str(trained_run),
+                   "--tta", "0", "--num-workers", "0"])
+    assert "30 images, 1 fold(s) averaged" in capsys.readouterr().out
+    ours = pd.read_csv(trained_run / "tiny_predict.csv")
+    theirs = pd.read_csv(trained_run / "tiny_fold0_test.csv")
+    assert list(ours.columns) == ["image_name", "fold0", "target"]
+    assert ours["image_name"].equals(theirs["image_name"])
+    assert np.array_equal(ours["fold0"].to_numpy(), theirs["target"].to_numpy())  # exactly
+    assert np.array_equal(ours["target"].to_numpy(), theirs["target"].to_numpy())
+
+
+def test_predict_a_folder_with_tta_and_explain(tiny_data, trained_run, tmp_path, capsys):
+    folder = tmp_path / "clinic"
+    (folder / "a").mkdir(parents=True)
+    for i, src in enumerate(sorted((tiny_data / "jpeg" / "test").iterdir())[:3]):
+        shutil.copy(src, folder / "a" / f"img{i}.jpg")
+    Image.open(first_image(tiny_data, "test")).save(folder / "photo.PNG")
+    (folder / "notes.txt").write_text("not an image")
+    out = tmp_path / "out"
+    shutil.copytree(trained_run, out)
+    melanoma.main(["--predict", str(folder), "--name", "tiny", "--out", str(out), "--tta", "2",
+                   "--num-workers", "0", "--explain", "1"])
+    pred = pd.read_csv(out / "tiny_predict.csv")
+    assert pred["image_name"].tolist() == ["a/img0.jpg", "a/img1.jpg", "a/img2.jpg", "photo.PNG"]
+    assert pred["target"].between(0, 1).all()
+    with Image.open(out / "tiny_fold0_explain.png") as im:
+        assert im.format == "PNG" and im.size[1] > im.size[0]  # one row per case: 1 FP, 1 FN, 1 new
+    assert "Grad-CAM of 3 images" in capsys.readouterr().out
+
+
+class DarkSpot(torch.nn.Module):
+    """A stand-in backbone whose one feature map is each pixel's darkness: its logit is the mean
+    darkness, so Grad-CAM must light up where the dark lesion is."""
+    num_features = 1
+    pretrained_cfg = dict(mean=(0, 0, 0), std=(1, 1, 1))
+
+    def forward_features(self, x):
+        return torch.nn.functional.avg_pool2d(1 - x.mean(1, keepdim=True), 4)
+
+    def forward_head(self, x, pre_logits=False):
+        return x.mean(dim=(2, 3))
+
+
+def test_grad_cam_peaks_on_the_lesion():
+    model = melanoma.Net(DarkSpot())
+    torch.nn.init.ones_(model.head.weight)
+    image = torch.full((1, 3, 64, 64), 230, dtype=torch.uint8)
+    image[:, :, 40:56, 8:24] = 20  # a dark lesion in the lower left
+    probs, cam = melanoma.grad_cam(model, melanoma.Augment((0, 0, 0), (1, 1, 1)), image)
+    assert cam.shape == (1, 64, 64) and float(cam.max()) == pytest.approx(1) and float(cam.min()) >= 0
+    peak = divmod(int(cam[0].argmax()), 64)
+    assert 40 <= peak[0] < 56 and 8 <= peak[1] < 24
+    assert cam[0, 40:56, 8:24].mean() > 5 * cam[0, :16, 40:].mean()
+    assert 0 < float(probs[0]) < 1
+
+
+def test_predict_bad_input_is_one_line(tiny_data, trained_run, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(trained_run, out)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    base = ["--out", out, "--num-workers", "0", "--tta", "0"]
+    refused_run(["--predict", empty, "--name", "nobody", *base], capsys, "--name nobody", "nobody_fold{k}.safetensors")
+    refused_run(["--predict", empty, "--name", "tiny", *base], capsys, "--predict", "no images")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    shutil.copy(first_image(tiny_data, "test"), bad / "good.jpg")
+    (bad / "broken.jpg").write_bytes(first_image(tiny_data, "test").read_bytes()[:200])
+    (bad / "empty.png").write_bytes(b"")
+    refused_run(["--predict", bad, "--name", "tiny", *base], capsys, "2 image(s) cannot be used", "broken.jpg",
+                "empty.png", "--skip-bad")
+    assert not (out / "tiny_predict.csv").exists()
+    melanoma.main([str(a) for a in ["--predict", bad, "--name", "tiny", *base, "--skip-bad"]])
+    assert pd.read_csv(out / "tiny_predict.csv")["image_name"].tolist() == ["good.jpg"]
+    skipped = pd.read_csv(out / "tiny_predict_skipped.csv")
+    assert sorted(skipped["image_name"]) == ["broken.jpg", "empty.png"]
+    info = json.loads((out / "tiny_fold0.json").read_text())
+    info["args"]["size"] = 64
+    (out / "tiny_fold3.json").write_text(json.dumps(info))
+    shutil.copy(out / "tiny_fold0.safetensors", out / "tiny_fold3.safetensors")
+    refused_run(["--predict", bad, "--name", "tiny", *base], capsys, "tiny_fold3.safetensors", "different models",
+                "size")
+
+
+# ----------------------------------------------------------------------------------------------
 # The commands as written: a default data location; ensemble.py finds the runs' patient ids
 
 def test_default_data_location_then_ensemble_finds_the_runs_patient_ids(tiny_data, tmp_path):
