@@ -865,12 +865,13 @@ def trained_run(tiny_data, tmp_path_factory):
     return out
 
 
-def test_predict_the_test_set_gives_the_runs_own_numbers(tiny_data, trained_run, capsys):
-    melanoma.main(["--predict", str(tiny_data / "test.csv"), "--name", "tiny", "--out", str(trained_run),
+def test_predict_the_test_set_gives_the_runs_own_numbers(tiny_data, trained_run, tmp_path, capsys):
+    out = Path(shutil.copytree(trained_run, tmp_path / "out"))
+    melanoma.main(["--predict", str(tiny_data / "test.csv"), "--name", "tiny", "--out", str(out),
                    "--tta", "0", "--num-workers", "0"])
     assert "30 images, 1 fold(s) averaged" in capsys.readouterr().out
-    ours = pd.read_csv(trained_run / "tiny_predict.csv")
-    theirs = pd.read_csv(trained_run / "tiny_fold0_test.csv")
+    ours = pd.read_csv(out / "tiny_predict.csv")
+    theirs = pd.read_csv(out / "tiny_fold0_test.csv")
     assert list(ours.columns) == ["image_name", "fold0", "target"]
     assert ours["image_name"].equals(theirs["image_name"])
     assert np.array_equal(ours["fold0"].to_numpy(), theirs["target"].to_numpy())  # exactly
