@@ -1376,15 +1376,22 @@ def explain(args, accelerator, runs, new=None):
         cases = []
         oof_file = Path(args.out) / f"{args.name}_fold{fold}_oof.csv"
         if oof_file.is_file():
-            oof = pd.read_csv(oof_file, dtype={"image_name": str})
-            rows = training_rows(info).set_index("image_name").loc[oof["image_name"]]
-            rows = rows.reset_index().assign(score=oof["pred"].to_numpy())
+            oof = read_csv(oof_file, ["image_name", "pred"], "OOF file")
+            rows = training_rows(info).set_index("image_name")
+            unknown = oof["image_name"][~oof["image_name"].isin(rows.index)]
+            if len(unknown):
+                raise DataError(f"{oof_file}: {len(unknown)} image(s) not in the run's train.csv "
+                                f"({info['args']['data_dir']}), e.g. {unknown.iloc[0]}")
+            rows = rows.loc[oof["image_name"]].reset_index().assign(score=oof["pred"].to_numpy())
             fp = rows[rows["target"] == 0].nlargest(n, "score").assign(case="false positive")
             fn = rows[rows["target"] == 1].nsmallest(n, "score").assign(case="false negative")
             cases += [fp, fn]
         if new is not None:
             top = new.assign(score=new[f"fold{fold}"]).nlargest(n, "score")
             cases.append(top.assign(case="new, highest scored", target=np.nan))
+        if not cases:
+            raise DataError(f"--explain: fold {fold} of {args.name} has no OOF predictions "
+                            f"({oof_file}) and there are no new images (--predict)")
         cases = pd.concat(cases, ignore_index=True)
         model = trained_model(info, path).to(accelerator.device)
         cfg = model.backbone.pretrained_cfg
