@@ -22,8 +22,8 @@ augmentation and TTA, model, training, outputs, using a trained model, tools, ma
 
 Measured on 2 CPU cores (README.md has the details): the demo trains and predicts fold 0 in about
 10 s after a 7 s start (OOF AUC 0.90; 5-fold CV 0.85); a 6000x4000 JPEG loads at 512 px in 0.05 s
-against 0.30 s for a plain decode and resize; 15-pass TTA decoding once runs 5.7x faster than re-reading at
-256 px, 2.0x at 512 px. GPU figures: not measured yet.
+against 0.30 s for a plain decode and resize; 15-pass TTA decoding once runs 5.7x faster than
+re-reading at 256 px, 2.0x at 512 px. GPU figures: not measured yet.
 """
 import argparse
 import contextlib
