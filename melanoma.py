@@ -35,6 +35,7 @@ import os
 import pickle
 import re
 import resource
+import signal
 import sys
 import tempfile
 import time
@@ -182,8 +183,11 @@ def check_flags(p, args):
     for flag in ("size", "epochs", "batch_size", "n_folds"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
-    if args.size > 4096:
-        p.error(f"--size must be at most 4096 pixels, got {args.size}")
+    for flag, most in (("size", 4096), ("batch_size", 65536), ("n_folds", 100), ("explain", 32)):
+        if getattr(args, flag) > most:
+            p.error(f"--{flag.replace('_', '-')} must be at most {most}, got {getattr(args, flag)}")
+    if args.n_folds < 2:
+        p.error(f"--n-folds must be at least 2, got {args.n_folds}")
     for flag in ("tta", "num_workers", "seed", "explain"):
         if getattr(args, flag) < 0:
             p.error(f"--{flag.replace('_', '-')} must be 0 or more, got {getattr(args, flag)}")
@@ -206,8 +210,9 @@ def check_flags(p, args):
         p.error(f"--msd must be 1 to 32, got {args.msd}")
     if args.msd > 1 and args.dropout == 0:
         p.error("--msd averages over dropout masks: it needs --dropout above 0")
-    if not 0 < args.lr_min <= args.lr_max:
-        p.error(f"need 0 < --lr-min <= --lr-max, got --lr-min {args.lr_min} --lr-max {args.lr_max}")
+    if not 1e-12 <= args.lr_min <= args.lr_max <= 10:
+        p.error(f"need 1e-12 <= --lr-min <= --lr-max <= 10, got --lr-min {args.lr_min} "
+                f"--lr-max {args.lr_max}")
     if args.wd < 0:
         p.error(f"--wd must be 0 or more, got {args.wd}")
     if args.resume and args.overwrite:
@@ -215,8 +220,11 @@ def check_flags(p, args):
     if len(set(args.fold)) < len(args.fold):
         p.error(f"--fold lists a fold twice: {' '.join(map(str, args.fold))}")
     if args.name is not None and (not args.name.strip() or set(args.name) & {"/", "\\", "\0"}
-                                  or args.name.startswith(".")):
-        p.error(f"--name must be a plain file-name part, got {args.name!r}")
+                                  or args.name.startswith(".") or len(args.name) > 150):
+        p.error(f"--name must be a plain file-name part of at most 150 characters, "
+                f"got {args.name[:160]!r}")
+    if args.skip_bad and not args.predict:
+        p.error("--skip-bad goes with --predict")
 
 
 class DataError(Exception):
@@ -250,11 +258,13 @@ def write_csv(df, path):
 
 
 def read_csv(path, columns, what):
-    """A CSV with `columns` and at least one row; image and patient names are read as text."""
+    """A CSV with `columns` and at least one row, every value read as text."""
     if Path(path).is_dir():
         raise DataError(f"{what} {path}: a folder, not a CSV file")
     try:
-        df = pd.read_csv(path, dtype={"image_name": str, "patient_id": str})
+        # all text, and no value means missing but "" (an image may be called NA); numbers
+        # are converted where they are checked
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
     except FileNotFoundError:
         raise DataError(f"{what} {path}: no such file")
     except OSError as e:
@@ -404,6 +414,22 @@ def locate_data(args, say=print):
         args.folds = str(beside if beside.is_file() else ours)
 
 
+def resolve_paths(args):
+    """Input paths as absolute ones, so that the run's JSON serves from any folder."""
+    for flag in ("data_dir", "folds", "weights"):
+        if getattr(args, flag):
+            setattr(args, flag, str(Path(getattr(args, flag)).resolve()))
+    args.external = [str(Path(d).resolve()) for d in args.external or []] or None
+
+
+def check_demo_folder(folder):
+    """The demo writes its data only into a new or empty folder, never among a user's files."""
+    folder = Path(folder)
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise DataError(f"--demo --data-dir {folder}: not an empty folder and no demo data "
+                        "(train.csv) in it; the demo makes its data only in a new or empty folder")
+
+
 def read_folds(path):
     folds = read_csv(path, ["image_name", "fold"], "folds file")
     check_whole_numbers(folds, "fold", f"folds file {path}")
@@ -464,7 +490,7 @@ def read_data(args, say=print):
         train = pd.concat([train, extra[~seen]], ignore_index=True)
     test_csv = Path(args.data_dir) / "test.csv"
     test = pd.DataFrame(columns=["image_name", "path"])
-    if test_csv.is_file():
+    if test_csv.exists():
         test = read_images_csv(test_csv, test_dir, ["image_name"], "test file", args.meta)
     return train, test
 
@@ -579,6 +605,8 @@ def check_image(path):
     """Refuse an image that is missing, empty, not an image, implausibly large (a
     decompression bomb) or, for a JPEG, cut short. Cheap: the header, and the tail of the file
     (the whole file only when the end marker is not in its last kilobyte)."""
+    if os.path.isdir(path):
+        raise DataError(f"image {path}: a folder, not an image")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -1034,22 +1062,35 @@ def read_checkpoint(path, key):
     if not isinstance(state, dict) or not CHECKPOINT <= set(state) or \
             not isinstance(state["run"], dict):
         raise DataError(f"{path}: not a checkpoint of melanoma.py; delete it or pass --overwrite")
-    changed = [f"--{k.replace('_', '-')} {state['run'].get(k)!r} (saved) vs {v!r} (now)"
-               for k, v in key.items() if state["run"].get(k) != v]
+    changed = differences(state["run"], key)
     if changed:
         raise DataError(f"{path}: saved with other settings, cannot --resume: "
                         + "; ".join(changed))
     return state
 
 
-def check_checkpoints(args, accelerator):
-    """Before any fold trains: each unfinished fold's checkpoint is refused without --resume or
-    --overwrite, and must be a readable one of the same settings with --resume."""
+# What a fold writes in --out, after {name}_fold{k}
+FOLD_OUTPUTS = ("_oof.csv", "_test.csv", ".json", ".safetensors", "_last.pt")
+
+
+def check_fold_outputs(args, accelerator):
+    """Before any fold trains: no output name of a fold may be a folder; a finished fold (its
+    JSON exists) is kept only if it had the same settings (else --overwrite or another --name);
+    an unfinished fold's checkpoint needs --resume (same settings) or --overwrite. Returns the
+    results of the finished folds that are kept, by fold."""
+    key = run_key(args, accelerator)
+    finished = {}
     for fold in args.fold:
-        ckpt = Path(args.out) / f"{args.name}_fold{fold}_last.pt"
-        if (Path(args.out) / f"{args.name}_fold{fold}.json").exists() and not args.overwrite:
-            continue
-        if not ckpt.exists():
+        stem = f"{args.name}_fold{fold}"
+        for suffix in FOLD_OUTPUTS:
+            if (Path(args.out) / f"{stem}{suffix}").is_dir():
+                raise DataError(f"{Path(args.out) / stem}{suffix}: a folder where an output "
+                                "file goes")
+        done = Path(args.out) / f"{stem}.json"
+        ckpt = Path(args.out) / f"{stem}_last.pt"
+        if done.exists() and not args.overwrite:
+            finished[fold] = read_result(done, key)
+        elif not ckpt.exists():
             if args.resume:
                 accelerator.print(f"fold {fold}: --resume found no checkpoint ({ckpt}): "
                                   "starting from scratch")
@@ -1057,7 +1098,29 @@ def check_checkpoints(args, accelerator):
             raise DataError(f"{ckpt}: an unfinished run is there: pass --resume to continue it "
                             "or --overwrite to start over")
         elif args.resume:
-            read_checkpoint(ckpt, run_key(args, accelerator))
+            read_checkpoint(ckpt, key)
+    return finished
+
+
+def differences(saved, key):
+    """The settings of `key` that `saved` holds otherwise, as '--flag saved (saved) vs now'."""
+    return [f"--{k.replace('_', '-')} {saved.get(k)!r} (saved) vs {v!r} (now)"
+            for k, v in key.items() if saved.get(k) != v]
+
+
+def read_result(path, key):
+    """A finished fold's JSON, which must have been trained with the settings `key`."""
+    try:
+        result = json.loads(path.read_text())
+        saved = result.get("run", key)
+    except (OSError, ValueError, AttributeError) as e:
+        raise DataError(f"{path}: a finished fold's JSON that cannot be read ({one_line(e)}); "
+                        "--overwrite retrains the fold")
+    changed = differences(saved, key)
+    if changed:
+        raise DataError(f"{path}: this fold finished with other settings ({'; '.join(changed)}): "
+                        "give the new run its own --name, or --overwrite to retrain it")
+    return result
 
 
 def save_checkpoint(path, raw_model, optimizer, scheduler, accelerator, history, args):
@@ -1180,7 +1243,8 @@ def train_fold(args, accelerator, train, test, fold, stem, meta_spec=None):
                   n_external=int(trn["external"].sum()), n_test=len(test), meta=meta_spec,
                   processes=accelerator.num_processes,
                   device=str(accelerator.device), mixed_precision=accelerator.mixed_precision,
-                  wall_s=time.time() - start, epochs=history, args=vars(args))
+                  wall_s=time.time() - start, epochs=history, args=vars(args),
+                  run=run_key(args, accelerator))
     # outputs, then the checkpoint goes: the fold is finished
     if accelerator.is_main_process:
         write_outputs(Path(args.out), stem, val.assign(pred=oof, fold=fold),
@@ -1267,7 +1331,8 @@ def images_to_predict(path, data_dir, meta):
         if meta:
             raise DataError(f"--predict {path}: the model was trained with --meta: pass a CSV "
                             f"with image_name and {', '.join(META_COLUMNS)}")
-        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        files = sorted(p for p in path.rglob("*")
+                       if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         if not files:
             raise DataError(f"--predict {path}: no images ({', '.join(IMAGE_SUFFIXES)}) in it")
         return pd.DataFrame(dict(image_name=[p.relative_to(path).as_posix() for p in files],
@@ -1280,25 +1345,22 @@ def images_to_predict(path, data_dir, meta):
     return read_images_csv(path, folder, ["image_name"], "--predict file", meta)
 
 
-def readable_rows(rows, skip_bad, out, name, say):
-    """The rows whose image passes check_image. Unreadable ones are refused all together, or
-    with --skip-bad left out and listed in {name}_predict_skipped.csv."""
+def readable_rows(rows, skip_bad):
+    """(the rows whose image passes check_image, {path: reason} of the others). Unreadable images
+    are refused all together, unless --skip-bad."""
     reasons = {}
     for path in progress(rows["path"], "checking images", len(rows) >= 2000):
         try:  # every image is tried, so that the user sees all the bad ones at once
             check_image(path)
         except DataError as e:
             reasons[path] = str(e)
-    if not reasons:
-        return rows
-    if not skip_bad:
+    if reasons and not skip_bad:
         raise DataError(f"{len(reasons)} image(s) cannot be used, e.g. "
                         f"{'; '.join(list(reasons.values())[:3])}; --skip-bad predicts the rest")
-    bad = rows["path"].isin(reasons)
-    skipped = rows[bad].assign(reason=rows["path"][bad].map(reasons))
-    write_csv(skipped[["image_name", "reason"]], Path(out) / f"{name}_predict_skipped.csv")
-    say(f"skipped {len(reasons)} unreadable image(s): {name}_predict_skipped.csv lists them")
-    return rows[~bad].reset_index(drop=True)
+    if len(reasons) == len(rows):
+        raise DataError(f"none of the {len(rows)} image(s) can be used, e.g. "
+                        f"{list(reasons.values())[0]}")
+    return rows[~rows["path"].isin(reasons)].reset_index(drop=True), reasons
 
 
 def predict_with(info, path, rows, args, accelerator, desc):
@@ -1323,7 +1385,8 @@ def predict_images(args):
     spec = next(iter(runs.values()))[0].get("meta")
     check_writable(args.out, "--out")
     rows = images_to_predict(args.predict, args.data_dir, spec is not None)
-    rows = readable_rows(rows, args.skip_bad, args.out, args.name, accelerator.print)
+    every = rows
+    rows, bad = readable_rows(rows, args.skip_bad)
     if spec:
         rows = with_meta(rows, spec)
     scores = rows[["image_name"]].copy()
@@ -1332,8 +1395,15 @@ def predict_images(args):
                                              f"fold {fold} TTA x{args.tta}")
     scores["target"] = scores[[f"fold{k}" for k in runs]].mean(axis=1)
     out = Path(args.out) / f"{args.name}_predict.csv"
+    skipped = Path(args.out) / f"{args.name}_predict_skipped.tsv"  # not a .csv: not predictions
     if accelerator.is_main_process:
         write_csv(scores, out)
+        skipped.unlink(missing_ok=True)
+        if bad:
+            listed = every[every["path"].isin(bad)].assign(reason=lambda d: d["path"].map(bad))
+            atomic_write(skipped, lambda tmp: listed[["image_name", "reason"]].to_csv(
+                tmp, sep="\t", index=False))
+            accelerator.print(f"skipped {len(bad)} unreadable image(s), listed in {skipped}")
     accelerator.print(f"wrote {out}: {len(scores)} images, {len(runs)} fold(s) averaged "
                       f"(target = their mean), TTA x{args.tta}, {time.time() - start:.0f} s")
     if args.explain:
@@ -1362,6 +1432,7 @@ def training_rows(info):
     train_dir = find_layout(a["data_dir"])[0]
     rows = read_images_csv(Path(a["data_dir"]) / "train.csv", train_dir,
                            ["image_name", "target"], "train file", bool(info.get("meta")))
+    check_targets(rows, Path(a["data_dir"]) / "train.csv")
     return with_meta(rows, info["meta"]) if info.get("meta") else rows
 
 
@@ -1382,7 +1453,8 @@ def explain(args, accelerator, runs, new=None):
             if len(unknown):
                 raise DataError(f"{oof_file}: {len(unknown)} image(s) not in the run's train.csv "
                                 f"({info['args']['data_dir']}), e.g. {unknown.iloc[0]}")
-            rows = rows.loc[oof["image_name"]].reset_index().assign(score=oof["pred"].to_numpy())
+            scores = pd.to_numeric(oof["pred"], errors="coerce").to_numpy()
+            rows = rows.loc[oof["image_name"]].reset_index().assign(score=scores)
             fp = rows[rows["target"] == 0].nlargest(n, "score").assign(case="false positive")
             fn = rows[rows["target"] == 1].nsmallest(n, "score").assign(case="false negative")
             cases += [fp, fn]
@@ -1430,6 +1502,8 @@ def explain_grid(images, cams, cases, probs):
 def write_folds(args):
     """--make-folds: patient-grouped folds of a train.csv, and a line on what each fold holds."""
     check_writable(args.out, "--out", folder=False)
+    if Path(args.out).exists() and not args.overwrite:
+        raise DataError(f"--out {args.out}: exists; pass --overwrite to replace it")
     train = read_csv(args.make_folds, ["image_name", "patient_id", "target"], "train file")
     folds = make_folds(train, args.n_folds, args.seed, args.make_folds)
     write_csv(folds, args.out)
@@ -1646,9 +1720,13 @@ def run(args):
     # the demo's dataset is made once, by the main process, before the others read it
     with accelerator.main_process_first():
         if args.demo and not (Path(args.data_dir) / "train.csv").exists():
+            check_demo_folder(args.data_dir)
             print(f"making the demo dataset in {args.data_dir}/ (once)")
             make_demo_data(args.data_dir, seed=args.seed)
+    if accelerator.device.type == "cpu" and accelerator.mixed_precision == "fp16":
+        raise DataError("--mixed-precision fp16 needs a GPU; on the CPU use bf16 or no")
     locate_data(args, accelerator.print)
+    resolve_paths(args)
     # every input and output location is checked before the first epoch
     check_writable(args.out, "--out")
     if args.cache:
@@ -1656,7 +1734,7 @@ def run(args):
     train, test = read_data(args, accelerator.print)
     for fold in args.fold:
         split_fold(train, fold, args.frac, args.seed)
-    check_checkpoints(args, accelerator)
+    finished = check_fold_outputs(args, accelerator)
     if not len(test):
         accelerator.print(f"no test.csv in {args.data_dir}: predicting the validation fold only")
     check_images(list(train["path"]) + list(test["path"]), accelerator.is_main_process)
@@ -1667,10 +1745,10 @@ def run(args):
     results = []
     for fold in args.fold:
         stem = f"{args.name}_fold{fold}"
-        done = Path(args.out) / f"{stem}.json"
-        if done.exists() and not args.overwrite:
-            accelerator.print(f"fold {fold}: finished already ({done}); --overwrite retrains it")
-            results.append(json.loads(done.read_text()))
+        if fold in finished:
+            accelerator.print(f"fold {fold}: finished already with these settings "
+                              f"({stem}.json); --overwrite retrains it")
+            results.append(finished[fold])
             continue
         with fold_errors(fold, Path(args.out) / f"{stem}_last.pt"):
             results.append(train_fold(args, accelerator, train, test, fold, stem, meta_spec))
@@ -1684,6 +1762,8 @@ def run(args):
 
 def main(argv=None):
     args = get_args(argv)
+    # SIGTERM (timeout, batch schedulers) ends the run like Ctrl-C: temporary files are removed
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         run(args)
     except (DataError, FloatingPointError) as e:

@@ -590,6 +590,8 @@ def no_melanoma_in_fold(d, fold):
      ["--weights", "w.safetensors", "not a weights file"]),
     (lambda d: torch.save(torch.zeros(3), d / "w.pt"), ["--weights", "{d}/w.pt"], ["--weights", "holds no state dict"]),
     (lambda d: None, ["--weights", "{d}/jpeg"], ["--weights", "a folder, not a file"]),
+    (lambda d: (lambda p: (p.unlink(), p.mkdir()))(first_image(d)), [], ["a folder, not an image"]),
+    (lambda d: ((d / "test.csv").unlink(), (d / "test.csv").mkdir()), [], ["test.csv", "a folder, not a CSV file"]),
 ])
 def test_bad_input_is_refused_before_training(data, tmp_path, capsys, breakage, flags, names):
     breakage(data)
@@ -601,9 +603,9 @@ def test_bad_input_is_refused_before_training(data, tmp_path, capsys, breakage, 
 @pytest.mark.parametrize("flags, message", [
     (["--neg-ratio", "nan"], "--neg-ratio must be a finite number"),
     (["--neg-ratio", "-1"], "--neg-ratio must be positive"),
-    (["--lr-min", "0"], "need 0 < --lr-min <= --lr-max"),
-    (["--lr-max", "-1"], "need 0 < --lr-min <= --lr-max"),
-    (["--lr-min", "1e-2", "--lr-max", "1e-3"], "need 0 < --lr-min <= --lr-max"),
+    (["--lr-min", "0"], "need 1e-12 <= --lr-min <= --lr-max <= 10"),
+    (["--lr-max", "-1"], "need 1e-12 <= --lr-min <= --lr-max <= 10"),
+    (["--lr-min", "1e-2", "--lr-max", "1e-3"], "need 1e-12 <= --lr-min <= --lr-max <= 10"),
     (["--lr-max", "inf"], "--lr-max must be a finite number"),
     (["--wd", "nan"], "--wd must be a finite number"),
     (["--wd", "-0.1"], "--wd must be 0 or more"),
@@ -617,10 +619,52 @@ def test_bad_input_is_refused_before_training(data, tmp_path, capsys, breakage, 
     (["--name", "a/b"], "--name must be a plain file-name part"),
     (["--name", ""], "--name must be a plain file-name part"),
     (["--resume", "--overwrite"], "pass one"),
+    (["--lr-min", "1e-320", "--lr-max", "1e308"], "need 1e-12 <= --lr-min <= --lr-max <= 10"),
+    (["--batch-size", "99999999999"], "--batch-size must be at most 65536"),
+    (["--name", "n" * 240], "--name must be a plain file-name part of at most 150 characters"),
+    (["--explain", "100000"], "--explain must be at most 32"),
+    (["--skip-bad"], "--skip-bad goes with --predict"),
 ])
 def test_bad_flags_are_one_line(tiny_data, tmp_path, capsys, flags, message):
     refused_run(train_args(tiny_data, tmp_path / "out") + flags, capsys, message)
     assert not (tmp_path / "out").exists()
+
+
+def test_outputs_that_would_be_lost_or_misread_are_refused(tiny_data, data, tmp_path, capsys):
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "notes.csv").write_text("mine")
+    refused_run(["--demo", "--data-dir", user, "--out", tmp_path / "out"], capsys, "not an empty folder")
+    assert [p.name for p in user.iterdir()] == ["notes.csv"]
+    (tmp_path / "out" / "test_efficientnet_32_fold0_oof.csv").mkdir(parents=True)
+    refused_run(train_args(tiny_data, tmp_path / "out"), capsys, "fold0_oof.csv", "a folder where an output file goes")
+    (tmp_path / "folds.csv").write_text("keep me")
+    refused_run(["--make-folds", tiny_data / "train.csv", "--out", tmp_path / "folds.csv"], capsys, "exists",
+                "--overwrite")
+    assert (tmp_path / "folds.csv").read_text() == "keep me"
+
+
+def test_a_finished_fold_is_reused_only_with_the_same_settings(tiny_data, trained_run, tmp_path, capsys):
+    out = Path(shutil.copytree(trained_run, tmp_path / "out"))
+    args = [str(a) for a in train_args(tiny_data, out, "--epochs", "1", "--tta", "0", "--name", "tiny")]
+    melanoma.main(args)
+    assert "fold 0: finished already with these settings" in capsys.readouterr().out
+    refused_run(args + ["--size", "48"], capsys, "tiny_fold0.json", "finished with other settings",
+                "--size 32 (saved) vs 48 (now)", "--overwrite")
+    (out / "tiny_fold0.json").write_text("{trunc")
+    refused_run(args, capsys, "tiny_fold0.json", "cannot be read", "--overwrite")
+
+
+def test_fp16_on_the_cpu_is_refused_not_ignored(tiny_data, tmp_path):
+    r = run_cli("melanoma.py", *train_args(tiny_data, tmp_path / "out", "--mixed-precision", "fp16", "--cpu"))
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == \
+        "error: --mixed-precision fp16 needs a GPU; on the CPU use bf16 or no"
+    assert not (tmp_path / "out").exists()
+
+
+def test_names_that_pandas_would_call_missing_stay_names(tmp_path):
+    (tmp_path / "t.csv").write_text("image_name,target\nNA,0\nnan,1\n")
+    assert melanoma.read_csv(tmp_path / "t.csv", ["image_name"], "train file")["image_name"].tolist() == ["NA", "nan"]
 
 
 def test_huge_neg_ratio_takes_every_benign_image():
@@ -941,7 +985,7 @@ def test_predict_bad_input_is_one_line(tiny_data, trained_run, tmp_path, capsys)
     assert not (out / "tiny_predict.csv").exists()
     melanoma.main([str(a) for a in ["--predict", bad, "--name", "tiny", *base, "--skip-bad"]])
     assert pd.read_csv(out / "tiny_predict.csv")["image_name"].tolist() == ["good.jpg"]
-    skipped = pd.read_csv(out / "tiny_predict_skipped.csv")
+    skipped = pd.read_csv(out / "tiny_predict_skipped.tsv", sep="\t")
     assert sorted(skipped["image_name"]) == ["broken.jpg", "empty.png"]
     info = json.loads((out / "tiny_fold0.json").read_text())
     info["args"]["size"] = 64
@@ -960,7 +1004,8 @@ def test_default_data_location_then_ensemble_finds_the_runs_patient_ids(tiny_dat
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.splitlines()[0].startswith("data: data (the first default location")
     info = json.loads((tmp_path / "preds" / "test_efficientnet_32_fold1.json").read_text())
-    assert info["args"]["data_dir"] == "data" and info["args"]["folds"] == str(Path("data") / "folds.csv")
+    assert info["args"]["data_dir"] == str(tmp_path / "data")  # resolved: the JSON serves anywhere
+    assert info["args"]["folds"] == str(tmp_path / "data" / "folds.csv")
     files = sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "preds").glob("*.csv"))
     e = run_cli(ROOT / "ensemble.py", *files, "--bootstrap", "50", cwd=tmp_path)
     assert e.returncode == 0, e.stderr
