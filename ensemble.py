@@ -22,6 +22,7 @@ measured on a busy 2-core machine).
 """
 import argparse
 import functools
+import io
 import json
 import math
 import os
@@ -37,6 +38,7 @@ import pandas as pd
 METHODS = ("mean", "rank", "weighted", "stack")
 PROBABILITY_METHODS = ("mean", "weighted", "stack")  # rank takes any scores
 NAME = re.compile(r"^(?P<name>.+)_fold(?P<fold>\d+)_(?P<kind>oof|test)\.csv$")
+RUN_JSON = re.compile(r"^.+_fold\d+\.json$")
 OOF_COLUMNS = ["image_name", "target", "pred", "fold"]
 TEST_COLUMNS = ["image_name", "target"]
 
@@ -75,6 +77,10 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     if args.bootstrap < 0:
         raise InputError(f"--bootstrap {args.bootstrap}: the number of resamples must be 0 or more")
+    if args.seed < 0:
+        raise InputError(f"--seed {args.seed}: must be 0 or more")
+    if not args.out.strip() or args.out.endswith(("/", os.sep)):
+        raise InputError(f"--out {args.out!r}: give a file path for the submission")
     return args
 
 
@@ -106,6 +112,9 @@ def check_outputs(out, inputs):
     for p in paths:
         if p.resolve() in given:
             raise InputError(f"--out {out}: would overwrite the input {given[p.resolve()]}")
+    if NAME.match(paths[0].name) or RUN_JSON.match(paths[1].name):
+        raise InputError(f"--out {out}: the name of a run's output ({{name}}_fold{{k}}...), which "
+                         "the submission or its report would overwrite; give another name")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -542,26 +551,29 @@ def format_report(r):
     return "\n".join(line.rstrip() for line in lines)
 
 
-def plot_correlation(path, report):
-    """The models' Pearson correlations as a PNG heat map, each cell annotated; written
-    atomically."""
+def plot_correlation(report):
+    """The models' Pearson correlations as a PNG heat map, each cell annotated: its bytes,
+    drawn before any output is written."""
     # imported here: half a second of start-up otherwise. A bare Figure draws with Agg and needs
     # neither pyplot nor a display.
     from matplotlib.figure import Figure
     names = list(report["pearson"])
+    labels = [n.replace("$", r"\$") for n in names]  # a name is text, never math
     corr = np.array([[report["pearson"][a][b] for b in names] for a in names], float)
     side = 3 + 0.8 * len(names)
     fig = Figure(figsize=(side + 1.5, side), layout="constrained")
     ax = fig.subplots()
     image = ax.imshow(corr, cmap="coolwarm", vmin=-1, vmax=1)
-    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
-    ax.set_yticks(range(len(names)), names)
+    ax.set_xticks(range(len(names)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(names)), labels)
     for (i, j), c in np.ndenumerate(corr):
         ax.text(j, i, "n/a" if np.isnan(c) else f"{c:.3f}", ha="center", va="center",
                 color="white" if abs(c) > 0.7 else "black")
     fig.colorbar(image, ax=ax, label="Pearson correlation")
     ax.set_title(f"Pearson correlation of the models\non {report['correlation_on']}", fontsize=10)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
+    return png.getvalue()
 
 
 @functools.cache
@@ -600,13 +612,15 @@ def finite(x):
 def main(argv=None):
     try:
         args = get_args(argv)
-        inputs = args.files + ([args.folds] if args.folds else []) + run_files(args.files)
+        folds = choose_folds(args.folds, args.files)[0]
+        inputs = args.files + ([folds] if folds else []) + run_files(args.files)
         check_outputs(args.out, inputs)
         models = load_models(args.files, args.method in PROBABILITY_METHODS)
         patients, patients_from, notes = find_patients(args.folds, args.files)
         report = build_report(models, args.method, patients, args.bootstrap, args.seed,
                               patients_from, notes)
         submission = blend_test(models, args.method)
+        heat_map_png = plot_correlation(report)
     except InputError as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)  # pandas' messages span lines
         sys.exit(2)
@@ -615,7 +629,7 @@ def main(argv=None):
     text = json.dumps(finite(report), indent=1, allow_nan=False)
     atomic_write(out, lambda tmp: submission.to_csv(tmp, index=False))
     atomic_write(report_path, lambda tmp: Path(tmp).write_text(text))
-    plot_correlation(heat_map, report)
+    atomic_write(heat_map, lambda tmp: Path(tmp).write_bytes(heat_map_png))
     print(f"wrote {out} ({len(submission)} images, method {args.method}), {report_path} "
           f"and {heat_map}")
 

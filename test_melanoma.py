@@ -1249,6 +1249,12 @@ A = ["a_fold0_oof.csv", "a_fold0_test.csv"]
     (lambda d: [*A, "--folds", made(d / "f.csv", "image_name,patient_id\n img0,p0\n")],
      "f.csv: row 2: image_name ' img0' has surrounding spaces"),
     (lambda d: [*A, "--folds", made(d / "f.csv", 'image_name,patient_id\n"img0,p0\n')], "f.csv: cannot read it as CSV"),
+    (lambda d: [*A, "--seed", "-1"], "--seed -1: must be 0 or more"),
+    (lambda d: [*A, "--out", ""], "--out '': give a file path"),
+    (lambda d: [*A, "--folds", made(d / "f.csv", "image_name,patient_id\nimg0,p0\n"), "--out", "f.csv"],
+     "would overwrite the input"),
+    (lambda d: [*A, "--out", "a_fold1.csv"], "--out a_fold1.csv: the name of a run's output"),
+    (lambda d: [*A, "--out", "b_fold2_oof.csv"], "the name of a run's output"),
 ])
 def test_ensemble_bad_flags_outputs_and_folds_are_one_line_errors(tmp_path, argv, message):
     write_model(tmp_path, "a", {0: (Y, [.1, .9, .2, .7, .3, .4])}, [0.2, 0.4])
@@ -1345,3 +1351,11 @@ def test_ensemble_atomic_write_replaces_whole_files_with_umask_permissions(tmp_p
                             f"--out {out} --bootstrap 0"], capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
         assert [p.stat().st_mode & 0o777 for p in (out, out.with_suffix(".json"))] == [mode, mode]
+
+
+def test_ensemble_names_are_text_in_the_heat_map(tmp_path):
+    write_model(tmp_path, "p$_$", {0: (Y, [.1, .9, .2, .7, .3, .4])}, [0.2, 0.4])
+    write_model(tmp_path, "q", {0: (Y, [.2, .6, .1, .8, .7, .3])}, [0.6, 0.8])
+    run_ensemble(tmp_path)
+    with Image.open(tmp_path / "sub_correlation.png") as im:
+        assert im.format == "PNG"
