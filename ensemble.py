@@ -186,7 +186,7 @@ class Model:
     files: list
     oof: pd.DataFrame | None
     test: pd.Series
-    test_file: str
+    test_file: str | None  # None: no test predictions (a run without test.csv)
     order: list
 
 
@@ -204,16 +204,16 @@ def load_models(files, probabilities):
         part["files"].append(str(f))
         part[kind].append((str(f), read_predictions(f, kind, probabilities)))
     models = {name: make_model(name, p["files"], p["oof"], p["test"]) for name, p in parts.items()}
-    first, *others = models.values()
-    for m in others:
-        check_same_images(first.test_file, first.order, m.test_file, m.order)
+    with_test = [m for m in models.values() if m.test_file]
+    for m in with_test[1:]:
+        check_same_images(with_test[0].test_file, with_test[0].order, m.test_file, m.order)
     return models
 
 
 def make_model(name, files, oof_parts, test_parts):
     """A Model from its [(file, DataFrame)] OOF and test parts."""
     if not test_parts:
-        raise InputError(f"model {name}: no test predictions among {', '.join(files)}")
+        return Model(name, files, concat_oof(name, oof_parts), pd.Series(dtype=float), None, [])
     (test_file, first), *others = test_parts
     for f, df in others:
         check_same_images(test_file, first["image_name"], f, df["image_name"])
@@ -462,6 +462,8 @@ def build_report(models, method, patients, n_boot, seed, patients_from=None, not
     if unscored:
         cols, X = names, test_matrix(models)
         report["correlation_on"] = f"test predictions of {len(X)} images ({unscored})"
+        if not all(m.test_file for m in models.values()):
+            report["correlation_on"] = f"no images ({unscored}, and some have no test predictions)"
     else:
         cols = [m.name for m in with_oof]
         X = np.column_stack([m.oof.loc[common, "pred"].to_numpy() for m in with_oof])
@@ -502,7 +504,10 @@ def in_unit_interval(model):
 
 
 def test_matrix(models):
-    """Test predictions (images x models), in the first model's test order."""
+    """Test predictions (images x models), in the first model's test order; no rows when a model
+    has none."""
+    if not all(m.test_file for m in models.values()):
+        return np.zeros((0, len(models)))
     order = next(iter(models.values())).order
     return np.column_stack([m.test.loc[order].to_numpy() for m in models.values()])
 
@@ -619,7 +624,8 @@ def main(argv=None):
         patients, patients_from, notes = find_patients(args.folds, args.files)
         report = build_report(models, args.method, patients, args.bootstrap, args.seed,
                               patients_from, notes)
-        submission = blend_test(models, args.method)
+        lacking = [m.name for m in models.values() if not m.test_file]
+        submission = None if lacking else blend_test(models, args.method)
         heat_map_png = plot_correlation(report)
     except InputError as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)  # pandas' messages span lines
@@ -627,11 +633,16 @@ def main(argv=None):
     out, report_path, heat_map = output_paths(args.out)
     print(format_report(report))
     text = json.dumps(finite(report), indent=1, allow_nan=False)
-    atomic_write(out, lambda tmp: submission.to_csv(tmp, index=False))
+    written = []
+    if submission is None:
+        print(f"no submission: model(s) {', '.join(lacking)} have no test predictions (their runs "
+              "had no test.csv)")
+    else:
+        atomic_write(out, lambda tmp: submission.to_csv(tmp, index=False))
+        written.append(f"{out} ({len(submission)} images, method {args.method})")
     atomic_write(report_path, lambda tmp: Path(tmp).write_text(text))
     atomic_write(heat_map, lambda tmp: Path(tmp).write_bytes(heat_map_png))
-    print(f"wrote {out} ({len(submission)} images, method {args.method}), {report_path} "
-          f"and {heat_map}")
+    print(f"wrote {', '.join(written + [str(report_path)])} and {heat_map}")
 
 
 if __name__ == "__main__":

@@ -1359,3 +1359,15 @@ def test_ensemble_names_are_text_in_the_heat_map(tmp_path):
     run_ensemble(tmp_path)
     with Image.open(tmp_path / "sub_correlation.png") as im:
         assert im.format == "PNG"
+
+
+def test_ensemble_runs_without_test_predictions_get_a_report_and_no_submission(tmp_path):
+    write_model(tmp_path, "a", {0: (Y, [.1, .9, .2, .7, .3, .4]), 1: (Y, [.2, .8, .1, .6, .3, .5])}, [0.2])
+    write_model(tmp_path, "b", {0: (Y, [.2, .6, .1, .8, .7, .3]), 1: (Y, [.3, .7, .2, .9, .1, .4])}, [0.6])
+    for f in tmp_path.glob("*_test.csv"):
+        f.unlink()
+    r = run_ensemble(tmp_path, "--method", "weighted")
+    assert "no submission: model(s) a, b have no test predictions" in r.stdout
+    assert not (tmp_path / "sub.csv").exists()
+    report = json.loads((tmp_path / "sub.json").read_text())
+    assert report["models"]["a"]["auc"] is not None and report["ensemble"]["weighted"]["auc"] is not None
