@@ -385,8 +385,8 @@ def check_outputs(data, out, name, fold):
 
 def test_end_to_end_two_folds(tiny_data, tmp_path):
     out = tmp_path / "preds"
-    r = run_cli("melanoma.py", *train_args(tiny_data, out, "--fold", "0", "1", "--cutout", "--cache", tmp_path / "c",
-                                           "--frac", "0.6"))
+    flags = ["--cutout", "--cache", tmp_path / "c", "--frac", "0.6"]
+    r = run_cli("melanoma.py", *train_args(tiny_data, out, "--fold", "0", "1", *flags))
     assert r.returncode == 0, r.stderr[-3000:]
     folds = pd.read_csv(tiny_data / "folds.csv")
     for fold in (0, 1):
@@ -395,7 +395,7 @@ def test_end_to_end_two_folds(tiny_data, tmp_path):
         assert f"fold {fold} epoch  2/2  loss" in r.stdout
     assert "CV AUC over folds 0, 1" in r.stdout
     assert 30 < len(list((tmp_path / "c").iterdir())) <= len(folds) + 30  # each image read is cached once
-    again = run_cli("melanoma.py", *train_args(tiny_data, out, "--fold", "0"))
+    again = run_cli("melanoma.py", *train_args(tiny_data, out, "--fold", "0", *flags))  # same settings
     assert again.returncode == 0 and "finished already" in again.stdout and "epoch" not in again.stdout
 
 
