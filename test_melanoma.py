@@ -125,10 +125,12 @@ def test_make_folds_with_tfrecord_maps_groups():
     (lambda d: pd.concat([d, d.iloc[:1]]), "duplicate image_name img0"),
     (lambda d: d.assign(target=d["target"].replace(1, 2)), "target must be 0 or 1"),
 ])
-def test_make_folds_cli_errors(tmp_path, change, message):
+def test_make_folds_cli_errors(tmp_path, capsys, change, message):
     change(synthetic_train()).to_csv(tmp_path / "t.csv", index=False)
-    r = run_cli("melanoma.py", "--make-folds", tmp_path / "t.csv", "--out", tmp_path / "f.csv")
-    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+    with pytest.raises(SystemExit) as e:  # in-process: the same path as the command, 7 s faster
+        melanoma.main(["--make-folds", str(tmp_path / "t.csv"), "--out", str(tmp_path / "f.csv")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and "Traceback" not in err
     assert not (tmp_path / "f.csv").exists()
 
 
