@@ -1715,9 +1715,9 @@ def lr_find(args, accelerator, train):
              f"{args.batch_size}\n{len(curve)} steps up to {last:.1e} ({ended})")
     plot_lr_find(f"{stem}.png", curve, lr_min, lr_max, title)
     falling = ""
-    if lowest_lr(curve) == last:
-        falling = ("; the loss still fell at the last rate: a higher --lr-find-end shows where it "
-                   "diverges")
+    if len(curve) == args.lr_find_steps and lowest_lr(curve) >= curve["lr"].iloc[-10]:
+        falling = ("; the loss still fell at the end of the range: a higher --lr-find-end shows "
+                   "where it diverges")
     print(f"lr-find: suggested --lr-min {lr_min:.1e} --lr-max {lr_max:.1e} (the smoothed loss "
           f"is lowest at {lowest_lr(curve):.1e}); {len(curve)} steps up to {last:.1e} ({ended}), "
           f"{time.time() - start:.0f} s; wrote {stem}.csv and {stem}.png{falling}")
