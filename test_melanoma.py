@@ -806,6 +806,8 @@ def test_workbench_augs_config_round_trip_builds_the_recipe_stack(tmp_path):
     assert isinstance(hair[0], melanoma.Hair) and hair[0].p == 0.3 and isinstance(hair[1], K.RandomVerticalFlip)
     with_hair = melanoma.augmentations(melanoma.get_args(["--hair", "0.2"]))
     assert [type(m).__name__ for m in with_hair] == ["RandomAffine", "RandomHorizontalFlip", "ColorJitter", "Hair"]
+    import textwrap
+    assert textwrap.indent(melanoma.DEFAULT_AUGS, "   ") in (ROOT / "README.md").read_text()  # the README shows it
 
 
 def test_workbench_default_augs_file_reproduces_the_default_run(tiny_data, tmp_path):
