@@ -966,6 +966,17 @@ def test_workbench_bad_ledger_is_one_line(tmp_path, capsys, content, names):
     refused_run(["--runs", tmp_path], capsys, *names)
 
 
+def test_workbench_ensemble_leaves_out_the_ledger(tmp_path):
+    write_model(tmp_path, "m", {0: (Y, [0.1, 0.9, 0.2, 0.8, 0.3, 0.4])}, [0.5, 0.6])
+    melanoma.append_run(tmp_path / "runs.csv", dict(date="d", name="m", fold=0, oof_auc=1.0, oof_auc_no_tta=1.0,
+                                                    wall_s=1.0, settings="", out="o"))
+    r = run_ensemble(tmp_path)  # every *.csv, as `python ensemble.py preds/*.csv` passes them
+    assert f"left out {tmp_path / 'runs.csv'}: melanoma.py's ledger" in r.stdout
+    assert "m  " in r.stdout and (tmp_path / "sub.csv").exists()
+    alone = run_cli(ROOT / "ensemble.py", tmp_path / "runs.csv", "--out", tmp_path / "s2.csv")
+    assert alone.returncode == 2 and "only melanoma.py's ledger" in alone.stderr
+
+
 # ----------------------------------------------------------------------------------------------
 # The commands as written: a default data location; ensemble.py finds the runs' patient ids
 
