@@ -169,11 +169,11 @@ def get_args(argv=None):
                    help="measure loading, augmentation, step and TTA speed")
     g.add_argument("--lr-find", action="store_true", help="LR range test on the first --fold: "
                    "writes {name}_lr_find.csv and .png in --out, prints --lr-min and --lr-max")
-    g.add_argument("--lr-find-start", type=float, default=1e-7,
+    g.add_argument("--lr-find-start", type=float, default=1e-7, metavar="LR",
                    help="--lr-find's first learning rate")
-    g.add_argument("--lr-find-end", type=float, default=1.0,
+    g.add_argument("--lr-find-end", type=float, default=1.0, metavar="LR",
                    help="--lr-find's last learning rate (the rate rises exponentially)")
-    g.add_argument("--lr-find-steps", type=int, default=200,
+    g.add_argument("--lr-find-steps", type=int, default=200, metavar="N",
                    help="--lr-find's steps from start to end, unless the loss diverges first")
     g.add_argument("--runs", nargs="?", const="preds", metavar="OUT",
                    help="print the experiments of OUT/runs.csv (default OUT: preds), best first")
