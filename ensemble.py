@@ -7,7 +7,8 @@ honest.
 
 Files named {name}_fold{k}_oof.csv (image_name,target,pred,fold) and {name}_fold{k}_test.csv
 (image_name,target) are one model per {name}: its OOF files concatenated, its test predictions
-averaged over folds. Any other image_name,target file is a model with test predictions only.
+averaged over folds. Any other image_name,target file is a model with test predictions only;
+melanoma.py's ledger of runs (runs.csv, which preds/*.csv matches) is left out with a note.
 `mean`, `weighted` and `stack` take probabilities in [0, 1]; `rank` takes any finite scores.
 Reports, per model and per method, the CV AUC on the concatenated OOF with a 95 % interval from a
 bootstrap over patients (ids from --folds, else from the folds file the runs recorded in their
@@ -40,6 +41,9 @@ PROBABILITY_METHODS = ("mean", "weighted", "stack")  # rank takes any scores
 NAME = re.compile(r"^(?P<name>.+)_fold(?P<fold>\d+)_(?P<kind>oof|test)\.csv$")
 RUN_JSON = re.compile(r"^.+_fold\d+\.json$")
 OOF_COLUMNS = ["image_name", "target", "pred", "fold"]
+# melanoma.py's ledger of runs in its output folder: `preds/*.csv` matches it, yet it holds no
+# predictions. Recognised by its name and header.
+LEDGER = ("runs.csv", "date,name,fold,")
 TEST_COLUMNS = ["image_name", "target"]
 
 
@@ -614,9 +618,27 @@ def finite(x):
     return None if isinstance(x, float) and not math.isfinite(x) else x
 
 
+def without_ledger(files):
+    """The files less melanoma.py's ledger, each left out with a note."""
+    kept = []
+    for f in files:
+        header = ""
+        if Path(f).name == LEDGER[0] and Path(f).is_file():
+            with open(f, errors="replace") as fh:
+                header = fh.readline()
+        if header.startswith(LEDGER[1]):
+            print(f"left out {f}: melanoma.py's ledger of runs, not predictions")
+        else:
+            kept.append(f)
+    if not kept:
+        raise InputError("no prediction files among the inputs, only melanoma.py's ledger")
+    return kept
+
+
 def main(argv=None):
     try:
         args = get_args(argv)
+        args.files = without_ledger(args.files)
         folds = choose_folds(args.folds, args.files)[0]
         inputs = args.files + ([folds] if folds else []) + run_files(args.files)
         check_outputs(args.out, inputs)

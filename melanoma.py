@@ -13,12 +13,19 @@ features + one Linear layer, AdamW (weight decay 0.1) with OneCycle 5e-6 -> 2e-4
     python melanoma.py --make-folds train.csv --out folds.csv    # patient-grouped folds
     python melanoma.py --benchmark --size 512                    # loading, step and TTA speed
     python melanoma.py --predict photos/ --name NAME --explain 4  # score new images, Grad-CAM
+    python melanoma.py --demo --lr-find                          # LR range test: --lr-min/--lr-max
+    python melanoma.py --demo --augs augs.yaml --hair 0.3 --name hair   # other augmentations
+    python melanoma.py --demo --size 96 --init-from demo --name demo96  # from smaller weights
+    python melanoma.py --runs                                    # the experiments, best first
 
 Outputs land in --out (default preds/): {name}_fold{k}_oof.csv, {name}_fold{k}_test.csv,
-{name}_fold{k}.json and {name}_fold{k}.safetensors; `python ensemble.py preds/*.csv` blends them.
+{name}_fold{k}.json, {name}_fold{k}.safetensors, learning curves and the OOF ROC curve
+({name}_fold{k}_curves.png, _roc.png), and a row per finished fold in runs.csv;
+`python ensemble.py preds/*.csv` blends them.
 
 The file reads in one order: flags, data and folds (with metadata and external data), sampler,
-augmentation and TTA, model, training, outputs, using a trained model, tools, main.
+augmentation and TTA, model, training, outputs (plots, the ledger), using a trained model, tools
+(folds, demo data, benchmark, LR range test), main.
 
 Measured on 2 CPU cores (README.md has the details): the demo trains and predicts fold 0 in about
 10 s after a 7 s start (OOF AUC 0.90; 5-fold CV 0.85); a 6000x4000 JPEG loads at 512 px in 0.05 s
@@ -28,13 +35,20 @@ re-reading at 256 px, 2.0x at 512 px. GPU figures: not measured yet.
 import argparse
 import contextlib
 import glob
+import copy
+import csv
+import difflib
+import fcntl
 import hashlib
+import io
+import itertools
 import json
 import math
 import os
 import pickle
 import re
 import resource
+import shlex
 import signal
 import sys
 import tempfile
@@ -49,11 +63,12 @@ import pandas as pd
 import timm
 import torch
 import torch.nn.functional as F
+import yaml
 from accelerate import Accelerator
 from matplotlib.figure import Figure
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import roc_auc_score, roc_curve
 from tqdm import tqdm
 
 # torch-free helpers shared with ensemble.py, which stays free of torch so that it starts at once
@@ -114,6 +129,11 @@ def get_args(argv=None):
     g.add_argument("--external-neg-ratio", type=float, help="benign external images per external "
                    "melanoma per epoch, drawn apart from the competition's (default: one pool)")
     g = p.add_argument_group("augmentation")
+    g.add_argument("--augs", metavar="FILE", help="YAML list of kornia.augmentation classes and "
+                   "their arguments (- name: RandomAffine / degrees: 180 ...) replacing the "
+                   "recipe's random stack (default: DEFAULT_AUGS in melanoma.py)")
+    g.add_argument("--hair", type=float, default=0.0, metavar="P",
+                   help="draw dark hairs over an image with probability P (appends Hair(p=P))")
     g.add_argument("--cutout", action="store_true",
                    help="add RandomErasing(p=0.5) to the augmentations")
     g = p.add_argument_group("model")
@@ -127,6 +147,9 @@ def get_args(argv=None):
     g.add_argument("--dropout", type=float, default=0.0, help="dropout before the head, [0, 1)")
     g.add_argument("--msd", type=int, default=1,
                    help="multi-sample dropout: the head averaged over this many dropout masks")
+    g.add_argument("--init-from", metavar="RUN", help="start each fold from the same fold's "
+                   "weights of an earlier run: a run name in --out, or a path prefix "
+                   "(other/preds/NAME), read as {RUN}_fold{k}.safetensors")
     g = p.add_argument_group("optimizer")
     g.add_argument("--epochs", type=int, default=20, help="epochs of the OneCycle schedule")
     g.add_argument("--batch-size", type=int, default=32, help="images per step and process")
@@ -167,12 +190,23 @@ def get_args(argv=None):
     g.add_argument("--n-folds", type=int, default=5, help="number of folds for --make-folds")
     g.add_argument("--benchmark", action="store_true",
                    help="measure loading, augmentation, step and TTA speed")
+    g.add_argument("--lr-find", action="store_true", help="LR range test on the first --fold: "
+                   "writes {name}_lr_find.csv and .png in --out, prints --lr-min and --lr-max")
+    g.add_argument("--lr-find-start", type=float, default=1e-7, metavar="LR",
+                   help="--lr-find's first learning rate")
+    g.add_argument("--lr-find-end", type=float, default=1.0, metavar="LR",
+                   help="--lr-find's last learning rate (the rate rises exponentially)")
+    g.add_argument("--lr-find-steps", type=int, default=200, metavar="N",
+                   help="--lr-find's steps from start to end, unless the loss diverges first")
+    g.add_argument("--runs", nargs="?", const="preds", metavar="OUT",
+                   help="print the experiments of OUT/runs.csv (default OUT: preds), best first")
     if argv is None:
         argv = sys.argv[1:]
     if "--demo" in argv:
         p.set_defaults(**DEMO_DEFAULTS)
     args = p.parse_args(argv)
     check_flags(p, args)
+    args.settings = settings(args, p.parse_args(["--demo"] if args.demo else []))
     args.out = args.out or ("folds.csv" if args.make_folds else "preds")
     args.name = args.name or f"{args.model.replace('/', '-')}_{args.size}"
     return args
@@ -225,6 +259,43 @@ def check_flags(p, args):
                 f"got {args.name[:160]!r}")
     if args.skip_bad and not args.predict:
         p.error("--skip-bad goes with --predict")
+    if not 0 <= args.hair <= 1:
+        p.error(f"--hair must be a probability in [0, 1], got {args.hair}")
+    if args.weights and args.init_from:
+        p.error("--weights and --init-from both set the starting weights: pass one")
+    if not 0 < args.lr_find_start < args.lr_find_end < math.inf:
+        p.error("need 0 < --lr-find-start < --lr-find-end, got "
+                f"{args.lr_find_start} and {args.lr_find_end}")
+    if args.lr_find_steps < 10:
+        p.error(f"--lr-find-steps must be at least 10, got {args.lr_find_steps}")
+    tools = [f for f in ("make_folds", "benchmark", "lr_find", "runs", "predict")
+             if getattr(args, f)]
+    if len(tools) > 1:
+        p.error(f"--{tools[0].replace('_', '-')} and --{tools[1].replace('_', '-')} are two "
+                "tools: pass one")
+
+
+# Flags that say where and how a run goes, not what it trains: left out of a run's settings.
+NOT_SETTINGS = {"demo", "out", "name", "fold", "resume", "overwrite", "num_workers", "cpu",
+                "compile", "make_folds", "n_folds", "benchmark", "lr_find", "lr_find_start",
+                "lr_find_end", "lr_find_steps", "runs", "predict", "skip_bad", "explain"}
+
+
+def settings(args, defaults):
+    """The flags that differ from their defaults (--demo's with --demo) as a command-line
+    fragment, as given: before the data location is filled in."""
+    parts = ["--demo"] if args.demo else []
+    for k, v in vars(args).items():
+        if k in NOT_SETTINGS or v == getattr(defaults, k):
+            continue
+        flag = f"--{k.replace('_', '-')}"
+        if v is True:
+            parts.append(flag)
+        elif v is False:
+            parts.append(f"--no-{k.replace('_', '-')}")
+        else:
+            parts += [flag, *map(str, v if isinstance(v, list) else [v])]
+    return shlex.join(parts)
 
 
 class DataError(Exception):
@@ -416,7 +487,7 @@ def locate_data(args, say=print):
 
 def resolve_paths(args):
     """Input paths as absolute ones, so that the run's JSON serves from any folder."""
-    for flag in ("data_dir", "folds", "weights"):
+    for flag in ("data_dir", "folds", "weights", "augs"):
         if getattr(args, flag):
             setattr(args, flag, str(Path(getattr(args, flag)).resolve()))
     args.external = [str(Path(d).resolve()) for d in args.external or []] or None
@@ -777,16 +848,175 @@ class EpochSampler:
 # ----------------------------------------------------------------------------------------------
 # Augmentation and TTA, on the device
 
-class Augment(torch.nn.Module):
-    """uint8 NCHW batch -> normalised float, channels-last. The recipe's random stack (affine,
-    flip, colour jitter, optional cutout); random=False gives the plain view."""
+# The recipe's random stack, in the form --augs reads: kornia.augmentation class names and
+# their arguments, applied in this order to float [0, 1] images before normalising.
+DEFAULT_AUGS = """\
+- name: RandomAffine
+  degrees: 180
+  translate: [0.02, 0.02]
+- name: RandomHorizontalFlip
+  p: 0.5
+- name: ColorJitter
+  brightness: 0.1
+  contrast: [0.7, 1.3]
+  saturation: [0.8, 1.2]
+"""
 
-    def __init__(self, mean, std, cutout=False):
+
+class Hair(torch.nn.Module):
+    """Hairs over a float [0, 1] NCHW batch: with probability p an image gets 1 to `most` thin,
+    dark, curved strands (quadratic Bezier curves across the lesion), drawn from torch's global
+    generator like kornia's augmentations, so the per-epoch seeding keeps runs reproducible."""
+
+    def __init__(self, p=0.5, most=6, width=(0.002, 0.005), segments=12):
         super().__init__()
-        self.random = torch.nn.Sequential(
-            K.RandomAffine(degrees=180, translate=(0.02, 0.02)),
-            K.RandomHorizontalFlip(p=0.5),
-            K.ColorJitter(brightness=0.1, contrast=(0.7, 1.3), saturation=(0.8, 1.2)))
+        if not 0 <= p <= 1 or int(most) < 1 or not 0 < width[0] <= width[1]:
+            raise ValueError(f"need 0 <= p <= 1, most >= 1, 0 < width, got {p}, {most}, {width}")
+        self.p = float(p)
+        self.most = int(most)
+        self.width = tuple(map(float, width))  # half the strand's thickness, share of the side
+        self.segments = int(segments)
+
+    def extra_repr(self):
+        return f"p={self.p}, most={self.most}, width={self.width}"
+
+    def forward(self, x):
+        if self.p == 0:
+            return x
+        n, _, h, w = x.shape
+        side = max(h, w)
+        dev = x.device
+        # every draw is made for every image and strand, so the stream does not depend on p
+        hairy = torch.rand(n, 1, device=dev) < self.p
+        count = torch.randint(1, self.most + 1, (n, 1), device=dev)
+        middle = (0.2 + 0.6 * torch.rand(n, self.most, 2, device=dev)) * torch.tensor(
+            [h, w], device=dev)  # strands cross the centre, where the lesion is
+        angle = torch.rand(n, self.most, device=dev) * 2 * math.pi
+        length = (0.3 + 0.6 * torch.rand(n, self.most, device=dev)) * side
+        bend = (torch.rand(n, self.most, device=dev) - 0.5) * 0.6
+        lo, hi = self.width
+        half = (lo + (hi - lo) * torch.rand(n, self.most, device=dev)) * side
+        shade = 0.05 + 0.2 * torch.rand(n, 1, 1, 1, device=dev)  # one dark brown per image
+        colour = shade * torch.tensor([1.0, 0.75, 0.55], device=dev)[:, None, None]
+        # only the strands drawn are rendered: (K, ...) for the K strands of the hairy images
+        on = hairy & (torch.arange(self.most, device=dev) < count)
+        way = torch.stack([torch.sin(angle[on]), torch.cos(angle[on])], -1) * length[on, None]
+        normal = torch.stack([way[:, 1], -way[:, 0]], -1)
+        start = middle[on] - way / 2
+        end = middle[on] + way / 2
+        control = middle[on] + bend[on, None] * normal
+        t = torch.linspace(0, 1, self.segments + 1, device=dev)[:, None, None]
+        curve = (1 - t) ** 2 * start + 2 * (1 - t) * t * control + t ** 2 * end  # (T + 1, K, 2)
+        yy, xx = torch.meshgrid(torch.arange(h, device=dev, dtype=x.dtype),
+                                torch.arange(w, device=dev, dtype=x.dtype), indexing="ij")
+        dist = torch.full((len(start), h, w), math.inf, device=dev, dtype=x.dtype)
+        for a, b in zip(curve[:-1], curve[1:]):
+            dist = torch.minimum(dist, segment_distance(yy, xx, a, b))
+        # anti-aliased: full cover within the half width, fading out over one pixel
+        cover = torch.zeros(n, self.most, h, w, device=dev, dtype=x.dtype)
+        cover[on] = (half[on][:, None, None] + 0.5 - dist).clamp(0, 1)
+        cover = cover.amax(1, keepdim=True)
+        return x * (1 - cover) + colour * cover
+
+
+def segment_distance(yy, xx, a, b):
+    """Distance of every pixel (yy, xx: H x W) to the segments a -> b (n x 2 each): n x H x W."""
+    ay, ax, by, bx = (v[:, None, None] for v in (a[:, 0], a[:, 1], b[:, 0], b[:, 1]))
+    dy = by - ay
+    dx = bx - ax
+    t = ((yy - ay) * dy + (xx - ax) * dx) / (dy * dy + dx * dx).clamp_min(1e-12)
+    t = t.clamp(0, 1)
+    return torch.hypot(yy - ay - t * dy, xx - ax - t * dx)
+
+
+# Our own augmentations, usable in an --augs file beside kornia's.
+OWN_AUGS = {"Hair": Hair}
+
+
+def build_augs(entries, where="augmentation"):
+    """Modules from a list of {name: class, **arguments}: a kornia.augmentation 2D augmentation
+    or one of OWN_AUGS. YAML has no tuples and kornia's ranges are tuples: lists become tuples."""
+    if not isinstance(entries, list):
+        raise DataError(f"{where}: not a list of augmentations (- name: RandomAffine ...), "
+                        f"but {type(entries).__name__}")
+    modules = []
+    for i, entry in enumerate(entries, 1):
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise DataError(f"{where}: entry {i}: needs a name (- name: RandomAffine), "
+                            f"got {entry!r}")
+        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in entry.items()
+                  if k != "name"}
+        name = entry["name"]
+        cls = OWN_AUGS.get(name, getattr(K, name, None))
+        if not (isinstance(cls, type) and issubclass(cls, (K.AugmentationBase2D, Hair))):
+            known = [n for n in dir(K) if isinstance(getattr(K, n), type)
+                     and issubclass(getattr(K, n), K.AugmentationBase2D)] + list(OWN_AUGS)
+            close = difflib.get_close_matches(name, known, 3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise DataError(f"{where}: entry {i} ({name}): not a 2D augmentation of "
+                            f"kornia.augmentation, nor one of {', '.join(OWN_AUGS)}{hint}")
+        try:
+            modules.append(cls(**kwargs))
+        except Exception as e:  # kornia's own errors for arguments it does not take
+            raise DataError(f"{where}: entry {i} ({name}): bad arguments "
+                            f"{kwargs}: {one_line(e)[:200]}")
+    return modules
+
+
+def read_augs(path):
+    """The entries of an --augs YAML file."""
+    if Path(path).is_dir():
+        raise DataError(f"--augs {path}: a folder, not a YAML file")
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise DataError(f"--augs {path}: no such file")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"--augs {path}: cannot read it ({one_line(e)})")
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise DataError(f"--augs {path}: not YAML ({one_line(e)[:200]})")
+
+
+def augmentations(args):
+    """The random stack's modules: --augs or the recipe's, then Hair with --hair."""
+    entries = read_augs(args.augs) if args.augs else yaml.safe_load(DEFAULT_AUGS)
+    modules = build_augs(entries, f"--augs {args.augs}" if args.augs else "DEFAULT_AUGS")
+    if args.hair:
+        modules.append(Hair(p=args.hair))
+    return modules
+
+
+def check_augs(args):
+    """--augs and --hair, built and run once on a batch of --size images before training: the
+    stack must keep the batch's shape (the model sees --size images)."""
+    where = f"--augs {args.augs}" if args.augs else "augmentation"
+    for i, module in enumerate(augmentations(args), 1):
+        entry = f"{where}: entry {i} ({type(module).__name__})"
+        with seeded(0):
+            x = torch.rand(2, 3, args.size, args.size)
+            try:
+                y = module(x)
+            except Exception as e:  # arguments kornia takes but cannot apply
+                raise DataError(f"{entry} fails on a batch of {args.size} px images: "
+                                f"{one_line(e)[:200]}")
+        if not torch.is_tensor(y) or y.shape != x.shape:
+            shape = tuple(y.shape) if torch.is_tensor(y) else type(y).__name__
+            raise DataError(f"{entry} turns a batch {tuple(x.shape)} into {shape}: it must keep "
+                            "the shape")
+
+
+class Augment(torch.nn.Module):
+    """uint8 NCHW batch -> normalised float, channels-last. A random stack (by default the
+    recipe's: affine, flip, colour jitter), then optional cutout; random=False gives the plain
+    view."""
+
+    def __init__(self, mean, std, cutout=False, stack=None):
+        super().__init__()
+        if stack is None:
+            stack = build_augs(yaml.safe_load(DEFAULT_AUGS))
+        self.random = torch.nn.Sequential(*stack)
         self.normalize = K.Normalize(mean=torch.tensor(mean), std=torch.tensor(std))
         # erased patches are filled with 0 after normalising: the mean colour, not black
         self.cutout = None
@@ -827,27 +1057,27 @@ def predict_batch(model, augment, x, tta, key, meta=None):
 # ----------------------------------------------------------------------------------------------
 # Model
 
-def read_weights(path):
+def read_weights(path, flag="--weights"):
     """State dict from .safetensors, or a torch file that holds only tensors (no pickled code)."""
     if not Path(path).is_file():
         reason = "a folder, not a file" if Path(path).is_dir() else "no such file"
-        raise DataError(f"--weights {path}: {reason}")
+        raise DataError(f"{flag} {path}: {reason}")
     try:
         if str(path).endswith(".safetensors"):
             sd = load_file(path)
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise DataError(f"--weights {path}: refused, it holds pickled objects, not only tensors "
+        raise DataError(f"{flag} {path}: refused, it holds pickled objects, not only tensors "
                         f"({str(e).splitlines()[0][:160]}); save a state_dict or a .safetensors "
                         "file")
     except Exception as e:  # safetensors' and torch's own errors for a file of another kind
-        raise DataError(f"--weights {path}: not a weights file ({one_line(e)[:160]})")
+        raise DataError(f"{flag} {path}: not a weights file ({one_line(e)[:160]})")
     for key in ("state_dict", "model"):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]
     if not (isinstance(sd, dict) and sd and all(torch.is_tensor(v) for v in sd.values())):
-        raise DataError(f"--weights {path}: holds no state dict (names -> tensors)")
+        raise DataError(f"{flag} {path}: holds no state dict (names -> tensors)")
     return sd
 
 
@@ -892,9 +1122,9 @@ class Net(torch.nn.Module):
 
 
 def create_model(name, pretrained=True, weights=None, n_meta=0, head="linear", dropout=0.0,
-                 msd=1):
-    """Net on timm's `name`, weights from timm (a download) or a file: our own saved weights,
-    or a bare timm model's, whose classifier is dropped."""
+                 msd=1, flag="--weights"):
+    """Net on timm's `name`, weights from timm (a download) or a file (given by `flag`, which
+    errors name): our own saved weights, or a bare timm model's, whose classifier is dropped."""
     if not timm.is_model(name):
         close = timm.list_models(f"*{name.split('.')[0]}*")[:5]
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
@@ -907,7 +1137,7 @@ def create_model(name, pretrained=True, weights=None, n_meta=0, head="linear", d
                         "--no-pretrained to train from scratch")
     model = Net(backbone, n_meta, head, dropout, msd)
     if weights:
-        load_weights(model, read_weights(weights), f"--weights {weights}", name)
+        load_weights(model, read_weights(weights, flag), f"{flag} {weights}", name)
     return model
 
 
@@ -985,16 +1215,51 @@ def split_fold(train, fold, frac, seed):
     return trn, val
 
 
-def build_training(args, accelerator, steps_per_epoch, n_meta=0):
+def init_prefix(args):
+    """--init-from as a path prefix: a plain run name is one in --out."""
+    run = args.init_from
+    return Path(args.out) / run if Path(run).name == run else Path(run)
+
+
+def init_file(args, fold):
+    """--init-from's weights for `fold`: the same fold's, whose validation images that run never
+    trained on (another fold's model has seen them)."""
+    prefix = init_prefix(args)
+    return prefix.parent / f"{prefix.name}_fold{fold}.safetensors"
+
+
+def check_init_from(args):
+    """Every requested fold's --init-from weights, read once before the first fold trains."""
+    if not args.init_from:
+        return
+    for fold in args.fold:
+        path = init_file(args, fold)
+        if not path.is_file():
+            raise DataError(f"--init-from {args.init_from}: no {path} (fold {fold}'s weights; a "
+                            "plain run name is looked for in --out)")
+        read_weights(path, "--init-from")
+
+
+def build_model(args, accelerator, fold=None, n_meta=0):
+    """The model on the device, from --init-from's weights for `fold`, --weights, timm's or
+    fresh ones, and its augmentation."""
+    seed_all(args.seed, INIT)
+    shape = (n_meta, args.head, args.dropout, args.msd)
+    if args.init_from and fold is not None:
+        raw_model = create_model(args.model, False, init_file(args, fold), *shape, "--init-from")
+    else:
+        raw_model = create_model(args.model, args.pretrained, args.weights, *shape)
+    raw_model = raw_model.to(accelerator.device, memory_format=torch.channels_last)
+    cfg = raw_model.backbone.pretrained_cfg
+    augment = Augment(cfg["mean"], cfg["std"], args.cutout, augmentations(args))
+    return raw_model, augment.to(accelerator.device)
+
+
+def build_training(args, accelerator, steps_per_epoch, fold=None, n_meta=0):
     """The model, its augmentation, AdamW and the OneCycle schedule over all epochs. `raw_model`
     is the plain module whose weights are saved and loaded; `model` is the same module as
     accelerate (and torch.compile) wrapped it, for the forward passes."""
-    seed_all(args.seed, INIT)
-    raw_model = create_model(args.model, args.pretrained, args.weights, n_meta, args.head,
-                             args.dropout, args.msd)
-    raw_model = raw_model.to(accelerator.device, memory_format=torch.channels_last)
-    cfg = raw_model.backbone.pretrained_cfg
-    augment = Augment(cfg["mean"], cfg["std"], args.cutout).to(accelerator.device)
+    raw_model, augment = build_model(args, accelerator, fold, n_meta)
     optimizer = torch.optim.AdamW(raw_model.parameters(), lr=args.lr_max, weight_decay=args.wd)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=args.lr_max, div_factor=args.lr_max / args.lr_min,
@@ -1002,6 +1267,23 @@ def build_training(args, accelerator, steps_per_epoch, n_meta=0):
     model = torch.compile(raw_model) if args.compile else raw_model
     model, optimizer = accelerator.prepare(model, optimizer)
     return raw_model, model, augment, optimizer, scheduler
+
+
+def train_step(model, augment, x, y, optimizer, scheduler, accelerator, meta=None):
+    """One step on a batch (and its metadata, or None): its loss before the step; a non-finite
+    loss takes no step."""
+    x = x.to(accelerator.device, non_blocking=True)
+    y = y.to(accelerator.device, non_blocking=True)
+    if meta is not None:
+        meta = meta.to(accelerator.device, non_blocking=True)
+    loss = F.binary_cross_entropy_with_logits(model(augment(x), meta).float().squeeze(1), y)
+    loss_value = loss.item()  # a CPU-GPU sync point: it catches a bad step at once
+    if math.isfinite(loss_value):
+        accelerator.backward(loss)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    return loss_value
 
 
 def train_one_epoch(model, augment, loader, optimizer, scheduler, accelerator, targets, epoch,
@@ -1013,18 +1295,11 @@ def train_one_epoch(model, augment, loader, optimizer, scheduler, accelerator, t
     seen = 0
     bar = progress(loader, f"epoch {epoch + 1}/{epochs}", accelerator.is_main_process)
     for step, (x, idx) in enumerate(bar):
-        x = x.to(accelerator.device, non_blocking=True)
-        y = targets[idx].to(accelerator.device, non_blocking=True)
-        m = None if meta is None else meta[idx].to(accelerator.device, non_blocking=True)
-        loss = F.binary_cross_entropy_with_logits(model(augment(x), m).float().squeeze(1), y)
         lr = scheduler.get_last_lr()[0]
-        loss_value = loss.item()  # a CPU-GPU sync point: it catches a bad step at once
+        loss_value = train_step(model, augment, x, targets[idx], optimizer, scheduler,
+                                accelerator, None if meta is None else meta[idx])
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"loss is {loss_value} at epoch {epoch + 1}, step {step + 1}")
-        accelerator.backward(loss)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
         loss_sum += loss_value * len(idx)
         seen += len(idx)
         bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
@@ -1034,18 +1309,20 @@ def train_one_epoch(model, augment, loader, optimizer, scheduler, accelerator, t
 
 
 # The settings that change what a run trains: --resume refuses a checkpoint saved with others.
-RUN_KEYS = ("model", "pretrained", "weights", "size", "frac", "neg_ratio", "cutout", "epochs",
-            "batch_size", "lr_min", "lr_max", "wd", "seed", "folds", "data_dir", "meta", "head",
-            "dropout", "msd", "external", "external_neg_ratio")
+RUN_KEYS = ("model", "pretrained", "weights", "init_from", "size", "frac", "neg_ratio", "augs",
+            "hair", "cutout", "epochs", "batch_size", "lr_min", "lr_max", "wd", "seed", "folds",
+            "data_dir", "meta", "head", "dropout", "msd", "external", "external_neg_ratio")
 CHECKPOINT = {"model", "optimizer", "scheduler", "history", "run"}
 
 
 def run_key(args, accelerator):
     key = {k: getattr(args, k) for k in RUN_KEYS}
-    for k in ("weights", "folds", "data_dir"):
+    for k in ("weights", "augs", "folds", "data_dir"):
         if key[k] is not None:
             key[k] = str(Path(key[k]).resolve())
     key["external"] = [str(Path(d).resolve()) for d in args.external or []]
+    if args.init_from:
+        key["init_from"] = str(init_prefix(args).resolve())
     key["cache"] = args.cache is not None  # cached images are re-encoded: other pixels
     key["mixed_precision"] = accelerator.mixed_precision
     key["processes"] = accelerator.num_processes  # they set the global batch
@@ -1137,7 +1414,7 @@ def save_checkpoint(path, raw_model, optimizer, scheduler, accelerator, history,
 
 def load_checkpoint(path, raw_model, optimizer, scheduler, accelerator, args):
     """The finished epochs' history from the checkpoint at `path`, its state loaded, with
-    --resume; [] without one, or with --overwrite (check_checkpoints ran before)."""
+    --resume; [] without one, or with --overwrite (check_fold_outputs ran before)."""
     if not path.exists():
         return []
     if args.overwrite:  # starting over: the old state must not look resumable after an error
@@ -1206,7 +1483,7 @@ def train_fold(args, accelerator, train, test, fold, stem, meta_spec=None):
     # the model and what trains it; continue after the last finished epoch with --resume
     n_meta = 0 if trn_meta is None else trn_meta.shape[1]
     raw_model, model, augment, optimizer, scheduler = build_training(args, accelerator,
-                                                                     len(sampler), n_meta)
+                                                                     len(sampler), fold, n_meta)
     ckpt = Path(args.out) / f"{stem}_last.pt"
     history = load_checkpoint(ckpt, raw_model, optimizer, scheduler, accelerator, args)
     accelerator.print(f"fold {fold}: {len(trn)} training images ({int(trn['target'].sum())} "
@@ -1243,12 +1520,14 @@ def train_fold(args, accelerator, train, test, fold, stem, meta_spec=None):
                   n_external=int(trn["external"].sum()), n_test=len(test), meta=meta_spec,
                   processes=accelerator.num_processes,
                   device=str(accelerator.device), mixed_precision=accelerator.mixed_precision,
-                  wall_s=time.time() - start, epochs=history, args=vars(args),
+                  wall_s=time.time() - start, epochs=history,
+                  augmentations=[str(m) for m in augment.random], args=vars(args),
                   run=run_key(args, accelerator))
-    # outputs, then the checkpoint goes: the fold is finished
+    # outputs and a row in the ledger, then the checkpoint goes: the fold is finished
     if accelerator.is_main_process:
         write_outputs(Path(args.out), stem, val.assign(pred=oof, fold=fold),
                       test.assign(target=test_pred), result, raw_model)
+        append_run(Path(args.out) / "runs.csv", ledger_row(args, result))
         ckpt.unlink(missing_ok=True)
     accelerator.wait_for_everyone()
     accelerator.print(f"fold {fold}: OOF AUC {result['oof_auc']:.4f} with TTA x{args.tta}, "
@@ -1266,14 +1545,199 @@ def print_epoch(accelerator, fold, epochs, h):
 # Outputs
 
 def write_outputs(out, stem, oof, test, result, raw_model):
-    """Predictions first and the JSON last: a fold is finished when its JSON exists."""
+    """Predictions and plots first and the JSON last: a fold is finished when its JSON exists."""
     write_csv(oof[["image_name", "target", "pred", "fold"]], out / f"{stem}_oof.csv")
     if len(test):
         write_csv(test[["image_name", "target"]], out / f"{stem}_test.csv")
     weights = {k: v.contiguous() for k, v in raw_model.state_dict().items()}
     atomic_write(out / f"{stem}.safetensors", lambda tmp: save_file(weights, tmp))
+    plot_curves(out / f"{stem}_curves.png", result, stem)
+    plot_roc(out / f"{stem}_roc.png", oof, result, stem)
     text = json.dumps(finite(result), indent=1, default=str, allow_nan=False)
     atomic_write(out / f"{stem}.json", lambda tmp: Path(tmp).write_text(text))
+
+
+def save_figure(fig, path):
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+
+
+def plot_curves(path, result, stem):
+    """Training loss and validation AUC per epoch, and the learning rate below."""
+    history = result["epochs"]
+    epochs = [h["epoch"] for h in history]
+    # a bare Figure draws with Agg: no pyplot, no display
+    fig = Figure(figsize=(7, 5.5), layout="constrained")
+    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[2, 1])
+    lines = top.plot(epochs, [h["loss"] for h in history], "o-", color="C0",
+                     label="training loss")
+    auc = top.twinx()
+    lines += auc.plot(epochs, [h["val_auc"] for h in history], "s-", color="C1",
+                      label="validation AUC, plain pass")
+    tta = result["args"]["tta"]
+    lines += auc.plot(epochs[-1:], [result["oof_auc"]], "*", ms=14, color="C3",
+                      label=f"OOF AUC with TTA x{tta}: {result['oof_auc']:.4f}")
+    top.set_ylabel("training loss (BCE)")
+    auc.set_ylabel("AUC")
+    top.legend(handles=lines, loc="lower center", bbox_to_anchor=(0.5, 1), ncols=3, fontsize=8,
+               frameon=False)
+    fig.suptitle(f"{stem}: {result['n_train']} training images, {result['n_val']} validation",
+                 fontsize=10)
+    bottom.plot(epochs, [h["lr"] for h in history], "o-", color="C2")
+    bottom.set_ylabel("learning rate\n(last step)")
+    bottom.set_xlabel("epoch")
+    bottom.xaxis.get_major_locator().set_params(integer=True)
+    save_figure(fig, path)
+
+
+def plot_roc(path, oof, result, stem):
+    """The OOF predictions' ROC curve, its AUC in the legend."""
+    fpr, tpr, _ = roc_curve(oof["target"], oof["pred"])
+    fig = Figure(figsize=(5, 5), layout="constrained")
+    ax = fig.subplots()
+    ax.plot(fpr, tpr, color="C0", lw=2,
+            label=f"OOF, TTA x{result['args']['tta']}: AUC {result['oof_auc']:.4f}")
+    ax.plot([0, 1], [0, 1], ":", color="0.5", label="chance: AUC 0.5")
+    ax.set_aspect("equal")
+    ax.set_xlabel("false positive rate (benign lesions flagged)")
+    ax.set_ylabel("true positive rate (melanomas found)")
+    ax.legend(loc="lower right")
+    ax.set_title(f"{stem}: {len(oof)} images, {int(oof['target'].sum())} melanomas", fontsize=10)
+    save_figure(fig, path)
+
+
+def plot_lr_find(path, curve, lr_min, lr_max, title):
+    """Loss against learning rate (log axis), the suggested rates marked."""
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    ax = fig.subplots()
+    ax.plot(curve["lr"], curve["loss"], color="0.7", lw=0.8, label="loss per step")
+    ax.plot(curve["lr"], curve["smoothed"], color="C0", lw=2, label="smoothed loss")
+    lowest = lowest_lr(curve)
+    ax.plot([lowest], curve["smoothed"][curve["lr"] == lowest], "o", color="C0", ms=8,
+            label=f"lowest smoothed loss, at {lowest:.1e}")
+    ax.axvline(lr_max, color="C3", ls="--", label=f"suggested --lr-max {lr_max:.1e}")
+    ax.axvline(lr_min, color="C2", ls="--", label=f"suggested --lr-min {lr_min:.1e}")
+    ax.set_xscale("log")
+    # scaled to the smoothed loss: the noise of single batches would flatten it
+    low, high = curve["smoothed"].min(), curve["smoothed"].max()
+    ax.set_ylim(low - 0.2 * (high - low), high + 0.2 * (high - low))
+    ax.set_xlabel("learning rate (log scale)")
+    ax.set_ylabel("training loss (BCE)")
+    ax.legend(fontsize=9, loc="best")
+    ax.set_title(title, fontsize=10)
+    save_figure(fig, path)
+
+
+# The ledger: one row per finished fold in OUT/runs.csv.
+LEDGER = ["date", "name", "fold", "oof_auc", "oof_auc_no_tta", "wall_s", "settings", "out"]
+
+
+def ledger_row(args, result):
+    return dict(date=time.strftime("%Y-%m-%d %H:%M:%S"), name=args.name, fold=result["fold"],
+                oof_auc=result["oof_auc"], oof_auc_no_tta=result["oof_auc_no_tta"],
+                wall_s=round(result["wall_s"], 1), settings=args.settings, out=args.out)
+
+
+def append_run(path, row):
+    """Append `row` to the ledger at `path`, with a header in a new file. Runs that finish at
+    the same moment each append: an exclusive lock around the size check and the write keeps
+    the header single and the lines whole (O_APPEND alone would let two new-file writers both
+    write a header); a rewrite through atomic_write would lose a row written in between."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, LEDGER, lineterminator="\n")
+    writer.writerow(row)
+    with open(path, "a", newline="") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # released when the file is closed, after the flush
+        if os.fstat(f.fileno()).st_size == 0:
+            f.write(",".join(LEDGER) + "\n")
+        f.write(buf.getvalue())
+
+
+def read_ledger(path):
+    runs = read_csv(path, LEDGER, "ledger")
+    check_whole_numbers(runs, "fold", f"ledger {path}")
+    for c in ("oof_auc", "oof_auc_no_tta", "wall_s"):
+        values = pd.to_numeric(runs[c], errors="coerce")
+        bad = values.isna() & (runs[c] != "")
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise DataError(f"ledger {path}: row {i + 2}: {c} must be a number, "
+                            f"got {runs[c].tolist()[i]!r}")
+        runs[c] = values
+    runs["settings"] = runs["settings"].fillna("")
+    check_names(runs, f"ledger {path}", "name", unique=False)
+    return runs
+
+
+def summarise_runs(runs, folder):
+    """One row per name (its latest row per fold): the folds, the AUC that ranks it (the CV AUC
+    over the concatenated OOF files in `folder` for several folds, else the fold's OOF AUC),
+    the mean per-fold OOF AUC with and without TTA, the total wall time; best first."""
+    latest = runs.drop_duplicates(["name", "fold"], keep="last")
+    rows = []
+    for name, g in latest.groupby("name", sort=False):
+        g = g.sort_values("fold")
+        auc = g["oof_auc"].iloc[0]
+        if len(g) > 1:
+            files = [folder / f"{name}_fold{k}_oof.csv" for k in g["fold"]]
+            auc = math.nan
+            if all(f.is_file() for f in files):
+                oof = pd.concat([read_csv(f, ["target", "pred"], "OOF file") for f in files])
+                auc = roc_auc(oof["target"].to_numpy(), oof["pred"].to_numpy())
+        rows.append(dict(name=name, folds=",".join(map(str, g["fold"])), auc=auc,
+                         mean_fold_auc=g["oof_auc"].mean(), no_tta=g["oof_auc_no_tta"].mean(),
+                         wall_s=g["wall_s"].sum(), last=g["date"].max(),
+                         settings=g["settings"].iloc[-1], out=g["out"].iloc[-1]))
+    table = pd.DataFrame(rows)
+    return table.sort_values("auc", ascending=False, na_position="last", kind="stable")
+
+
+def rerun_command(name, settings, folds, out, size=512):
+    """The command that trains `name` again at `size` px on the same folds, each fold from the
+    same fold's weights; --weights goes, since --init-from replaces it."""
+    tokens = shlex.split(settings)
+    kept = []
+    i = 0
+    while i < len(tokens):
+        if tokens[i] in ("--size", "--init-from", "--weights"):
+            i += 2
+            continue
+        kept.append(tokens[i])
+        i += 1
+    command = ["python", "melanoma.py", *kept, "--size", str(size), "--fold", *folds.split(","),
+               "--name", f"{name}_{size}", "--init-from", name]
+    if out != "preds":
+        command += ["--out", out]
+    return shlex.join(command)
+
+
+def number(v, digits=4):
+    return "n/a" if pd.isna(v) else f"{v:.{digits}f}"
+
+
+# --runs' columns: summarise_runs' key, heading, format.
+RUNS_COLUMNS = (("name", "name", str), ("folds", "folds", str), ("auc", "AUC", number),
+                ("mean_fold_auc", "mean fold AUC", number), ("no_tta", "without TTA", number),
+                ("wall_s", "wall s", lambda v: number(v, 0)), ("last", "last finished", str),
+                ("settings", "settings", str))
+
+
+def print_runs(folder):
+    """--runs: the ledger's experiments, best first, and how to re-run each at 512 px."""
+    path = folder / "runs.csv"
+    table = summarise_runs(read_ledger(path), folder)
+    print(f"{path}: {len(table)} run name(s), best first; AUC: the CV AUC over the concatenated "
+          "OOF of a name's folds (one fold: its OOF AUC)")
+    cells = [[heading for _, heading, _ in RUNS_COLUMNS]]
+    cells += [[show(r[k]) for k, _, show in RUNS_COLUMNS] for r in table.to_dict("records")]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(RUNS_COLUMNS))]
+    for row in cells:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+    if table["auc"].isna().any():
+        print(f"n/a: an OOF file of the name is missing from {folder}, or holds one class")
+    print("\nre-run at 512 px, each fold from the same fold's weights (drop --init-from to train "
+          "afresh: a more diverse ensemble member):")
+    for r in table.itertuples():
+        print(f"  {rerun_command(r.name, r.settings, r.folds, r.out)}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1369,7 +1833,7 @@ def predict_with(info, path, rows, args, accelerator, desc):
     a = SimpleNamespace(**info["args"])
     raw_model = trained_model(info, path).to(accelerator.device, memory_format=torch.channels_last)
     cfg = raw_model.backbone.pretrained_cfg
-    augment = Augment(cfg["mean"], cfg["std"], a.cutout).to(accelerator.device)
+    augment = Augment(cfg["mean"], cfg["std"], a.cutout, augmentations(a)).to(accelerator.device)
     model = accelerator.prepare_model(raw_model, evaluation_mode=True)
     loader_args = SimpleNamespace(num_workers=args.num_workers, batch_size=a.batch_size)
     loader = make_loader(Images(rows["path"], a.size, args.cache), accelerator, loader_args)
@@ -1705,6 +2169,96 @@ def benchmark(args):
 
 
 # ----------------------------------------------------------------------------------------------
+# Tools: LR range test
+
+def endless(loader, sampler, args, accelerator):
+    """The training batches, epoch after epoch, each epoch's sample and augmentation keyed as in
+    training."""
+    for epoch in itertools.count():
+        seed_all(args.seed, AUGMENT, epoch, accelerator.process_index)
+        sampler.set_epoch(epoch)
+        yield from loader
+
+
+def lr_range_test(raw_model, augment, batches, targets, accelerator, args, beta=0.98):
+    """Train a copy of raw_model (raw_model keeps its weights) with AdamW at a learning rate
+    rising exponentially from --lr-find-start to --lr-find-end over --lr-find-steps steps, until
+    the loss, smoothed exponentially (with bias correction), passes 4x its minimum or is not
+    finite. Returns the steps: lr, loss, smoothed."""
+    model = copy.deepcopy(raw_model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr_find_start, weight_decay=args.wd)
+    growth = (args.lr_find_end / args.lr_find_start) ** (1 / (args.lr_find_steps - 1))
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, growth)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
+    rows = []
+    mean = 0.0
+    for step, (x, idx) in zip(range(args.lr_find_steps), batches):
+        lr = scheduler.get_last_lr()[0]
+        loss = train_step(model, augment, x, targets[idx], optimizer, scheduler, accelerator)
+        if not math.isfinite(loss):
+            break
+        mean = beta * mean + (1 - beta) * loss
+        rows.append(dict(step=step + 1, lr=lr, loss=loss, smoothed=mean / (1 - beta ** (step + 1))))
+        if rows[-1]["smoothed"] > 4 * min(r["smoothed"] for r in rows):
+            break
+    return pd.DataFrame(rows, columns=["step", "lr", "loss", "smoothed"])
+
+
+def lowest_lr(curve):
+    """The rate at the smoothed loss's minimum, the first tenth of the steps left out: their
+    smoothed loss is a mean of a few batches, noisy enough to make a false minimum."""
+    tail = curve.iloc[len(curve) // 10:]
+    return float(tail["lr"][tail["smoothed"].idxmin()])
+
+
+def suggest_lrs(curve):
+    """(--lr-min, --lr-max): --lr-max a tenth of the rate where the smoothed loss is lowest (at
+    the minimum training is on the edge of diverging; Smith's and fastai's rule, steadier on
+    noisy losses than the steepest slope), within the swept range; --lr-min = --lr-max / 40, the
+    recipe's ratio (5e-6 -> 2e-4)."""
+    lr_max = max(lowest_lr(curve) / 10, float(curve["lr"].iloc[0]))
+    return lr_max / 40, lr_max
+
+
+def lr_find(args, accelerator, train):
+    """--lr-find: the range test on the first --fold's training images, written as CSV and PNG;
+    no weights are kept."""
+    if accelerator.num_processes > 1:
+        raise DataError("--lr-find runs in one process: start it with python, not accelerate "
+                        "launch or torchrun")
+    fold = args.fold[0]
+    trn, _ = split_fold(train, fold, args.frac, args.seed)
+    check_images(list(trn["path"]))
+    per_epoch = negatives_per_epoch(trn["target"].to_numpy(), args.epochs, args.neg_ratio)
+    sampler = EpochSampler(trn["target"].to_numpy(), args.batch_size, per_epoch, args.seed)
+    loader = make_loader(Images(trn["path"], args.size, args.cache), accelerator, args, sampler)
+    raw_model, augment = build_model(args, accelerator, fold)
+    targets = torch.tensor(trn["target"].to_numpy(), dtype=torch.float32)
+    start = time.time()
+    curve = lr_range_test(raw_model, augment, endless(loader, sampler, args, accelerator), targets,
+                          accelerator, args)
+    if len(curve) < 10:
+        raise DataError(f"--lr-find: the loss diverged after {len(curve)} step(s), starting at "
+                        f"--lr-find-start {args.lr_find_start:.1e}: lower it")
+    lr_min, lr_max = suggest_lrs(curve)
+    stem = Path(args.out) / f"{args.name}_lr_find"
+    write_csv(curve, f"{stem}.csv")
+    last = curve["lr"].iloc[-1]
+    ended = "the loss diverged" if len(curve) < args.lr_find_steps else "end of the range"
+    title = (f"{args.name}: LR range test, fold {fold}, {args.size} px, batch "
+             f"{args.batch_size}\n{len(curve)} steps up to {last:.1e} ({ended})")
+    plot_lr_find(f"{stem}.png", curve, lr_min, lr_max, title)
+    falling = ""
+    if len(curve) == args.lr_find_steps and lowest_lr(curve) >= curve["lr"].iloc[-10]:
+        falling = ("; the loss still fell at the end of the range: a higher --lr-find-end shows "
+                   "where it diverges")
+    print(f"lr-find: suggested --lr-min {lr_min:.1e} --lr-max {lr_max:.1e} (the smoothed loss "
+          f"is lowest at {lowest_lr(curve):.1e}); {len(curve)} steps up to {last:.1e} ({ended}), "
+          f"{time.time() - start:.0f} s; wrote {stem}.csv and {stem}.png{falling}")
+
+
+# ----------------------------------------------------------------------------------------------
 # main
 
 def run(args):
@@ -1712,6 +2266,8 @@ def run(args):
         return write_folds(args)
     if args.benchmark:
         return benchmark(args)
+    if args.runs:
+        return print_runs(Path(args.runs))
     if args.predict:
         return predict_images(args)
     if args.explain:
@@ -1734,6 +2290,10 @@ def run(args):
     train, test = read_data(args, accelerator.print)
     for fold in args.fold:
         split_fold(train, fold, args.frac, args.seed)
+    check_augs(args)
+    check_init_from(args)
+    if args.lr_find:
+        return lr_find(args, accelerator, train)
     finished = check_fold_outputs(args, accelerator)
     if not len(test):
         accelerator.print(f"no test.csv in {args.data_dir}: predicting the validation fold only")

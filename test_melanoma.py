@@ -413,8 +413,10 @@ def test_two_processes_score_every_image_once(tiny_data, tmp_path):
     targets = pd.read_csv(tiny_data / "folds.csv").query("fold != 0")["target"].to_numpy()
     sample = len(melanoma.epoch_indices(targets, melanoma.negatives_per_epoch(targets, 2), 0, 0))
     assert [e["images"] for e in info["epochs"]] == [sample, sample]  # the ranks' shares add up to the sample
-    assert sorted(p.name for p in out.iterdir()) == sorted(f"ddp_fold0{s}" for s in
-                                                           ("_oof.csv", "_test.csv", ".json", ".safetensors"))
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["runs.csv"] + [f"ddp_fold0{s}" for s in ("_oof.csv", "_test.csv", ".json", ".safetensors", "_curves.png",
+                                                  "_roc.png")])
+    assert len(pd.read_csv(out / "runs.csv")) == 1  # one row, from the main process
 
 
 def test_resume_after_a_kill_gives_the_same_predictions(tiny_data, tmp_path):
@@ -995,6 +997,237 @@ def test_predict_bad_input_is_one_line(tiny_data, trained_run, tmp_path, capsys)
     shutil.copy(out / "tiny_fold0.safetensors", out / "tiny_fold3.safetensors")
     refused_run(["--predict", bad, "--name", "tiny", *base], capsys, "tiny_fold3.safetensors", "different models",
                 "size")
+# Workbench: LR range test, augmentation configs, hair, plots, progressive resizing, the ledger
+
+def is_png(path, min_side=200):
+    with Image.open(path) as im:
+        assert im.format == "PNG" and min(im.size) >= min_side, (im.format, im.size)
+        im.verify()
+    return True
+
+
+def test_workbench_lr_find_writes_files_suggests_within_range_and_keeps_no_weights(tiny_data, tmp_path, capsys):
+    out = tmp_path / "out"
+    melanoma.main([str(a) for a in train_args(tiny_data, out, "--lr-find", "--lr-find-steps", "40",
+                                              "--name", "t")])
+    said = capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["t_lr_find.csv", "t_lr_find.png"]  # no weights, no ledger
+    curve = pd.read_csv(out / "t_lr_find.csv")
+    assert list(curve.columns) == ["step", "lr", "loss", "smoothed"] and 10 <= len(curve) <= 40
+    assert curve["lr"].iloc[0] == pytest.approx(1e-7)
+    assert np.allclose(np.diff(np.log(curve["lr"])), np.log(1e7) / 39)  # 1e-7 to 1 in 40 steps
+    lr_min, lr_max = (float(said.split(f"--{k} ")[1].split()[0]) for k in ("lr-min", "lr-max"))
+    assert curve["lr"].min() <= lr_max <= curve["lr"].max() and lr_min == pytest.approx(lr_max / 40, rel=0.05)
+    assert is_png(out / "t_lr_find.png")
+
+
+def test_workbench_lr_range_test_leaves_the_model_alone_stops_on_divergence_and_suggests(tiny_data):
+    from accelerate import Accelerator
+    args = melanoma.get_args(["--lr-find", *TINY, "--lr-find-end", "1e9", "--lr-find-steps", "60"])
+    model = melanoma.create_model("test_efficientnet", pretrained=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    aug = melanoma.Augment(MEAN, STD)
+    r = np.random.default_rng(0)
+    batches = ((torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8), torch.arange(8)) for _ in range(60))
+    targets = torch.tensor(r.integers(0, 2, 8), dtype=torch.float32)
+    curve = melanoma.lr_range_test(model, aug, batches, targets, Accelerator(cpu=True), args)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert len(curve) < 60 and curve["smoothed"].iloc[-1] > 4 * curve["smoothed"].min()  # stopped: diverged
+    # a U-shaped loss whose minimum is at 1e-2: --lr-max a tenth of it, --lr-min 40 times less
+    lrs = np.logspace(-7, 0, 200)
+    u = pd.DataFrame(dict(lr=lrs, smoothed=(np.log10(lrs) + 2) ** 2))
+    assert melanoma.suggest_lrs(u) == pytest.approx((1e-3 / 40, 1e-3), rel=0.05)
+
+
+def test_workbench_augs_config_round_trip_builds_the_recipe_stack(tmp_path):
+    import kornia.augmentation as K
+    import yaml
+    (tmp_path / "augs.yaml").write_text(melanoma.DEFAULT_AUGS)
+    args = melanoma.get_args(["--augs", str(tmp_path / "augs.yaml")])
+    from_file = melanoma.augmentations(args)
+    recipe = [K.RandomAffine(degrees=180, translate=(0.02, 0.02)), K.RandomHorizontalFlip(p=0.5),
+              K.ColorJitter(brightness=0.1, contrast=(0.7, 1.3), saturation=(0.8, 1.2))]
+    assert [repr(m) for m in from_file] == [repr(m) for m in recipe]
+    assert [repr(m) for m in melanoma.Augment(MEAN, STD).random] == [repr(m) for m in recipe]
+    x = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
+    outs = []
+    for stack in (from_file, recipe, None):
+        with melanoma.seeded(3):
+            outs.append(melanoma.Augment(MEAN, STD, stack=stack)(x))
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    hair = melanoma.build_augs(yaml.safe_load("- name: Hair\n  p: 0.3\n- name: RandomVerticalFlip\n"))
+    assert isinstance(hair[0], melanoma.Hair) and hair[0].p == 0.3 and isinstance(hair[1], K.RandomVerticalFlip)
+    with_hair = melanoma.augmentations(melanoma.get_args(["--hair", "0.2"]))
+    assert [type(m).__name__ for m in with_hair] == ["RandomAffine", "RandomHorizontalFlip", "ColorJitter", "Hair"]
+    import textwrap
+    assert textwrap.indent(melanoma.DEFAULT_AUGS, "   ") in (ROOT / "README.md").read_text()  # the README shows it
+
+
+def test_workbench_default_augs_file_reproduces_the_default_run(tiny_data, tmp_path):
+    (tmp_path / "augs.yaml").write_text(melanoma.DEFAULT_AUGS)
+    for name, extra in (("plain", []), ("file", ["--augs", tmp_path / "augs.yaml"])):
+        melanoma.main([str(a) for a in train_args(tiny_data, tmp_path / "out", "--epochs", "1", "--tta", "1",
+                                                  "--name", name, *extra)])
+    for kind in ("oof", "test"):
+        assert (tmp_path / "out" / f"plain_fold0_{kind}.csv").read_bytes() == \
+            (tmp_path / "out" / f"file_fold0_{kind}.csv").read_bytes()
+    runs = pd.read_csv(tmp_path / "out" / "runs.csv")
+    assert runs["name"].tolist() == ["plain", "file"]
+    assert f"--augs {tmp_path / 'augs.yaml'}" in runs["settings"][1] and "--augs" not in runs["settings"][0]
+
+
+@pytest.mark.parametrize("text, names", [
+    (None, ["--augs", "nothere.yaml", "no such file"]),
+    ("- name: RandomAffine\n  degrees: [1, 2\n", ["--augs", "augs.yaml", "not YAML"]),
+    ("name: RandomAffine\n", ["--augs", "augs.yaml", "not a list", "dict"]),
+    ("- degrees: 180\n", ["entry 1", "needs a name"]),
+    ("- name: RandomHorizontalFlip\n- name: RandomAfine\n  degrees: 3\n",
+     ["augs.yaml", "entry 2 (RandomAfine)", "not a 2D augmentation", "did you mean RandomAffine"]),
+    ("- name: ColorJitter\n  brightnes: 0.1\n", ["entry 1 (ColorJitter)", "bad arguments", "brightnes"]),
+    ("- name: Hair\n  p: 2\n", ["entry 1 (Hair)", "bad arguments"]),
+    ("- name: Resize\n  size: [16, 16]\n", ["entry 1 (Resize)", "must keep the shape"]),
+])
+def test_workbench_bad_augs_files_are_one_line_errors(tiny_data, tmp_path, capsys, text, names):
+    path = tmp_path / ("nothere.yaml" if text is None else "augs.yaml")
+    if text is not None:
+        path.write_text(text)
+    refused_run(train_args(tiny_data, tmp_path / "out", "--augs", path), capsys, *names)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--hair", "1.5"], "--hair must be a probability"),
+    (["--weights", "w.safetensors", "--init-from", "run"], "pass one"),
+    (["--lr-find", "--lr-find-start", "1", "--lr-find-end", "1e-3"], "need 0 < --lr-find-start < --lr-find-end"),
+    (["--lr-find", "--lr-find-steps", "3"], "--lr-find-steps must be at least 10"),
+    (["--lr-find", "--runs"], "are two tools: pass one"),
+])
+def test_workbench_bad_flags_are_one_line(tiny_data, tmp_path, capsys, flags, message):
+    refused_run(train_args(tiny_data, tmp_path / "out") + flags, capsys, message)
+
+
+def test_workbench_hair_shape_range_identity_and_seeded():
+    x = torch.rand(16, 3, 40, 56)
+    assert melanoma.Hair(p=0)(x) is x
+    with melanoma.seeded(1):
+        a = melanoma.Hair(p=1)(x)
+    with melanoma.seeded(1):
+        b = melanoma.Hair(p=1)(x)
+    assert a.shape == x.shape and a.dtype == x.dtype and torch.equal(a, b)
+    assert a.min() >= 0 and a.max() <= 1
+    white = torch.ones(64, 3, 64, 64)
+    with melanoma.seeded(2):
+        haired = melanoma.Hair(p=1)(white)
+    changed = (haired < 1).any(1)  # (images, pixels): where a strand darkened the image
+    assert changed.flatten(1).any(1).all()  # p=1: every image gets hair
+    assert 0.005 < changed.float().mean() < 0.2 and haired.amin() < 0.3  # thin strands, dark at the core
+    with melanoma.seeded(2):
+        half = melanoma.Hair(p=0.5)(white)
+    assert 16 < int((half < 1).flatten(1).any(1).sum()) < 48
+    # the draws do not depend on p: what follows in the stream is the same
+    follows = []
+    for p in (0.1, 0.9):
+        with melanoma.seeded(4):
+            melanoma.Hair(p=p)(x)
+            follows.append(torch.rand(3))
+    assert torch.equal(*follows)
+
+
+def test_workbench_plots_ledger_runs_and_init_from(tiny_data, tmp_path, capsys):
+    from safetensors.torch import load_file
+    from sklearn.metrics import roc_auc_score
+    out = tmp_path / "out"
+    base = [str(a) for a in train_args(tiny_data, out, "--fold", "0", "1", "--epochs", "1", "--tta", "1")]
+    melanoma.main(base + ["--name", "small", "--hair", "0.5"])
+    for fold in (0, 1):
+        assert is_png(out / f"small_fold{fold}_curves.png") and is_png(out / f"small_fold{fold}_roc.png")
+    info = json.loads((out / "small_fold0.json").read_text())
+    assert info["augmentations"][-1].startswith("Hair(p=0.5")
+    # progressive resizing: each fold starts from the same fold's weights; a near-zero rate keeps them
+    melanoma.main(base + ["--name", "big", "--size", "48", "--init-from", "small", "--lr-min", "1e-12",
+                          "--lr-max", "1e-12"])
+    small = [load_file(out / f"small_fold{k}.safetensors")["backbone.conv_stem.weight"] for k in (0, 1)]
+    big = [load_file(out / f"big_fold{k}.safetensors")["backbone.conv_stem.weight"] for k in (0, 1)]
+    assert torch.allclose(big[0], small[0], atol=1e-6) and torch.allclose(big[1], small[1], atol=1e-6)
+    assert not torch.allclose(big[0], small[1], atol=1e-3)
+    runs = pd.read_csv(out / "runs.csv")
+    assert runs[["name", "fold"]].values.tolist() == [["small", 0], ["small", 1], ["big", 0], ["big", 1]]
+    assert "--hair 0.5" in runs["settings"][0] and "--init-from small" in runs["settings"][2]
+    capsys.readouterr()
+    melanoma.main(["--runs", str(out)])
+    said = capsys.readouterr().out
+    oof = pd.concat([pd.read_csv(out / f"small_fold{k}_oof.csv") for k in (0, 1)])
+    cv = roc_auc_score(oof["target"], oof["pred"])
+    row = next(line for line in said.splitlines() if line.startswith("small "))
+    assert row.split()[1] == "0,1" and row.split()[2] == f"{cv:.4f}"
+    assert f"--size 512 --fold 0 1 --name small_512 --init-from small --out {out}" in said
+    assert "--init-from small --size 512" not in said  # the earlier --init-from is replaced
+    # a fold without weights to start from is refused before any fold trains
+    (out / "small_fold1.safetensors").unlink()
+    refused_run(base + ["--name", "again", "--init-from", "small"], capsys, "--init-from small",
+                "small_fold1.safetensors", "fold 1")
+    assert not list(out.glob("again*"))
+
+
+def test_workbench_ledger_groups_names_ranks_by_concatenated_oof_and_takes_concurrent_appends(tmp_path, capsys):
+    import multiprocessing
+    from sklearn.metrics import roc_auc_score
+    r = np.random.default_rng(0)
+    oofs = {}
+    for name, folds in (("a", (0, 1)), ("b", (0,))):
+        for k in folds:
+            t = r.integers(0, 2, 40)
+            pred = (t * 0.5 + r.random(40)) * (0.2 if k else 1.0)  # fold 1 on another scale: CV below the mean
+            oofs[name, k] = pd.DataFrame(dict(image_name=[f"{name}{k}_{i}" for i in range(40)], target=t, pred=pred))
+            oofs[name, k].assign(fold=k).to_csv(tmp_path / f"{name}_fold{k}_oof.csv", index=False)
+            auc = roc_auc_score(t, pred)
+            row = dict(date="2026-01-01 00:00:00", name=name, fold=k, oof_auc=auc, oof_auc_no_tta=auc - 0.01,
+                       wall_s=10.0, settings="--demo --size 48", out=str(tmp_path))
+            if (name, k) == ("a", 0):  # an earlier, overwritten run of the same fold: the latest row counts
+                melanoma.append_run(tmp_path / "runs.csv", {**row, "oof_auc": 0.1})
+            melanoma.append_run(tmp_path / "runs.csv", row)
+    table = melanoma.summarise_runs(melanoma.read_ledger(tmp_path / "runs.csv"), tmp_path)
+    both = pd.concat([oofs["a", 0], oofs["a", 1]])
+    a = table.set_index("name").loc["a"]
+    assert a["folds"] == "0,1" and a["auc"] == pytest.approx(roc_auc_score(both["target"], both["pred"]))
+    assert a["mean_fold_auc"] == pytest.approx(np.mean([roc_auc_score(o["target"], o["pred"])
+                                                         for o in (oofs["a", 0], oofs["a", 1])]))
+    assert table["auc"].is_monotonic_decreasing and table["name"].tolist() == sorted(
+        ["a", "b"], key=lambda n: -table.set_index("name").loc[n, "auc"])
+    # runs that finish at once each append one whole row, and the header stays single
+    ledger = tmp_path / "many" / "runs.csv"
+    ledger.parent.mkdir()
+    row = dict(date="d", name="x, with a comma", fold=0, oof_auc=0.5, oof_auc_no_tta=0.5, wall_s=1.0,
+               settings="--size 48", out="o")
+    with multiprocessing.get_context("fork").Pool(4) as pool:
+        pool.starmap(melanoma.append_run, [(ledger, {**row, "fold": i}) for i in range(200)])
+    many = pd.read_csv(ledger)
+    assert sorted(many["fold"]) == list(range(200)) and (many["name"] == "x, with a comma").all()
+    assert ledger.read_text().count("date,name") == 1
+
+
+@pytest.mark.parametrize("content, names", [
+    (None, ["ledger", "runs.csv", "no such file"]),
+    ("", ["ledger", "runs.csv", "not a readable CSV"]),
+    (",".join(melanoma.LEDGER) + "\n", ["runs.csv", "no rows"]),
+    ("date,name\nx,y\n", ["runs.csv", "missing column(s) fold"]),
+    (",".join(melanoma.LEDGER) + "\nd,a,0,high,0.5,1,,o\n", ["runs.csv", "row 2", "oof_auc must be a number"]),
+])
+def test_workbench_bad_ledger_is_one_line(tmp_path, capsys, content, names):
+    if content is not None:
+        (tmp_path / "runs.csv").write_text(content)
+    refused_run(["--runs", tmp_path], capsys, *names)
+
+
+def test_workbench_ensemble_leaves_out_the_ledger(tmp_path):
+    write_model(tmp_path, "m", {0: (Y, [0.1, 0.9, 0.2, 0.8, 0.3, 0.4])}, [0.5, 0.6])
+    melanoma.append_run(tmp_path / "runs.csv", dict(date="d", name="m", fold=0, oof_auc=1.0, oof_auc_no_tta=1.0,
+                                                    wall_s=1.0, settings="", out="o"))
+    r = run_ensemble(tmp_path)  # every *.csv, as `python ensemble.py preds/*.csv` passes them
+    assert f"left out {tmp_path / 'runs.csv'}: melanoma.py's ledger" in r.stdout
+    assert "m  " in r.stdout and (tmp_path / "sub.csv").exists()
+    alone = run_cli(ROOT / "ensemble.py", tmp_path / "runs.csv", "--out", tmp_path / "s2.csv")
+    assert alone.returncode == 2 and "only melanoma.py's ledger" in alone.stderr
 
 
 # ----------------------------------------------------------------------------------------------
