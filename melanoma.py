@@ -1347,7 +1347,8 @@ def read_checkpoint(path, key):
 
 
 # What a fold writes in --out, after {name}_fold{k}
-FOLD_OUTPUTS = ("_oof.csv", "_test.csv", ".json", ".safetensors", "_last.pt")
+FOLD_OUTPUTS = ("_oof.csv", "_test.csv", ".json", ".safetensors", "_last.pt", "_curves.png",
+                "_roc.png")
 
 
 def check_fold_outputs(args, accelerator):
