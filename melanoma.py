@@ -2231,8 +2231,7 @@ def lr_find(args, accelerator, train):
     fold = args.fold[0]
     trn, _ = split_fold(train, fold, args.frac, args.seed)
     check_images(list(trn["path"]))
-    per_epoch = negatives_per_epoch(trn["target"].to_numpy(), args.epochs, args.neg_ratio)
-    sampler = EpochSampler(trn["target"].to_numpy(), args.batch_size, per_epoch, args.seed)
+    sampler = make_sampler(trn, args, accelerator)  # the epochs' samples, as in training
     loader = make_loader(Images(trn["path"], args.size, args.cache), accelerator, args, sampler)
     raw_model, augment = build_model(args, accelerator, fold)
     targets = torch.tensor(trn["target"].to_numpy(), dtype=torch.float32)
