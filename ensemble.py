@@ -47,7 +47,7 @@ LEDGER = ("runs.csv", "date,name,fold,")
 TEST_COLUMNS = ["image_name", "target"]
 
 
-class InputError(Exception):
+class DataError(Exception):
     """Bad input: reported as one line, exit code 2, nothing written."""
 
 
@@ -80,11 +80,11 @@ def get_args(argv=None):
                    help="seed of the bootstrap (default: %(default)s)")
     args = p.parse_args(argv)
     if args.bootstrap < 0:
-        raise InputError(f"--bootstrap {args.bootstrap}: the number of resamples must be 0 or more")
+        raise DataError(f"--bootstrap {args.bootstrap}: the number of resamples must be 0 or more")
     if args.seed < 0:
-        raise InputError(f"--seed {args.seed}: must be 0 or more")
+        raise DataError(f"--seed {args.seed}: must be 0 or more")
     if not args.out.strip() or args.out.endswith(("/", os.sep)):
-        raise InputError(f"--out {args.out!r}: give a file path for the submission")
+        raise DataError(f"--out {args.out!r}: give a file path for the submission")
     return args
 
 
@@ -100,24 +100,24 @@ def check_outputs(out, inputs):
     other, before anything is read."""
     paths = output_paths(out)
     if paths[0].suffix.lower() == ".json":
-        raise InputError(f"--out {out}: the report goes beside the submission as {{stem}}.json and "
+        raise DataError(f"--out {out}: the report goes beside the submission as {{stem}}.json and "
                          "would overwrite it; give a .csv path")
     for p in paths:
         if p.is_dir():
-            raise InputError(f"--out {out}: {p} is a folder")
+            raise DataError(f"--out {out}: {p} is a folder")
     folder = paths[0].absolute().parent
     while not folder.exists():
         folder = folder.parent
     if not folder.is_dir():
-        raise InputError(f"--out {out}: {folder} is a file, not a folder")
+        raise DataError(f"--out {out}: {folder} is a file, not a folder")
     if not os.access(folder, os.W_OK | os.X_OK):
-        raise InputError(f"--out {out}: cannot write in {folder}")
+        raise DataError(f"--out {out}: cannot write in {folder}")
     given = {Path(f).resolve(): f for f in inputs}
     for p in paths:
         if p.resolve() in given:
-            raise InputError(f"--out {out}: would overwrite the input {given[p.resolve()]}")
+            raise DataError(f"--out {out}: would overwrite the input {given[p.resolve()]}")
     if NAME.match(paths[0].name) or RUN_JSON.match(paths[1].name):
-        raise InputError(f"--out {out}: the name of a run's output ({{name}}_fold{{k}}...), which "
+        raise DataError(f"--out {out}: the name of a run's output ({{name}}_fold{{k}}...), which "
                          "the submission or its report would overwrite; give another name")
 
 
@@ -125,39 +125,47 @@ def check_outputs(out, inputs):
 # Reading
 
 def read_csv(path, columns, what=""):
-    """A CSV with `columns` and at least one row, all read as text, whose image names are unique,
-    non-empty and without surrounding spaces. Errors name the file, after `what` it is."""
+    """A CSV with `columns` and at least one row, all read as text, whose image names (if it has
+    them) are unique, non-empty and without surrounding spaces. Errors name the file, after `what`
+    it is. melanoma.py reads its CSVs with it too."""
     where = f"{what} {path}".strip()
     if Path(path).is_dir():
-        raise InputError(f"{where}: is a folder, not a CSV file")
+        raise DataError(f"{where}: is a folder, not a CSV file")
     try:
         # no NA parsing: an image named "NA" stays a name, and an empty cell stays ""
         df = pd.read_csv(path, dtype=str, keep_default_na=False)
     except FileNotFoundError:
-        raise InputError(f"{where}: no such file")
+        raise DataError(f"{where}: no such file")
     except (OSError, ValueError) as e:
-        raise InputError(f"{where}: cannot read it as CSV ({e})")
+        raise DataError(f"{where}: cannot read it as CSV ({' '.join(str(e).split())})")
     missing = [c for c in columns if c not in df.columns]
     if missing:
-        raise InputError(f"{where}: missing column(s) {', '.join(missing)} "
-                         f"(has: {', '.join(map(str, df.columns))})")
+        raise DataError(f"{where}: missing column(s) {', '.join(missing)} "
+                        f"(has: {', '.join(map(str, df.columns))})")
     if df.empty:
-        raise InputError(f"{where}: a header and no rows")
-    names = df["image_name"]
-    refuse_rows(where, names == "", names, "image_name is empty")
-    refuse_rows(where, names.str.strip() != names, names,
-                "image_name {value!r} has surrounding spaces")
-    refuse_rows(where, names.duplicated(), names, "duplicate image_name {value}")
+        raise DataError(f"{where}: a header and no rows")
+    if "image_name" in columns:
+        check_names(df, where)
     return df
 
 
+def check_names(df, where, column="image_name", unique=True):
+    """Every name present and without surrounding spaces (it names a file), and unique."""
+    names = df[column]
+    refuse_rows(where, names.str.strip() == "", names, f"{column} is empty")
+    refuse_rows(where, names.str.strip() != names, names,
+                f"{column} {{value!r}} has surrounding spaces")
+    if unique:
+        refuse_rows(where, names.duplicated(), names, f"duplicate {column} {{value}}")
+
+
 def refuse_rows(where, bad, values, problem):
-    """InputError naming the first row where `bad` holds, numbered as in the file (the header is
+    """DataError naming the first row where `bad` holds, numbered as in the file (the header is
     row 1), with `problem` formatted with that row's value."""
     bad = np.asarray(bad, bool)
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise InputError(f"{where}: row {i + 2}: " + problem.format(value=values.iloc[i]))
+        raise DataError(f"{where}: row {i + 2}: " + problem.format(value=values.iloc[i]))
 
 
 def read_predictions(path, kind, probabilities):
@@ -177,7 +185,7 @@ def read_predictions(path, kind, probabilities):
                     "fold is {value}, not a whole number")
     pred = df["pred" if kind == "oof" else "target"]
     if probabilities and not pred.between(0, 1).all():
-        raise InputError(f"{path}: {pred.name} ranges over [{pred.min():.4g}, {pred.max():.4g}], "
+        raise DataError(f"{path}: {pred.name} ranges over [{pred.min():.4g}, {pred.max():.4g}], "
                          "not probabilities in [0, 1] (--method rank takes any scores)")
     return df
 
@@ -199,7 +207,7 @@ def load_models(files, probabilities):
     parts, seen = {}, {}
     for f in files:
         if Path(f).name in seen:
-            raise InputError(f"{seen[Path(f).name]} and {f}: the same file name twice, whose "
+            raise DataError(f"{seen[Path(f).name]} and {f}: the same file name twice, whose "
                              "predictions would merge into one model")
         seen[Path(f).name] = f
         m = NAME.match(Path(f).name)
@@ -234,7 +242,7 @@ def concat_oof(name, parts):
     dup = oof["image_name"].duplicated()
     if dup.any():
         first = oof["image_name"][dup].iloc[0]
-        raise InputError(f"model {name}: OOF files overlap on image {first}")
+        raise DataError(f"model {name}: OOF files overlap on image {first}")
     return oof.set_index("image_name")
 
 
@@ -244,7 +252,7 @@ def check_same_images(file_a, names_a, file_b, names_b):
     if only_a or only_b:
         missing = f"missing {', '.join(only_a)}" if only_a else ""
         extra = f"extra {', '.join(only_b)}" if only_b else ""
-        raise InputError(f"{file_b}: its test images differ from {file_a}'s: "
+        raise DataError(f"{file_b}: its test images differ from {file_a}'s: "
                          + "; ".join(s for s in (missing, extra) if s))
 
 
@@ -271,13 +279,13 @@ def recorded_folds(run):
     try:
         record = json.loads(Path(run).read_text())
     except (OSError, ValueError) as e:
-        raise InputError(f"{run}: cannot read the run's JSON ({e})")
+        raise DataError(f"{run}: cannot read the run's JSON ({e})")
     args = record.get("args") if isinstance(record, dict) else None
     if not isinstance(args, dict):
-        raise InputError(f"{run}: not a run's JSON (no \"args\" object)")
+        raise DataError(f"{run}: not a run's JSON (no \"args\" object)")
     folds = args.get("folds")
     if folds is not None and not isinstance(folds, str):
-        raise InputError(f"{run}: args.folds is {folds!r}, not a path")
+        raise DataError(f"{run}: args.folds is {folds!r}, not a path")
     return folds
 
 
@@ -412,7 +420,7 @@ def oof_truth(models):
     for m in models:
         for img, t in zip(m.oof.index, m.oof["target"]):
             if truth.setdefault(img, t) != t:
-                raise InputError(f"model {m.name}: target of {img} disagrees with another "
+                raise DataError(f"model {m.name}: target of {img} disagrees with another "
                                  "model's OOF")
     return truth
 
@@ -426,7 +434,7 @@ def build_report(models, method, patients, n_boot, seed, patients_from=None, not
     names = list(models)
     with_oof = [m for m in models.values() if m.oof is not None]
     if method in ("weighted", "stack") and len(with_oof) < len(names):
-        raise InputError(f"--method {method} fits on OOF predictions, and model(s) "
+        raise DataError(f"--method {method} fits on OOF predictions, and model(s) "
                          f"{', '.join(n for n in names if models[n].oof is None)} have none")
     report = dict(method=method, models={}, notes=list(notes))
     truth = oof_truth(with_oof)
@@ -460,7 +468,7 @@ def build_report(models, method, patients, n_boot, seed, patients_from=None, not
                 "the models share no OOF images" if not common else
                 "the shared OOF images hold one class" if len(shared_targets) < 2 else None)
     if method in ("weighted", "stack") and unscored:
-        raise InputError(f"--method {method} fits on OOF predictions, and {unscored}")
+        raise DataError(f"--method {method} fits on OOF predictions, and {unscored}")
     if with_oof:
         report["ensemble"] = {k: dict(auc=None, note=f"not scored: {unscored}") for k in METHODS}
     if unscored:
@@ -631,7 +639,7 @@ def without_ledger(files):
         else:
             kept.append(f)
     if not kept:
-        raise InputError("no prediction files among the inputs, only melanoma.py's ledger")
+        raise DataError("no prediction files among the inputs, only melanoma.py's ledger")
     return kept
 
 
@@ -649,7 +657,7 @@ def main(argv=None):
         lacking = [m.name for m in models.values() if not m.test_file]
         submission = None if lacking else blend_test(models, args.method)
         heat_map_png = plot_correlation(report)
-    except InputError as e:
+    except DataError as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)  # pandas' messages span lines
         sys.exit(2)
     out, report_path, heat_map = output_paths(args.out)

@@ -23,9 +23,10 @@ Outputs land in --out (default preds/): {name}_fold{k}_oof.csv, {name}_fold{k}_t
 ({name}_fold{k}_curves.png, _roc.png), and a row per finished fold in runs.csv;
 `python ensemble.py preds/*.csv` blends them.
 
-The file reads in one order: flags, data and folds (with metadata and external data), sampler,
-augmentation and TTA, model, training, outputs (plots, the ledger), using a trained model, tools
-(folds, demo data, benchmark, LR range test), main.
+The recipe comes first and is whole at the banner `# Beyond the recipe`: flags, data, sampler,
+augmentation and TTA, model, training, outputs, and the function that trains the folds. Below the
+banner is what serves it: input checks, resume, metadata and external data, hair and --augs,
+plots and the ledger, using a trained model, the tools, and main().
 
 Measured on 2 CPU cores (README.md has the details): the demo trains and predicts fold 0 in about
 10 s after a 7 s start (OOF AUC 0.90; 5-fold CV 0.85); a 6000x4000 JPEG loads at 512 px in 0.05 s
@@ -34,11 +35,12 @@ re-reading at 256 px, 2.0x at 512 px. GPU figures: not measured yet.
 """
 import argparse
 import contextlib
-import glob
 import copy
 import csv
 import difflib
 import fcntl
+import functools
+import glob
 import hashlib
 import io
 import itertools
@@ -72,13 +74,15 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from tqdm import tqdm
 
 # torch-free helpers shared with ensemble.py, which stays free of torch so that it starts at once
-from ensemble import ArgumentParser, atomic_write, finite
+from ensemble import ArgumentParser, DataError, atomic_write, check_names, finite, read_csv, \
+    refuse_rows
 
 # Where the data is looked for without --data-dir: a folder in the working folder, then the
 # competition as Kaggle notebooks mount it.
 DATA_LOCATIONS = ("data", "/kaggle/input/siim-isic-melanoma-classification")
-DEMO_DEFAULTS = dict(data_dir="demo_data", model="test_efficientnet", pretrained=False, size=64,
-                     epochs=12, batch_size=32, lr_max=2e-3, tta=4, num_workers=0, name="demo")
+# --demo: these flags come first, so that the command line can override any of them
+DEMO = ("--data-dir demo_data --model test_efficientnet --no-pretrained --size 64 --epochs 12 "
+        "--batch-size 32 --lr-max 2e-3 --tta 4 --num-workers 0 --name demo")
 
 # Random streams. Every random draw comes from a generator keyed on (seed, STREAM, ...), never
 # from a global state, so that each process and a resumed run draw the same numbers, and no two
@@ -92,7 +96,8 @@ AUGMENT = 6    # the training augmentation: key (seed, AUGMENT, epoch, process)
 
 
 # ----------------------------------------------------------------------------------------------
-# Flags
+# Flags. The groups marked setting=True hold every flag that shapes a fold's outputs: the run key
+# (resume, finished folds), the ledger's settings and the model record are derived from them.
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows a flag's default unless its help already says it, or there is none."""
@@ -103,75 +108,90 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def get_args(argv=None):
+def flag_group(p, title, setting):
+    group = p.add_argument_group(title)
+    group.setting = setting
+    return group
+
+
+@functools.cache
+def get_parser():
     p = ArgumentParser(description="Train, validate and predict melanoma classifiers.",
-                       formatter_class=HelpFormatter)
-    g = p.add_argument_group("data")
-    g.add_argument("--data-dir", help="competition data: train.csv, test.csv and jpeg/train/ "
-                   "(official) or train/ (resized datasets); default: the first of "
-                   f"{', '.join(DATA_LOCATIONS)} that holds them")
-    g.add_argument("--folds", help="fold file joined on image_name (default: folds.csv in the "
-                   "data folder if there is one, else the folds.csv beside melanoma.py)")
-    g.add_argument("--fold", type=int, nargs="+", default=[0], help="validation fold(s) to train")
-    g.add_argument("--frac", type=float, default=1.0,
+                       formatter_class=HelpFormatter, allow_abbrev=False)
+    g = flag_group(p, "data", setting=True)
+    g.add_argument("--data-dir", type=DATA_FOLDER, help="competition data: train.csv, test.csv "
+                   "and jpeg/train/ (official) or train/ (resized datasets); default: the first "
+                   f"of {', '.join(DATA_LOCATIONS)} that holds them")
+    g.add_argument("--folds", type=INPUT_FILE, help="fold file joined on image_name (default: "
+                   "folds.csv in the data folder if there is one, else the folds.csv beside "
+                   "melanoma.py)")
+    g.add_argument("--frac", type=bounded(float, 0, 1, low_open=True), default=1.0,
                    help="fraction of the training images to use (0, 1]")
-    g.add_argument("--size", type=int, default=512, help="image side in pixels after resizing")
-    g.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
-                   help="image-loading processes per training process")
-    g.add_argument("--cache", help="directory for images resized to --size (written once, reused)")
+    g.add_argument("--size", type=bounded(int, 0, 4096, low_open=True), default=512,
+                   help="image side in pixels after resizing")
+    g.add_argument("--cache", type=CACHE_FOLDER, help="directory for images resized to --size "
+                   "(written once, reused; re-encoded, so the pixels differ slightly)")
     g.add_argument("--meta", action="store_true", help="join the patient metadata (sex, age, "
                    "site, the patient's image count, image size) to the image features")
-    g.add_argument("--external", metavar="DIR", action="append", help="ISIC 2019 data (train.csv "
-                   "with image_name, diagnosis; train/*.jpg) that only trains; repeatable")
-    g = p.add_argument_group("sampler")
-    g.add_argument("--neg-ratio", type=float, help="benign images per melanoma per epoch "
-                   "(default: the smallest ratio whose --epochs epochs cover every benign image)")
-    g.add_argument("--external-neg-ratio", type=float, help="benign external images per external "
-                   "melanoma per epoch, drawn apart from the competition's (default: one pool)")
-    g = p.add_argument_group("augmentation")
-    g.add_argument("--augs", metavar="FILE", help="YAML list of kornia.augmentation classes and "
-                   "their arguments (- name: RandomAffine / degrees: 180 ...) replacing the "
-                   "recipe's random stack (default: DEFAULT_AUGS in melanoma.py)")
-    g.add_argument("--hair", type=float, default=0.0, metavar="P",
+    g.add_argument("--external", metavar="DIR", type=DATA_FOLDER, action="append", help="ISIC "
+                   "2019 data (train.csv with image_name, diagnosis; train/*.jpg) that only "
+                   "trains; repeatable")
+    g = flag_group(p, "sampler", setting=True)
+    g.add_argument("--neg-ratio", type=bounded(float, 0, low_open=True), help="benign images per "
+                   "melanoma per epoch (default: the smallest ratio whose --epochs epochs cover "
+                   "every benign image)")
+    g.add_argument("--external-neg-ratio", type=bounded(float, 0, low_open=True), help="benign "
+                   "external images per external melanoma per epoch, drawn apart from the "
+                   "competition's (default: one pool)")
+    g = flag_group(p, "augmentation", setting=True)
+    g.add_argument("--augs", metavar="FILE", type=INPUT_FILE, help="YAML list of "
+                   "kornia.augmentation classes and their arguments (- name: RandomAffine / "
+                   "degrees: 180 ...) replacing the recipe's random stack (default: DEFAULT_AUGS "
+                   "in melanoma.py)")
+    g.add_argument("--hair", type=bounded(float, 0, 1), default=0.0, metavar="P",
                    help="draw dark hairs over an image with probability P (appends Hair(p=P))")
     g.add_argument("--cutout", action="store_true",
                    help="add RandomErasing(p=0.5) to the augmentations")
-    g = p.add_argument_group("model")
-    g.add_argument("--model", default="tf_efficientnet_b5.ns_jft_in1k", help="any timm model name")
+    g = flag_group(p, "model", setting=True)
+    g.add_argument("--model", type=text, default="tf_efficientnet_b5.ns_jft_in1k",
+                   help="any timm model name")
     g.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
                    help="start from timm's pretrained weights (downloaded once)")
-    g.add_argument("--weights",
+    g.add_argument("--weights", type=INPUT_FILE,
                    help="weights file to start from (.safetensors or a torch state dict)")
     g.add_argument("--head", choices=["linear", "mlp"], default="linear",
                    help="one Linear layer (the recipe), or Linear-SiLU-Dropout-Linear")
-    g.add_argument("--dropout", type=float, default=0.0, help="dropout before the head, [0, 1)")
-    g.add_argument("--msd", type=int, default=1,
+    g.add_argument("--dropout", type=bounded(float, 0, 1, high_open=True), default=0.0,
+                   help="dropout before the head, [0, 1)")
+    g.add_argument("--msd", type=bounded(int, 1, 32), default=1,
                    help="multi-sample dropout: the head averaged over this many dropout masks")
-    g.add_argument("--init-from", metavar="RUN", help="start each fold from the same fold's "
-                   "weights of an earlier run: a run name in --out, or a path prefix "
+    g.add_argument("--init-from", metavar="RUN", type=text, help="start each fold from the same "
+                   "fold's weights of an earlier run: a run name in --out, or a path prefix "
                    "(other/preds/NAME), read as {RUN}_fold{k}.safetensors")
-    g = p.add_argument_group("optimizer")
-    g.add_argument("--epochs", type=int, default=20, help="epochs of the OneCycle schedule")
-    g.add_argument("--batch-size", type=int, default=32, help="images per step and process")
-    g.add_argument("--lr-min", type=float, default=5e-6, help="OneCycle starting learning rate")
-    g.add_argument("--lr-max", type=float, default=2e-4, help="OneCycle peak learning rate")
-    g.add_argument("--wd", type=float, default=0.1, help="AdamW weight decay")
-    g = p.add_argument_group("prediction")
-    g.add_argument("--tta", type=int, default=15,
-                   help="augmented passes averaged at prediction; 0: one plain pass")
-    g.add_argument("--predict", metavar="PATH", help="score a folder of images (recursively) or "
-                   "a CSV with image_name with every fold of run --name in --out; no training")
-    g.add_argument("--skip-bad", action="store_true", help="with --predict: leave out unreadable "
-                   "images (listed in {name}_predict_skipped.csv) instead of stopping")
-    g.add_argument("--explain", type=int, default=0, metavar="N", help="Grad-CAM grids of run "
-                   "--name: the N most confident false positives and negatives of each fold's "
-                   "OOF (and with --predict the N top new images); no training")
-    g = p.add_argument_group("system")
-    g.add_argument("--out", help="output directory (default preds/; with --make-folds the CSV "
-                   "path, default folds.csv)")
-    g.add_argument("--name", help="run name in output files (default {model}_{size})")
-    g.add_argument("--seed", type=int, default=0,
+    g = flag_group(p, "training", setting=True)
+    g.add_argument("--epochs", type=bounded(int, 0, 10**4, low_open=True), default=20,
+                   help="epochs of the OneCycle schedule")
+    g.add_argument("--batch-size", type=bounded(int, 0, 65536, low_open=True), default=32,
+                   help="images per step and process")
+    g.add_argument("--lr-min", type=bounded(float, 1e-12, 10), default=5e-6,
+                   help="OneCycle starting learning rate")
+    g.add_argument("--lr-max", type=bounded(float, 1e-12, 10), default=2e-4,
+                   help="OneCycle peak learning rate")
+    g.add_argument("--wd", type=bounded(float, 0), default=0.1, help="AdamW weight decay")
+    g.add_argument("--seed", type=bounded(int, 0), default=0,
                    help="seed of sampling, augmentation, TTA and init")
+    g = flag_group(p, "prediction", setting=True)
+    g.add_argument("--tta", type=bounded(int, 0, 1000), default=15,
+                   help="augmented passes averaged at prediction; 0: one plain pass")
+    g = flag_group(p, "run", setting=False)
+    g.add_argument("--fold", type=bounded(int, 0), nargs="+", default=[0],
+                   help="validation fold(s) to train")
+    g.add_argument("--out", type=OUTPUT, help="output directory (default preds/; with "
+                   "--make-folds the CSV path, default folds.csv)")
+    g.add_argument("--name", type=run_name, help="run name in output files (default "
+                   "{model}_{size})")
+    g.add_argument("--num-workers", type=bounded(int, 0, 64), default=min(8, os.cpu_count() or 1),
+                   help="image-loading processes per training process")
     g.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"],
                    help="default: what `accelerate launch --mixed_precision` or its config says")
     g.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is present")
@@ -180,272 +200,51 @@ def get_args(argv=None):
                    help="continue an interrupted run from its last epoch")
     g.add_argument("--overwrite", action="store_true",
                    help="retrain folds that already have outputs")
-    g = p.add_argument_group("tools")
-    demo = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in DEMO_DEFAULTS.items()
-                    if k != "pretrained")
+    g = flag_group(p, "tools (one at a time; --explain also goes with --predict)", setting=False)
     g.add_argument("--demo", action="store_true", help="make a small synthetic dataset once and "
-                   f"train on it with CPU-sized defaults: --no-pretrained {demo}")
-    g.add_argument("--make-folds", metavar="TRAIN_CSV",
+                   f"train on it with CPU-sized defaults: {DEMO}")
+    g.add_argument("--make-folds", metavar="TRAIN_CSV", type=INPUT_FILE,
                    help="write patient-grouped folds of TRAIN_CSV to --out")
-    g.add_argument("--n-folds", type=int, default=5, help="number of folds for --make-folds")
+    g.add_argument("--n-folds", type=bounded(int, 2, 100), default=5,
+                   help="number of folds for --make-folds")
     g.add_argument("--benchmark", action="store_true",
                    help="measure loading, augmentation, step and TTA speed")
     g.add_argument("--lr-find", action="store_true", help="LR range test on the first --fold: "
                    "writes {name}_lr_find.csv and .png in --out, prints --lr-min and --lr-max")
-    g.add_argument("--lr-find-start", type=float, default=1e-7, metavar="LR",
-                   help="--lr-find's first learning rate")
-    g.add_argument("--lr-find-end", type=float, default=1.0, metavar="LR",
-                   help="--lr-find's last learning rate (the rate rises exponentially)")
-    g.add_argument("--lr-find-steps", type=int, default=200, metavar="N",
+    g.add_argument("--lr-find-start", type=bounded(float, 0, low_open=True), default=1e-7,
+                   metavar="LR", help="--lr-find's first learning rate")
+    g.add_argument("--lr-find-end", type=bounded(float, 0, low_open=True), default=1.0,
+                   metavar="LR", help="--lr-find's last learning rate (the rate rises "
+                   "exponentially)")
+    g.add_argument("--lr-find-steps", type=bounded(int, 10, 10**5), default=200, metavar="N",
                    help="--lr-find's steps from start to end, unless the loss diverges first")
-    g.add_argument("--runs", nargs="?", const="preds", metavar="OUT",
+    g.add_argument("--runs", nargs="?", type=OUTPUT, const="preds", metavar="OUT",
                    help="print the experiments of OUT/runs.csv (default OUT: preds), best first")
-    if argv is None:
-        argv = sys.argv[1:]
-    if "--demo" in argv:
-        p.set_defaults(**DEMO_DEFAULTS)
-    args = p.parse_args(argv)
+    g.add_argument("--predict", metavar="PATH", type=INPUT_FILE, help="score a folder of images "
+                   "(recursively) or a CSV with image_name with every fold of run --name in "
+                   "--out; no training")
+    g.add_argument("--skip-bad", action="store_true", help="with --predict: leave out unreadable "
+                   "images (listed in {name}_predict_skipped.tsv) instead of stopping")
+    g.add_argument("--explain", type=bounded(int, 0, 32), default=0, metavar="N",
+                   help="Grad-CAM grids of run --name: the N most confident false positives and "
+                   "negatives of each fold's OOF (and with --predict the N top new images)")
+    return p
+
+
+def get_args(argv=None):
+    p = get_parser()
+    argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
+    demo = shlex.split(DEMO) if "--demo" in argv else []
+    args = p.parse_args(demo + argv)
     check_flags(p, args)
-    args.settings = settings(args, p.parse_args(["--demo"] if args.demo else []))
+    args.settings = settings(args, p.parse_args(demo))
     args.out = args.out or ("folds.csv" if args.make_folds else "preds")
     args.name = args.name or f"{args.model.replace('/', '-')}_{args.size}"
     return args
 
 
-def check_flags(p, args):
-    """Refuse flag values that would fail later or give a wrong result, naming the flag."""
-    for flag in ("size", "epochs", "batch_size", "n_folds"):
-        if getattr(args, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
-    for flag, most in (("size", 4096), ("batch_size", 65536), ("n_folds", 100), ("explain", 32)):
-        if getattr(args, flag) > most:
-            p.error(f"--{flag.replace('_', '-')} must be at most {most}, got {getattr(args, flag)}")
-    if args.n_folds < 2:
-        p.error(f"--n-folds must be at least 2, got {args.n_folds}")
-    for flag in ("tta", "num_workers", "seed", "explain"):
-        if getattr(args, flag) < 0:
-            p.error(f"--{flag.replace('_', '-')} must be 0 or more, got {getattr(args, flag)}")
-    if args.num_workers > 64:
-        p.error(f"--num-workers must be at most 64, got {args.num_workers}")
-    for flag in ("frac", "neg_ratio", "external_neg_ratio", "lr_min", "lr_max", "wd", "dropout"):
-        value = getattr(args, flag)
-        if value is not None and not math.isfinite(value):
-            p.error(f"--{flag.replace('_', '-')} must be a finite number, got {value}")
-    if not 0 < args.frac <= 1:
-        p.error(f"--frac must be in (0, 1], got {args.frac}")
-    for flag in ("neg_ratio", "external_neg_ratio"):
-        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
-            p.error(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
-    if args.external_neg_ratio is not None and not args.external:
-        p.error("--external-neg-ratio needs --external")
-    if not 0 <= args.dropout < 1:
-        p.error(f"--dropout must be in [0, 1), got {args.dropout}")
-    if not 1 <= args.msd <= 32:
-        p.error(f"--msd must be 1 to 32, got {args.msd}")
-    if args.msd > 1 and args.dropout == 0:
-        p.error("--msd averages over dropout masks: it needs --dropout above 0")
-    if not 1e-12 <= args.lr_min <= args.lr_max <= 10:
-        p.error(f"need 1e-12 <= --lr-min <= --lr-max <= 10, got --lr-min {args.lr_min} "
-                f"--lr-max {args.lr_max}")
-    if args.wd < 0:
-        p.error(f"--wd must be 0 or more, got {args.wd}")
-    if args.resume and args.overwrite:
-        p.error("--resume continues a checkpoint and --overwrite discards it: pass one")
-    if len(set(args.fold)) < len(args.fold):
-        p.error(f"--fold lists a fold twice: {' '.join(map(str, args.fold))}")
-    if args.name is not None and (not args.name.strip() or set(args.name) & {"/", "\\", "\0"}
-                                  or args.name.startswith(".") or len(args.name) > 150):
-        p.error(f"--name must be a plain file-name part of at most 150 characters, "
-                f"got {args.name[:160]!r}")
-    if args.skip_bad and not args.predict:
-        p.error("--skip-bad goes with --predict")
-    if not 0 <= args.hair <= 1:
-        p.error(f"--hair must be a probability in [0, 1], got {args.hair}")
-    if args.weights and args.init_from:
-        p.error("--weights and --init-from both set the starting weights: pass one")
-    if not 0 < args.lr_find_start < args.lr_find_end < math.inf:
-        p.error("need 0 < --lr-find-start < --lr-find-end, got "
-                f"{args.lr_find_start} and {args.lr_find_end}")
-    if args.lr_find_steps < 10:
-        p.error(f"--lr-find-steps must be at least 10, got {args.lr_find_steps}")
-    tools = [f for f in ("make_folds", "benchmark", "lr_find", "runs", "predict")
-             if getattr(args, f)]
-    if len(tools) > 1:
-        p.error(f"--{tools[0].replace('_', '-')} and --{tools[1].replace('_', '-')} are two "
-                "tools: pass one")
-
-
-# Flags that say where and how a run goes, not what it trains: left out of a run's settings.
-NOT_SETTINGS = {"demo", "out", "name", "fold", "resume", "overwrite", "num_workers", "cpu",
-                "compile", "make_folds", "n_folds", "benchmark", "lr_find", "lr_find_start",
-                "lr_find_end", "lr_find_steps", "runs", "predict", "skip_bad", "explain"}
-
-
-def settings(args, defaults):
-    """The flags that differ from their defaults (--demo's with --demo) as a command-line
-    fragment, as given: before the data location is filled in."""
-    parts = ["--demo"] if args.demo else []
-    for k, v in vars(args).items():
-        if k in NOT_SETTINGS or v == getattr(defaults, k):
-            continue
-        flag = f"--{k.replace('_', '-')}"
-        if v is True:
-            parts.append(flag)
-        elif v is False:
-            parts.append(f"--no-{k.replace('_', '-')}")
-        else:
-            parts += [flag, *map(str, v if isinstance(v, list) else [v])]
-    return shlex.join(parts)
-
-
-class DataError(Exception):
-    """Bad input (a file, a column, a row, a flag): reported as one line, exit code 2."""
-
-
-def one_line(e):
-    """An error's message on one line; one raised in a loader process carries its traceback,
-    whose last line is the message."""
-    lines = str(e).strip().splitlines() or [type(e).__name__]
-    if lines[0].startswith("Caught DataError") or lines[0].startswith("Traceback"):
-        return lines[-1].split("DataError: ")[-1]
-    return " ".join(line.strip() for line in lines)
-
-
-def progress(iterable, desc, show=True, **kw):
-    """A progress bar on a terminal; none in a log file, where the one line per epoch says it."""
-    return tqdm(iterable, desc=desc, leave=False, disable=not (show and sys.stderr.isatty()), **kw)
-
-
 # ----------------------------------------------------------------------------------------------
-# Data and folds
-
-# The published 5-fold split of the resized datasets' patient-grouped tfrecord groups.
-TFRECORD_FOLDS = {2: 0, 4: 0, 5: 0, 1: 1, 10: 1, 13: 1, 0: 2, 9: 2, 12: 2, 3: 3, 8: 3, 11: 3,
-                  6: 4, 7: 4, 14: 4}
-
-
-def write_csv(df, path):
-    atomic_write(path, lambda tmp: df.to_csv(tmp, index=False))
-
-
-def read_csv(path, columns, what):
-    """A CSV with `columns` and at least one row, every value read as text."""
-    if Path(path).is_dir():
-        raise DataError(f"{what} {path}: a folder, not a CSV file")
-    try:
-        # all text, and no value means missing but "" (an image may be called NA); numbers
-        # are converted where they are checked
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except FileNotFoundError:
-        raise DataError(f"{what} {path}: no such file")
-    except OSError as e:
-        raise DataError(f"{what} {path}: cannot read it ({e.strerror or e})")
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise DataError(f"{what} {path}: not a readable CSV ({one_line(e)})")
-    missing = [c for c in columns if c not in df.columns]
-    if missing:
-        raise DataError(f"{what} {path}: missing column(s) {', '.join(missing)} "
-                        f"(has: {', '.join(map(str, df.columns))})")
-    if not len(df):
-        raise DataError(f"{what} {path}: no rows, only a header")
-    if "image_name" in columns:
-        check_names(df, f"{what} {path}")
-    return df
-
-
-def check_targets(df, path):
-    """Make `target` int, or name the first row (a line of the CSV) whose target is not 0 or 1."""
-    target = pd.to_numeric(df["target"], errors="coerce")
-    bad = ~target.isin([0, 1])
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        raise DataError(f"{path}: row {i + 2}: target must be 0 or 1, "
-                        f"got {df['target'].tolist()[i]!r}")
-    df["target"] = target.astype(int)
-
-
-def check_names(df, where, column="image_name", unique=True):
-    """Every name present and without surrounding spaces (it names a file), and unique."""
-    names = df[column].fillna("").astype(str)
-    problems = ((names.str.strip() == "", "empty {}"),
-                (names.str.strip() != names, "{} {!r} has surrounding spaces"),
-                (names.duplicated() & unique, "duplicate {} {}"))
-    for bad, message in problems:
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
-            raise DataError(f"{where}: row {i + 2}: {message.format(column, names.iloc[i])}")
-
-
-def check_whole_numbers(df, column, where):
-    values = pd.to_numeric(df[column], errors="coerce")
-    bad = ~np.isfinite(values.to_numpy(float)) | (values != values.round())
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        raise DataError(f"{where}: row {i + 2}: {column} must be a whole number, "
-                        f"got {df[column].tolist()[i]!r}")
-    df[column] = values.astype(int)
-
-
-def check_writable(path, flag, folder=True):
-    """Refuse an output location before anything is written: a file where a folder is
-    expected (or the reverse), or a place where files cannot be created."""
-    path = Path(path)
-    if path.exists() and path.is_dir() != folder:
-        raise DataError(f"{flag} {path}: a {'file' if folder else 'folder'}, "
-                        f"not a {'folder' if folder else 'file'}")
-    nearest = path if folder else path.parent
-    while not nearest.exists() and nearest != nearest.parent:
-        nearest = nearest.parent
-    if not nearest.is_dir():
-        raise DataError(f"{flag} {path}: {nearest} is a file, not a folder")
-    try:
-        with tempfile.TemporaryFile(dir=nearest):
-            pass
-    except OSError as e:
-        raise DataError(f"{flag} {path}: cannot write in {nearest} ({e.strerror or e})")
-
-
-def make_folds(df, n_folds=5, seed=0, path="train.csv"):
-    """Patient-grouped, stratified folds: image_name, patient_id, target, fold (-1: never used).
-
-    With a `tfrecord` column (the ISIC 2020 resized datasets): 5 folds are the groups
-    {2,4,5} {1,10,13} {0,9,12} {3,8,11} {6,7,14}, the split the winners reported CV on, and
-    any other tfrecord t >= 0 goes to fold t % 5; other counts put tfrecord t in fold
-    t % n_folds; a negative tfrecord (-1: duplicate images) gets fold -1.
-    Without one: patients with melanomas are dealt, most melanomas first, to the fold with the
-    fewest melanomas, then the others, largest first, to the fold with the fewest images
-    (ties broken by a shuffle from `seed`).
-    """
-    for c in ("image_name", "patient_id", "target"):
-        if c not in df.columns:
-            raise DataError(f"{path}: missing column {c}")
-    df = df.copy()
-    check_targets(df, path)
-    check_names(df, path)
-    check_names(df, path, "patient_id", unique=False)
-    out = df[["image_name", "patient_id", "target"]].copy()
-    if "tfrecord" in df.columns:
-        check_whole_numbers(df, "tfrecord", path)
-        t = df["tfrecord"]
-        published = t.map(TFRECORD_FOLDS) if n_folds == 5 else t % n_folds
-        out["fold"] = np.where(t < 0, -1, published.fillna(t % n_folds)).astype(int)
-        return out
-    patients = out.groupby("patient_id", sort=True)["target"].agg(["sum", "size"])
-    if n_folds > len(patients):
-        raise DataError(f"{path}: {n_folds} folds but only {len(patients)} patients")
-    patients = patients.iloc[np.random.default_rng(seed).permutation(len(patients))]
-    patients = patients.sort_values(["sum", "size"], ascending=False, kind="stable")
-    pos = np.zeros(n_folds)  # melanomas per fold so far
-    size = np.zeros(n_folds)  # images per fold so far
-    fold_of = {}
-    for pid, (n_pos, n) in zip(patients.index, patients.to_numpy()):
-        k = int(np.lexsort((size, pos))[0]) if n_pos else int(np.argmin(size))
-        fold_of[pid] = k
-        pos[k] += n_pos
-        size[k] += n
-    out["fold"] = out["patient_id"].map(fold_of).astype(int)
-    return out
-
+# Data
 
 def layout_of(data_dir):
     """(train image dir, test image dir) of the official layout (jpeg/train) or a resized one
@@ -463,54 +262,6 @@ def find_layout(data_dir):
         raise DataError(f"{data_dir}: no competition data found. Looked for train.csv with "
                         "jpeg/train/*.jpg (official layout) or train/*.jpg (resized datasets)")
     return dirs
-
-
-def locate_data(args, say=print):
-    """Settle --data-dir and --folds, whose defaults depend on what is on disk: the first
-    default location with a competition layout, and the folds file in it or beside this file."""
-    if args.data_dir is None:
-        found = [d for d in DATA_LOCATIONS if layout_of(d)]
-        if not found:
-            raise DataError(f"no competition data found in {' or '.join(DATA_LOCATIONS)} "
-                            "(train.csv with jpeg/train/ or train/): download it with `kaggle "
-                            "competitions download -c siim-isic-melanoma-classification` and unzip "
-                            "it into data/ (or put a resized dataset there in the train/ layout), "
-                            "pass --data-dir DIR, or run --demo, which needs no data")
-        args.data_dir = found[0]
-        say(f"data: {args.data_dir} (the first default location that holds a competition "
-              "layout; --data-dir chooses another)")
-    if args.folds is None:
-        beside = Path(args.data_dir) / "folds.csv"
-        ours = Path(__file__).resolve().parent / "folds.csv"
-        args.folds = str(beside if beside.is_file() else ours)
-
-
-def resolve_paths(args):
-    """Input paths as absolute ones, so that the run's JSON serves from any folder."""
-    for flag in ("data_dir", "folds", "weights", "augs"):
-        if getattr(args, flag):
-            setattr(args, flag, str(Path(getattr(args, flag)).resolve()))
-    args.external = [str(Path(d).resolve()) for d in args.external or []] or None
-
-
-def check_demo_folder(folder):
-    """The demo writes its data only into a new or empty folder, never among a user's files."""
-    folder = Path(folder)
-    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
-        raise DataError(f"--demo --data-dir {folder}: not an empty folder and no demo data "
-                        "(train.csv) in it; the demo makes its data only in a new or empty folder")
-
-
-def read_folds(path):
-    folds = read_csv(path, ["image_name", "fold"], "folds file")
-    check_whole_numbers(folds, "fold", f"folds file {path}")
-    return folds
-
-
-# The columns --meta reads from train.csv, test.csv and external data.
-META_COLUMNS = ["patient_id", "sex", "age_approx", "anatom_site_general_challenge"]
-# ISIC 2019's diagnoses; only MEL is a melanoma.
-DIAGNOSES_2019 = ("MEL", "NV", "BCC", "BKL", "AK", "SCC", "VASC", "DF")
 
 
 def read_images_csv(path, image_dir, columns, what, meta):
@@ -551,167 +302,12 @@ def read_data(args, say=print):
             raise DataError(f"--fold {k}: not in {args.folds} "
                             f"(folds there: {', '.join(map(str, known))})")
     train["external"] = False
-    for folder in args.external or []:
-        extra = read_external(folder, args.meta)
-        seen = extra["image_name"].isin(known_names)
-        known_names |= set(extra["image_name"])
-        say(f"--external {folder}: {int((~seen).sum())} images "
-            f"({int(extra['target'][~seen].sum())} melanomas) for training only; "
-            f"{int(seen.sum())} dropped, already among the training images")
-        train = pd.concat([train, extra[~seen]], ignore_index=True)
+    train = add_external(train, known_names, args, say)
     test_csv = Path(args.data_dir) / "test.csv"
     test = pd.DataFrame(columns=["image_name", "path"])
     if test_csv.exists():
         test = read_images_csv(test_csv, test_dir, ["image_name"], "test file", args.meta)
     return train, test
-
-
-def read_external(folder, meta):
-    """ISIC 2019 in a competition layout: train.csv with image_name and diagnosis (2019's
-    codes); target 1 for MEL. Fold -1: these images train every fold and validate none."""
-    dirs = layout_of(folder)
-    if dirs is None:
-        raise DataError(f"--external {folder}: no train.csv with train/ (or jpeg/train/) there")
-    csv = Path(folder) / "train.csv"
-    df = read_images_csv(csv, dirs[0], ["image_name", "diagnosis"], "external file", meta)
-    codes = df["diagnosis"].astype(str).str.strip().str.upper()
-    bad = ~codes.isin(DIAGNOSES_2019)
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        raise DataError(f"external file {csv}: row {i + 2}: diagnosis {df['diagnosis'][i]!r} is "
-                        f"not one of ISIC 2019's {', '.join(DIAGNOSES_2019)}")
-    df["target"] = (codes == "MEL").astype(int)
-    df["fold"] = -1
-    df["external"] = True
-    return df
-
-
-def fit_meta(train, test):
-    """The metadata encoding, fitted once and saved with the run: categories from both tables,
-    so that one-hot columns agree, and scaling from the training rows."""
-    tables = [t for t in (train, test) if len(t)]
-    size = "pixels" if all({"width", "height"} <= set(t.columns) for t in tables) else "bytes"
-    spec = dict(size=size)
-    for column, key in (("sex", "sexes"), ("anatom_site_general_challenge", "sites")):
-        values = pd.concat([t[column] for t in tables]).dropna().astype(str)
-        spec[key] = sorted(set(values.str.strip()) - {""})
-    raw = meta_raw(train, spec)
-    for column in ("age", "log_patient_images", "log_size"):
-        spec[column] = [float(raw[column].mean()), float(raw[column].std()) or 1.0]
-    return spec
-
-
-def meta_raw(df, spec):
-    """The numeric metadata before scaling: age (NaN when missing), the log of the patient's
-    image count, and the log of the original image size (pixels, or the file's bytes)."""
-    if spec["size"] == "pixels":
-        size = pd.to_numeric(df["width"], errors="coerce") * pd.to_numeric(df["height"],
-                                                                           errors="coerce")
-    else:
-        size = pd.Series([os.path.getsize(p) for p in df["path"]], index=df.index)
-    return pd.DataFrame(dict(age=pd.to_numeric(df["age_approx"], errors="coerce"),
-                             log_patient_images=np.log(df["patient_images"].astype(float)),
-                             log_size=np.log(size.astype(float).clip(lower=1))))
-
-
-def with_meta(df, spec):
-    """df with its metadata features as columns meta_0, meta_1, ..."""
-    features = meta_features(df, spec) if len(df) else np.zeros((0, meta_width(spec)), np.float32)
-    names = [f"meta_{i}" for i in range(features.shape[1])]
-    return pd.concat([df.reset_index(drop=True), pd.DataFrame(features, columns=names)], axis=1)
-
-
-def meta_width(spec):
-    """The number of metadata features: one-hot sex and site with a missing category each,
-    age with its missing indicator, patient image count, size with its missing indicator."""
-    return len(spec["sexes"]) + 1 + len(spec["sites"]) + 1 + 2 + 1 + 2
-
-
-def meta_features(df, spec):
-    """Metadata as float32 features: sex and site one-hot with a missing category; age scaled,
-    with a missing indicator; the patient's image count and the image size, log-scaled."""
-    raw = meta_raw(df, spec)
-    columns = []
-    for column, key in (("sex", "sexes"), ("anatom_site_general_challenge", "sites")):
-        values = df[column].fillna("").astype(str).str.strip()
-        columns += [values == v for v in spec[key]]
-        columns.append(~values.isin(spec[key]))
-    for column in ("age", "log_patient_images", "log_size"):
-        mean, std = spec[column]
-        scaled = (raw[column] - mean) / std
-        columns.append(scaled.fillna(0).clip(-5, 5))
-        if column != "log_patient_images":
-            columns.append(raw[column].isna())
-    return np.column_stack([np.asarray(c, np.float32) for c in columns])
-
-
-JPEG_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")  # not stuffed data, not a restart
-
-
-def jpeg_reaches_end(data):
-    """Whether JPEG bytes hold a whole image: the segments and entropy-coded scans, walked from
-    the start, reach the end-of-image marker (bytes after it are allowed)."""
-    pos = 2
-    while pos + 4 <= len(data):
-        if data[pos] != 0xFF:
-            return False
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-        elif marker == 0xD9:
-            return True
-        elif 0xD0 <= marker <= 0xD7 or marker == 0x01:
-            pos += 2
-        else:
-            pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
-            if marker == 0xDA:  # a scan: its entropy-coded data runs to the next marker
-                found = JPEG_MARKER.search(data, pos)
-                if found is None:
-                    return False
-                pos = found.start()
-    return data[pos:pos + 2] == b"\xff\xd9"
-
-
-def check_image(path):
-    """Refuse an image that is missing, empty, not an image, implausibly large (a
-    decompression bomb) or, for a JPEG, cut short. Cheap: the header, and the tail of the file
-    (the whole file only when the end marker is not in its last kilobyte)."""
-    if os.path.isdir(path):
-        raise DataError(f"image {path}: a folder, not an image")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                width, height = im.size
-                kind = im.format
-    except FileNotFoundError as e:
-        raise DataError(f"image {path}: {e.strerror}")
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise DataError(f"image {path}: more than {Image.MAX_IMAGE_PIXELS} pixels, refused as a "
-                        "possible decompression bomb")
-    except (OSError, SyntaxError, ValueError) as e:
-        with open(path, "rb") as f:
-            head = f.read(3)
-        reason = ("empty file" if not head else "not a complete JPEG (truncated)"
-                  if head == b"\xff\xd8\xff" else f"not an image ({e})")
-        raise DataError(f"image {path}: {reason}")
-    if path.lower().endswith((".jpg", ".jpeg")) and kind != "JPEG":
-        raise DataError(f"image {path}: not a JPEG but {kind} (no JPEG header)")
-    if width * height > Image.MAX_IMAGE_PIXELS or min(width, height) < 1:
-        raise DataError(f"image {path}: {width}x{height} pixels, refused as implausible "
-                        f"(at most {Image.MAX_IMAGE_PIXELS} pixels)")
-    if kind == "JPEG":
-        with open(path, "rb") as f:
-            f.seek(max(0, os.fstat(f.fileno()).st_size - 1024))
-            tail = f.read()
-        if b"\xff\xd9" not in tail and not jpeg_reaches_end(Path(path).read_bytes()):
-            raise DataError(f"image {path}: not a complete JPEG (truncated)")
-
-
-def check_images(paths, show=True):
-    """Every image checked before training, so that a bad one stops the run at once."""
-    for path in progress(paths, "checking images", show and len(paths) >= 2000):
-        check_image(path)
 
 
 def load_image(path, size):
@@ -722,22 +318,6 @@ def load_image(path, size):
             return np.array(im.convert("RGB").resize((size, size), Image.BILINEAR))
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise DataError(f"image {path}: cannot decode ({e})")
-
-
-def cached_load(path, size, cache):
-    """load_image through a cache of quality-95 JPEGs keyed on the source's path, size and mtime."""
-    try:
-        st = os.stat(path)
-    except OSError as e:
-        raise DataError(f"image {path}: {e.strerror}")
-    source = f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{size}"
-    key = hashlib.sha1(source.encode()).hexdigest()[:16]
-    hit = Path(cache) / f"{Path(path).stem}_{size}_{key}.jpg"
-    if not hit.is_file():
-        image = Image.fromarray(load_image(path, size))
-        atomic_write(hit, lambda tmp: image.save(tmp, "JPEG", quality=95))
-    with Image.open(hit) as im:
-        return np.array(im.convert("RGB"))
 
 
 class Images(torch.utils.data.Dataset):
@@ -845,6 +425,20 @@ class EpochSampler:
             yield batch[self.rank::self.world].tolist()
 
 
+def make_sampler(trn, args, accelerator):
+    """The epoch sampler over the training rows: one pool of benign images, or with
+    --external-neg-ratio two, the competition's and the external ones, each with its ratio."""
+    targets = trn["target"].to_numpy()
+    pools = None
+    per_epoch = negatives_per_epoch(targets, args.epochs, args.neg_ratio)
+    if args.external_neg_ratio is not None:
+        pools = trn["external"].to_numpy().astype(int)
+        per_epoch = [negatives_per_epoch(targets[pools == pool], args.epochs, ratio)
+                     for pool, ratio in enumerate((args.neg_ratio, args.external_neg_ratio))]
+    return EpochSampler(targets, args.batch_size, per_epoch, args.seed,
+                        accelerator.process_index, accelerator.num_processes, pools)
+
+
 # ----------------------------------------------------------------------------------------------
 # Augmentation and TTA, on the device
 
@@ -862,6 +456,1011 @@ DEFAULT_AUGS = """\
   saturation: [0.8, 1.2]
 """
 
+
+def build_augs(entries):
+    """The modules of [{name: class, **arguments}] entries (check_augs vetted them): YAML has no
+    tuples, and kornia's ranges are tuples."""
+    return [(OWN_AUGS.get(e["name"]) or getattr(K, e["name"]))(**{
+        k: tuple(v) if isinstance(v, list) else v for k, v in e.items() if k != "name"})
+        for e in entries]
+
+
+class Augment(torch.nn.Module):
+    """uint8 NCHW batch -> normalised float, channels-last. A random stack (by default the
+    recipe's: affine, flip, colour jitter), then optional cutout; random=False gives the plain
+    view."""
+
+    def __init__(self, mean, std, cutout=False, stack=None):
+        super().__init__()
+        if stack is None:
+            stack = build_augs(yaml.safe_load(DEFAULT_AUGS))
+        self.random = torch.nn.Sequential(*stack)
+        self.normalize = K.Normalize(mean=torch.tensor(mean), std=torch.tensor(std))
+        # erased patches are filled with 0 after normalising: the mean colour, not black
+        self.cutout = None
+        if cutout:
+            self.cutout = K.RandomErasing(p=0.5, scale=(0.02, 0.1), ratio=(0.3, 3.3))
+
+    def forward(self, x, random=True):
+        x = x.float().div_(255)
+        if random:
+            x = self.random(x)
+        x = self.normalize(x)
+        if random and self.cutout is not None:
+            x = self.cutout(x)
+        return x.contiguous(memory_format=torch.channels_last)
+
+
+@contextlib.contextmanager
+def seeded(*key):
+    """Draw from a generator keyed on `key` without touching the global random state."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        seed_all(*key)
+        yield
+
+
+def predict_batch(model, augment, x, tta, key, meta=None):
+    """Melanoma probability per image: one plain pass (tta=0) or the mean of `tta` augmented
+    views of the same decoded batch."""
+    if tta == 0:
+        return torch.sigmoid(model(augment(x, random=False), meta).float().squeeze(1))
+    total = 0
+    for view in range(tta):
+        with seeded(*key, view):
+            total = total + torch.sigmoid(model(augment(x), meta).float().squeeze(1))
+    return total / tta
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+
+class Net(torch.nn.Module):
+    """A timm backbone's pooled features, joined by the metadata MLP's when there is metadata,
+    then dropout and the head: one Linear layer (the recipe) or a small MLP; one logit.
+    Multi-sample dropout (msd > 1) averages the head over that many dropout masks in training;
+    in eval dropout is off and one pass is the same."""
+
+    def __init__(self, backbone, n_meta=0, head="linear", dropout=0.0, msd=1):
+        super().__init__()
+        self.backbone = backbone
+        width = backbone.num_features
+        self.meta = None
+        if n_meta:
+            # LayerNorm, not BatchNorm: a process's last batch may hold a single image
+            self.meta = torch.nn.Sequential(
+                torch.nn.Linear(n_meta, 128), torch.nn.LayerNorm(128), torch.nn.SiLU(),
+                torch.nn.Dropout(0.3),
+                torch.nn.Linear(128, 32), torch.nn.LayerNorm(32), torch.nn.SiLU(),
+                torch.nn.Dropout(0.3))
+            width += 32
+        self.dropout = torch.nn.Dropout(dropout)
+        if head == "linear":
+            self.head = torch.nn.Linear(width, 1)
+        else:
+            self.head = torch.nn.Sequential(torch.nn.Linear(width, 256), torch.nn.SiLU(),
+                                            torch.nn.Dropout(dropout), torch.nn.Linear(256, 1))
+        self.msd = msd
+
+    def forward(self, x, meta=None):
+        return self.logit(self.backbone.forward_features(x), meta)
+
+    def logit(self, feature_map, meta=None):
+        """The logit from the backbone's last feature map, where Grad-CAM looks."""
+        features = self.backbone.forward_head(feature_map, pre_logits=True)
+        if self.meta is not None:
+            features = torch.cat([features, self.meta(meta)], dim=1)
+        if not self.training or self.msd == 1:
+            return self.head(self.dropout(features))
+        return torch.stack([self.head(self.dropout(features)) for _ in range(self.msd)]).mean(0)
+
+
+def create_model(name, pretrained=True, weights=None, n_meta=0, head="linear", dropout=0.0,
+                 msd=1, flag="--weights"):
+    """Net on timm's `name`, weights from timm (a download) or a file (given by `flag`, which
+    errors name): our own saved weights, or a bare timm model's, whose classifier is dropped."""
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('.')[0]}*")[:5]
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise DataError(f"--model {name}: not a timm model{hint}")
+    try:
+        backbone = timm.create_model(name, pretrained=pretrained and not weights, num_classes=0)
+    except Exception as e:
+        raise DataError(f"--model {name}: could not get pretrained weights ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200]}). Offline, pass --weights FILE, or "
+                        "--no-pretrained to train from scratch")
+    model = Net(backbone, n_meta, head, dropout, msd)
+    if weights:
+        load_weights(model, read_weights(weights, flag), f"{flag} {weights}", name)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# Training and evaluation
+
+def roc_auc(targets, preds):
+    return float(roc_auc_score(targets, preds)) if len(set(targets)) == 2 else float("nan")
+
+
+def progress(iterable, desc, show=True, **kw):
+    """A progress bar on a terminal; none in a log file, where the one line per epoch says it."""
+    return tqdm(iterable, desc=desc, leave=False, disable=not (show and sys.stderr.isatty()), **kw)
+
+
+def make_loader(dataset, accelerator, args, batch_sampler=None):
+    """Training: our batch sampler, which deals batches to processes itself. Prediction: a plain
+    loader that accelerate shards, padding the last batch (gather_for_metrics drops the pad)."""
+    kw = dict(num_workers=args.num_workers, pin_memory=accelerator.device.type == "cuda",
+              persistent_workers=args.num_workers > 0)
+    if batch_sampler is not None:
+        return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, **kw)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size * 2, **kw)
+    return accelerator.prepare(loader)
+
+
+def predict(model, augment, loader, accelerator, tta, seed, desc, meta=None):
+    """Probabilities for every row of loader's dataset, each exactly once, on every process;
+    `meta`: the rows' metadata features, or None."""
+    model.eval()
+    rows = []
+    probs = []
+    with torch.no_grad():
+        bar = progress(loader, desc, accelerator.is_main_process)
+        for b, (x, idx) in enumerate(bar):
+            m = None if meta is None else meta[idx.cpu()].to(x.device)
+            p = predict_batch(model, augment, x, tta, (seed, TTA, accelerator.process_index, b), m)
+            idx, p = accelerator.gather_for_metrics((idx, p))
+            rows.append(idx.cpu())
+            probs.append(p.cpu())
+    n = len(loader.dataset)
+    rows = torch.cat(rows).numpy() if rows else np.zeros(0, int)
+    counts = np.bincount(rows, minlength=n)
+    if (counts != 1).any():
+        raise RuntimeError(f"{desc}: {(counts == 0).sum()} rows unscored, "
+                           f"{(counts > 1).sum()} scored twice")
+    out = np.empty(n)
+    out[rows] = torch.cat(probs).numpy() if probs else []
+    return out
+
+
+def split_fold(train, fold, frac, seed):
+    """(training rows: every fold but `fold`, a `frac` share of them; validation rows: `fold`).
+    Each must hold both classes: the one to learn, the other for its AUC to exist."""
+    trn = train[train["fold"] != fold].reset_index(drop=True)
+    if frac < 1:
+        keep = rng(seed, FRAC).permutation(len(trn))[:max(1, round(frac * len(trn)))]
+        trn = trn.iloc[np.sort(keep)].reset_index(drop=True)
+    val = train[train["fold"] == fold].reset_index(drop=True)
+    for rows, what in ((trn, "training"), (val, "validation")):
+        if rows["target"].nunique() < 2:
+            raise DataError(f"--fold {fold}: its {what} images hold only one class "
+                            f"({len(rows)} images, {int(rows['target'].sum())} melanomas)")
+    return trn, val
+
+
+def build_model(args, accelerator, fold=None, n_meta=0):
+    """The model on the device, from --init-from's weights for `fold`, --weights, timm's or
+    fresh ones, and its augmentation."""
+    seed_all(args.seed, INIT)
+    shape = (n_meta, args.head, args.dropout, args.msd)
+    if args.init_from and fold is not None:
+        raw_model = create_model(args.model, False, init_file(args, fold), *shape, "--init-from")
+    else:
+        raw_model = create_model(args.model, args.pretrained, args.weights, *shape)
+    raw_model = raw_model.to(accelerator.device, memory_format=torch.channels_last)
+    cfg = raw_model.backbone.pretrained_cfg
+    augment = Augment(cfg["mean"], cfg["std"], args.cutout, augmentations(args))
+    return raw_model, augment.to(accelerator.device)
+
+
+def build_training(args, accelerator, steps_per_epoch, fold=None, n_meta=0):
+    """The model, its augmentation, AdamW and the OneCycle schedule over all epochs. `raw_model`
+    is the plain module whose weights are saved and loaded; `model` is the same module as
+    accelerate (and torch.compile) wrapped it, for the forward passes."""
+    raw_model, augment = build_model(args, accelerator, fold, n_meta)
+    optimizer = torch.optim.AdamW(raw_model.parameters(), lr=args.lr_max, weight_decay=args.wd)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=args.lr_max, div_factor=args.lr_max / args.lr_min,
+        total_steps=args.epochs * steps_per_epoch)
+    model = torch.compile(raw_model) if args.compile else raw_model
+    model, optimizer = accelerator.prepare(model, optimizer)
+    return raw_model, model, augment, optimizer, scheduler
+
+
+def train_step(model, augment, x, y, optimizer, scheduler, accelerator, meta=None):
+    """One step on a batch (and its metadata, or None): its loss before the step; a non-finite
+    loss takes no step."""
+    x = x.to(accelerator.device, non_blocking=True)
+    y = y.to(accelerator.device, non_blocking=True)
+    if meta is not None:
+        meta = meta.to(accelerator.device, non_blocking=True)
+    loss = F.binary_cross_entropy_with_logits(model(augment(x), meta).float().squeeze(1), y)
+    loss_value = loss.item()  # a CPU-GPU sync point: it catches a bad step at once
+    if math.isfinite(loss_value):
+        accelerator.backward(loss)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    return loss_value
+
+
+def train_one_epoch(model, augment, loader, optimizer, scheduler, accelerator, targets, epoch,
+                    epochs, meta=None):
+    """One pass over the loader's batches: (mean loss and image count over all processes, the
+    learning rate of the last step). `targets` and `meta` (or None) are indexed by row."""
+    model.train()
+    loss_sum = 0.0
+    seen = 0
+    bar = progress(loader, f"epoch {epoch + 1}/{epochs}", accelerator.is_main_process)
+    for step, (x, idx) in enumerate(bar):
+        lr = scheduler.get_last_lr()[0]
+        loss_value = train_step(model, augment, x, targets[idx], optimizer, scheduler,
+                                accelerator, None if meta is None else meta[idx])
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"loss is {loss_value} at epoch {epoch + 1}, step {step + 1}")
+        loss_sum += loss_value * len(idx)
+        seen += len(idx)
+        bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
+    total = accelerator.reduce(torch.tensor([loss_sum, seen], device=accelerator.device), "sum")
+    loss_sum, seen = total.tolist()
+    return loss_sum / seen, int(seen), lr
+
+
+def print_epoch(accelerator, fold, epochs, h):
+    accelerator.print(f"fold {fold} epoch {h['epoch']:2d}/{epochs}  loss {h['loss']:.4f}  "
+                      f"val_auc {h['val_auc']:.4f}  lr {h['lr']:.2e}  "
+                      f"{h['images_per_s']:.0f} img/s  {h['seconds']:.0f} s")
+
+
+# ----------------------------------------------------------------------------------------------
+# Outputs
+
+def fold_file(args, fold, suffix):
+    """A fold's output: {out}/{name}_fold{k}{suffix}."""
+    return Path(args.out) / f"{args.name}_fold{fold}{suffix}"
+
+
+def write_csv(df, path):
+    atomic_write(path, lambda tmp: df.to_csv(tmp, index=False))
+
+
+def write_outputs(args, accelerator, fold, oof, test, result, raw_model):
+    """Predictions, weights and plots, the JSON last (a fold is finished when its JSON exists),
+    a row in the ledger; then the checkpoint goes."""
+    result.update(processes=accelerator.num_processes, device=str(accelerator.device),
+                  mixed_precision=accelerator.mixed_precision, args=vars(args),
+                  run=run_key(args, accelerator))
+    if accelerator.is_main_process:
+        write_csv(oof[["image_name", "target", "pred", "fold"]], fold_file(args, fold, "_oof.csv"))
+        if len(test):
+            write_csv(test[["image_name", "target"]], fold_file(args, fold, "_test.csv"))
+        weights = {k: v.contiguous() for k, v in raw_model.state_dict().items()}
+        atomic_write(fold_file(args, fold, ".safetensors"), lambda tmp: save_file(weights, tmp))
+        stem = f"{args.name}_fold{fold}"
+        plot_curves(fold_file(args, fold, "_curves.png"), result, stem)
+        plot_roc(fold_file(args, fold, "_roc.png"), oof, result, stem)
+        text = json.dumps(finite(result), indent=1, default=str, allow_nan=False)
+        atomic_write(fold_file(args, fold, ".json"), lambda tmp: Path(tmp).write_text(text))
+        append_run(Path(args.out) / "runs.csv", ledger_row(args, result))
+        fold_file(args, fold, "_last.pt").unlink(missing_ok=True)
+    accelerator.wait_for_everyone()
+    accelerator.print(f"fold {fold}: OOF AUC {result['oof_auc']:.4f} with TTA x{args.tta}, "
+                      f"{result['oof_auc_no_tta']:.4f} without; {result['wall_s']:.0f} s")
+
+
+# ----------------------------------------------------------------------------------------------
+# The folds
+
+def train_fold(args, accelerator, train, test, fold, meta_spec=None):
+    """Train on every fold but `fold`, score it each epoch, then predict it and the test set with
+    TTA."""
+    start = time.time()
+    # data: `fold` validates, the other folds (a --frac share of them) and external images train
+    trn, val = split_fold(train, fold, args.frac, args.seed)
+    sampler = make_sampler(trn, args, accelerator)
+    dataset = functools.partial(Images, size=args.size, cache=args.cache)
+    train_loader = make_loader(dataset(trn["path"]), accelerator, args, sampler)
+    val_loader = make_loader(dataset(val["path"]), accelerator, args)
+    trn_meta, val_meta, test_meta = (meta_tensor(df) for df in (trn, val, test))
+    # the model and what trains it; continue after the last finished epoch with --resume
+    n_meta = 0 if trn_meta is None else trn_meta.shape[1]
+    raw_model, model, augment, optimizer, scheduler = build_training(args, accelerator,
+                                                                     len(sampler), fold, n_meta)
+    ckpt = fold_file(args, fold, "_last.pt")
+    history = load_checkpoint(ckpt, raw_model, optimizer, scheduler, accelerator, args)
+    accelerator.print(f"fold {fold}: {len(trn)} training images ({int(trn['target'].sum())} "
+                      f"melanomas, {int(trn['external'].sum())} external; "
+                      f"{sampler.n} per epoch), {len(val)} validation, {len(test)} test, "
+                      f"{accelerator.num_processes} process(es) on {accelerator.device}")
+    targets = torch.tensor(trn["target"].to_numpy(), dtype=torch.float32)
+    for epoch in range(len(history), args.epochs):
+        # train on the epoch's fresh sample, score the validation fold (one plain pass), save
+        seed_all(args.seed, AUGMENT, epoch, accelerator.process_index)
+        sampler.set_epoch(epoch)
+        t0 = time.time()
+        loss, images, lr = train_one_epoch(model, augment, train_loader, optimizer, scheduler,
+                                           accelerator, targets, epoch, args.epochs, trn_meta)
+        train_s = time.time() - t0
+        val_pred = predict(model, augment, val_loader, accelerator, 0, args.seed, "validate",
+                           val_meta)
+        history.append(dict(epoch=epoch + 1, loss=loss, val_auc=roc_auc(val["target"], val_pred),
+                            lr=lr, images=images, images_per_s=images / train_s,
+                            seconds=time.time() - t0))
+        print_epoch(accelerator, fold, args.epochs, history[-1])
+        save_checkpoint(ckpt, raw_model, optimizer, scheduler, accelerator, history, args)
+    # the last epoch's model predicts with TTA: picking an epoch on the validation fold
+    # would inflate the CV
+    oof = predict(model, augment, val_loader, accelerator, args.tta, args.seed,
+                  f"OOF TTA x{args.tta}", val_meta)
+    test_pred = np.zeros(0)
+    if len(test):
+        test_pred = predict(model, augment, make_loader(dataset(test["path"]), accelerator, args), accelerator, args.tta, args.seed + 1,
+                            f"test TTA x{args.tta}", test_meta)
+    # outputs and a row in the ledger, then the checkpoint goes: the fold is finished
+    result = dict(fold=fold, oof_auc=roc_auc(val["target"], oof),
+                  oof_auc_no_tta=history[-1]["val_auc"], n_train=len(trn), n_val=len(val),
+                  n_external=int(trn["external"].sum()), n_test=len(test), meta=meta_spec,
+                  wall_s=time.time() - start, epochs=history, augs=aug_entries(args),
+                  augmentations=[str(m) for m in augment.random])
+    write_outputs(args, accelerator, fold, val.assign(pred=oof, fold=fold),
+                  test.assign(target=test_pred), result, raw_model)
+    return result
+
+
+def train_folds(args, accelerator):
+    """Train --fold's folds in turn, keeping those finished with the same settings, then score
+    their concatenated OOF predictions: one AUC, as the competition scores."""
+    train, test = read_inputs(args, accelerator)
+    finished = check_fold_outputs(args, accelerator)
+    check_images(list(train["path"]) + list(test["path"]), accelerator.is_main_process)
+    train, test, meta_spec = add_meta(args, train, test)
+    results = []
+    for fold in args.fold:
+        if fold in finished:
+            accelerator.print(f"fold {fold}: finished already with these settings "
+                              f"({fold_file(args, fold, '.json').name}); --overwrite retrains it")
+            results.append(finished[fold])
+            continue
+        with fold_errors(fold, fold_file(args, fold, "_last.pt")):
+            results.append(train_fold(args, accelerator, train, test, fold, meta_spec))
+    if len(results) > 1 and accelerator.is_main_process:
+        oof = pd.concat([pd.read_csv(fold_file(args, r["fold"], "_oof.csv")) for r in results])
+        folds = ", ".join(str(r["fold"]) for r in results)
+        print(f"CV AUC over folds {folds}: {roc_auc(oof['target'], oof['pred']):.4f} "
+              "(one AUC over their concatenated OOF predictions)")
+
+
+# ==============================================================================================
+# Beyond the recipe
+# ==============================================================================================
+
+# ----------------------------------------------------------------------------------------------
+# Input checks: flags when parsed, files when first read, outputs before the first epoch
+
+def bounded(kind, low=-math.inf, high=math.inf, low_open=False, high_open=False):
+    """An argparse type: a finite `kind` (int or float) within [low, high] (ends open on request)."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {text!r}")
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        if value < low or low_open and value == low:
+            least = {0: "positive" if low_open else "0 or more"}.get(low, f"at least {low}")
+            raise argparse.ArgumentTypeError(f"must be {least}, got {text}")
+        if value > high or high_open and value == high:
+            raise argparse.ArgumentTypeError(f"must be {'below' if high_open else 'at most'} "
+                                             f"{high}, got {text}")
+        return value
+    return parse
+
+
+def text(value):
+    """An argparse type for a value that must not be empty (an unset shell variable)."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("empty; give a value")
+    return value
+
+
+def path_type(resolve=True, key=None):
+    """An argparse type for a path: not empty; absolute if `resolve`, so that the run's JSON
+    serves from any folder. `key` gives what the path counts as in a run's settings."""
+    def parse(value):
+        return str(Path(text(value)).resolve()) if resolve else text(value)
+    parse.key = key
+    return parse
+
+
+@functools.cache
+def digest(path, stamp):
+    """The SHA-256 of a file's bytes; `stamp` (size, mtime) makes an edited file a new key."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return f"sha256:{h.hexdigest()[:16]}"
+
+
+def file_key(path):
+    """A file flag counts by its content; a missing file by its path (reading it says why)."""
+    return digest(path, (os.stat(path).st_size, os.stat(path).st_mtime_ns)) \
+        if os.path.isfile(path) else path
+
+
+def run_name(value):
+    """--name: a plain file-name part on one line (it names files, and lines of the ledger)."""
+    if (not value.strip() or set(value) & {"/", "\\", "\0", "\n", "\r"} or value.startswith(".")
+            or len(value) > 150):
+        raise argparse.ArgumentTypeError("must be a plain file-name part of at most 150 "
+                                         f"characters on one line, got {value[:160]!r}")
+    return value
+
+
+INPUT_FILE = path_type(key=file_key)
+# a data folder counts by its tables' content (not its images: hashing them would take minutes)
+DATA_FOLDER = path_type(key=lambda d: [file_key(Path(d) / f"{t}.csv") for t in ("train", "test")])
+CACHE_FOLDER = path_type(resolve=False, key=lambda d: True)  # re-encoded: other pixels
+OUTPUT = path_type(resolve=False)
+
+
+def check_flags(p, args):
+    """The checks that relate two flags; each flag's own bounds are in its type."""
+    if args.lr_min > args.lr_max:
+        p.error(f"need --lr-min <= --lr-max, got --lr-min {args.lr_min} --lr-max {args.lr_max}")
+    if args.external_neg_ratio is not None and not args.external:
+        p.error("--external-neg-ratio needs --external")
+    if args.msd > 1 and args.dropout == 0:
+        p.error("--msd averages over dropout masks: it needs --dropout above 0")
+    if args.resume and args.overwrite:
+        p.error("--resume continues a checkpoint and --overwrite discards it: pass one")
+    if len(set(args.fold)) < len(args.fold):
+        p.error(f"--fold lists a fold twice: {' '.join(map(str, args.fold))}")
+    if args.skip_bad and not args.predict:
+        p.error("--skip-bad goes with --predict")
+    if args.weights and args.init_from:
+        p.error("--weights and --init-from both set the starting weights: pass one")
+    if args.lr_find_start >= args.lr_find_end:
+        p.error("need --lr-find-start < --lr-find-end, got "
+                f"{args.lr_find_start} and {args.lr_find_end}")
+    tools = [t for t in TOOLS if getattr(args, t)]
+    if len(tools) > 1 and tools != ["predict", "explain"]:
+        p.error(f"--{tools[0].replace('_', '-')} and --{tools[1].replace('_', '-')} are two "
+                "tools: pass one")
+
+
+def one_line(e):
+    """An error's message on one line; one raised in a loader process carries its traceback,
+    whose last line is the message."""
+    lines = str(e).strip().splitlines() or [type(e).__name__]
+    if lines[0].startswith("Caught DataError") or lines[0].startswith("Traceback"):
+        return lines[-1].split("DataError: ")[-1]
+    return " ".join(line.strip() for line in lines)
+
+
+def check_writable(path, flag, folder=True):
+    """Refuse an output location before anything is written: a file where a folder is
+    expected (or the reverse), or a place where files cannot be created."""
+    path = Path(path)
+    if path.exists() and path.is_dir() != folder:
+        raise DataError(f"{flag} {path}: a {'file' if folder else 'folder'}, "
+                        f"not a {'folder' if folder else 'file'}")
+    nearest = path if folder else path.parent
+    while not nearest.exists() and nearest != nearest.parent:
+        nearest = nearest.parent
+    if not nearest.is_dir():
+        raise DataError(f"{flag} {path}: {nearest} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=nearest):
+            pass
+    except OSError as e:
+        raise DataError(f"{flag} {path}: cannot write in {nearest} ({e.strerror or e})")
+
+
+def check_targets(df, path):
+    """Make `target` int, or name the first row whose target is not 0 or 1."""
+    target = pd.to_numeric(df["target"], errors="coerce")
+    refuse_rows(path, ~target.isin([0, 1]), df["target"], "target must be 0 or 1, got {value!r}")
+    df["target"] = target.astype(int)
+
+
+def check_whole_numbers(df, column, where):
+    values = pd.to_numeric(df[column], errors="coerce")
+    bad = ~np.isfinite(values.to_numpy(float)) | (values != values.round())
+    refuse_rows(where, bad, df[column], f"{column} must be a whole number, got {{value!r}}")
+    df[column] = values.astype(int)
+
+
+def locate_data(args, say=print):
+    """Settle --data-dir and --folds, whose defaults depend on what is on disk: the first
+    default location with a competition layout, and the folds file in it or beside this file."""
+    if args.data_dir is None:
+        found = [d for d in DATA_LOCATIONS if layout_of(d)]
+        if not found:
+            raise DataError(f"no competition data found in {' or '.join(DATA_LOCATIONS)} "
+                            "(train.csv with jpeg/train/ or train/): download it with `kaggle "
+                            "competitions download -c siim-isic-melanoma-classification` and unzip "
+                            "it into data/ (or put a resized dataset there in the train/ layout), "
+                            "pass --data-dir DIR, or run --demo, which needs no data")
+        args.data_dir = str(Path(found[0]).resolve())
+        say(f"data: {found[0]} (the first default location that holds a competition "
+              "layout; --data-dir chooses another)")
+    if args.folds is None:
+        beside = Path(args.data_dir) / "folds.csv"
+        ours = Path(__file__).resolve().parent / "folds.csv"
+        args.folds = str((beside if beside.is_file() else ours).resolve())
+
+
+def check_demo_folder(folder):
+    """The demo writes its data only into a new or empty folder, never among a user's files."""
+    folder = Path(folder)
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise DataError(f"--demo --data-dir {folder}: not an empty folder and no demo data "
+                        "(train.csv) in it; the demo makes its data only in a new or empty folder")
+
+
+def read_folds(path):
+    folds = read_csv(path, ["image_name", "fold"], "folds file")
+    check_whole_numbers(folds, "fold", f"folds file {path}")
+    return folds
+
+
+def read_inputs(args, accelerator):
+    """The data of a training run (made first with --demo), every input and output location
+    checked before the first epoch: (training rows, test rows)."""
+    if accelerator.device.type == "cpu" and accelerator.mixed_precision == "fp16":
+        raise DataError("--mixed-precision fp16 needs a GPU; on the CPU use bf16 or no")
+    # the demo's dataset is made once, by the main process, before the others read it
+    with accelerator.main_process_first():
+        if args.demo and not (Path(args.data_dir) / "train.csv").exists():
+            check_demo_folder(args.data_dir)
+            print(f"making the demo dataset in {args.data_dir}/ (once)")
+            make_demo_data(args.data_dir, seed=args.seed)
+    locate_data(args, accelerator.print)
+    check_writable(args.out, "--out")
+    if args.cache:
+        check_writable(args.cache, "--cache")
+    train, test = read_data(args, accelerator.print)
+    for fold in args.fold:
+        split_fold(train, fold, args.frac, args.seed)
+    check_augs(args)
+    check_init_from(args)
+    if not len(test):
+        accelerator.print(f"no test.csv in {args.data_dir}: predicting the validation fold only")
+    return train, test
+
+
+JPEG_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")  # not stuffed data, not a restart
+
+
+def jpeg_reaches_end(data):
+    """Whether JPEG bytes hold a whole image: the segments and entropy-coded scans, walked from
+    the start, reach the end-of-image marker (bytes after it are allowed)."""
+    pos = 2
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return False
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+        elif marker == 0xD9:
+            return True
+        elif 0xD0 <= marker <= 0xD7 or marker == 0x01:
+            pos += 2
+        else:
+            pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+            if marker == 0xDA:  # a scan: its entropy-coded data runs to the next marker
+                found = JPEG_MARKER.search(data, pos)
+                if found is None:
+                    return False
+                pos = found.start()
+    return data[pos:pos + 2] == b"\xff\xd9"
+
+
+def check_image(path):
+    """Refuse an image that is missing, empty, not an image, implausibly large (a
+    decompression bomb) or, for a JPEG, cut short. Cheap: the header, and the tail of the file
+    (the whole file only when the end marker is not in its last kilobyte)."""
+    if os.path.isdir(path):
+        raise DataError(f"image {path}: a folder, not an image")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                width, height = im.size
+                kind = im.format
+    except FileNotFoundError as e:
+        raise DataError(f"image {path}: {e.strerror}")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise DataError(f"image {path}: more than {Image.MAX_IMAGE_PIXELS} pixels, refused as a "
+                        "possible decompression bomb")
+    except (OSError, SyntaxError, ValueError) as e:
+        with open(path, "rb") as f:
+            head = f.read(3)
+        reason = ("empty file" if not head else "not a complete JPEG (truncated)"
+                  if head == b"\xff\xd8\xff" else f"not an image ({e})")
+        raise DataError(f"image {path}: {reason}")
+    if path.lower().endswith((".jpg", ".jpeg")) and kind != "JPEG":
+        raise DataError(f"image {path}: not a JPEG but {kind} (no JPEG header)")
+    if width * height > Image.MAX_IMAGE_PIXELS or min(width, height) < 1:
+        raise DataError(f"image {path}: {width}x{height} pixels, refused as implausible "
+                        f"(at most {Image.MAX_IMAGE_PIXELS} pixels)")
+    if kind == "JPEG":
+        with open(path, "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - 1024))
+            tail = f.read()
+        if b"\xff\xd9" not in tail and not jpeg_reaches_end(Path(path).read_bytes()):
+            raise DataError(f"image {path}: not a complete JPEG (truncated)")
+
+
+def check_images(paths, show=True):
+    """Every image checked before training, so that a bad one stops the run at once."""
+    for path in progress(paths, "checking images", show and len(paths) >= 2000):
+        check_image(path)
+
+
+def read_weights(path, flag="--weights"):
+    """State dict from .safetensors, or a torch file that holds only tensors (no pickled code)."""
+    if not Path(path).is_file():
+        reason = "a folder, not a file" if Path(path).is_dir() else "no such file"
+        raise DataError(f"{flag} {path}: {reason}")
+    try:
+        if str(path).endswith(".safetensors"):
+            sd = load_file(path)
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise DataError(f"{flag} {path}: refused, it holds pickled objects, not only tensors "
+                        f"({str(e).splitlines()[0][:160]}); save a state_dict or a .safetensors "
+                        "file")
+    except Exception as e:  # safetensors' and torch's own errors for a file of another kind
+        raise DataError(f"{flag} {path}: not a weights file ({one_line(e)[:160]})")
+    for key in ("state_dict", "model"):
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+    if not (isinstance(sd, dict) and sd and all(torch.is_tensor(v) for v in sd.values())):
+        raise DataError(f"{flag} {path}: holds no state dict (names -> tensors)")
+    return sd
+
+
+def load_weights(model, sd, what, name):
+    """Load what fits: every backbone tensor must; the head and metadata MLP may be new."""
+    if not any(k.startswith("backbone.") for k in sd):  # a bare timm model's state dict
+        classifier = model.backbone.default_cfg.get("classifier", "~") + "."
+        sd = {f"backbone.{k}": v for k, v in sd.items() if not k.startswith(classifier)}
+    own = model.state_dict()
+    # a head of another width (other metadata, another head) is left to train anew
+    resized = {k for k in sd if k in own and sd[k].shape != own[k].shape}
+    missing, unexpected = model.load_state_dict(
+        {k: v for k, v in sd.items() if k not in resized}, strict=False)
+    lost = [k for k in list(missing) + sorted(resized) if k.startswith("backbone.")]
+    if unexpected or lost:
+        raise DataError(f"{what}: does not fit --model {name} "
+                        f"(missing {lost[:3]}, unexpected {list(unexpected)[:3]})")
+
+
+# ----------------------------------------------------------------------------------------------
+# Resume and finished folds: what shaped a fold, derived from the flags of the setting groups
+
+def setting_actions():
+    p = get_parser()
+    return [a for g in p._action_groups if getattr(g, "setting", False) for a in g._group_actions]
+
+
+def settings(args, defaults):
+    """The setting flags that differ from their defaults (--demo's with --demo) as a command-line
+    fragment, as given: before the data location is filled in."""
+    parts = ["--demo"] if args.demo else []
+    for a in setting_actions():
+        value = getattr(args, a.dest)
+        if value == getattr(defaults, a.dest):
+            continue
+        if isinstance(a, argparse.BooleanOptionalAction):
+            parts.append(a.option_strings[0 if value else 1])
+        elif value is True:
+            parts.append(a.option_strings[0])
+        elif isinstance(value, list) and a.nargs is None:  # a repeatable flag
+            parts += [token for v in value for token in (a.option_strings[0], str(v))]
+        else:
+            parts += [a.option_strings[0], *map(str, value if isinstance(value, list) else [value])]
+    return shlex.join(parts)
+
+
+def run_key(args, accelerator):
+    """Everything that shaped a fold's outputs: each setting flag (a file by its content), the
+    mixed precision and the number of processes (they set the global batch)."""
+    key = {}
+    for a in setting_actions():
+        value, count = getattr(args, a.dest), getattr(a.type, "key", None)
+        if count and value is not None:
+            value = [count(v) for v in value] if isinstance(value, list) else count(value)
+        key[a.dest] = value
+    key["mixed_precision"] = accelerator.mixed_precision
+    key["processes"] = accelerator.num_processes
+    return key
+
+
+CHECKPOINT = {"model", "optimizer", "scheduler", "history", "run"}
+
+
+def read_checkpoint(path, key):
+    """A checkpoint of this script saved with the settings `key`, read without unpickling code."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, not a torch file, or objects that would run code
+        raise DataError(f"{path}: not a readable checkpoint ({one_line(e)[:160]}); delete it or "
+                        "pass --overwrite")
+    if not isinstance(state, dict) or not CHECKPOINT <= set(state) or \
+            not isinstance(state["run"], dict):
+        raise DataError(f"{path}: not a checkpoint of melanoma.py; delete it or pass --overwrite")
+    changed = differences(state["run"], key)
+    if changed:
+        raise DataError(f"{path}: saved with other settings, cannot --resume: "
+                        + "; ".join(changed))
+    return state
+
+
+def check_fold_outputs(args, accelerator):
+    """Before any fold trains: no output name of a fold may be a folder; a finished fold (its
+    JSON exists) is kept only if it had the same settings (else --overwrite or another --name);
+    an unfinished fold's checkpoint needs --resume (same settings) or --overwrite. Returns the
+    results of the finished folds that are kept, by fold."""
+    key = run_key(args, accelerator)
+    finished = {}
+    for fold in args.fold:
+        for suffix in FOLD_OUTPUTS:
+            if fold_file(args, fold, suffix).is_dir():
+                raise DataError(f"{fold_file(args, fold, suffix)}: a folder where an output "
+                                "file goes")
+        done = fold_file(args, fold, ".json")
+        ckpt = fold_file(args, fold, "_last.pt")
+        if done.exists() and not args.overwrite:
+            finished[fold] = read_result(done, key)
+        elif not ckpt.exists():
+            if args.resume:
+                accelerator.print(f"fold {fold}: --resume found no checkpoint ({ckpt}): "
+                                  "starting from scratch")
+        elif not (args.resume or args.overwrite):
+            raise DataError(f"{ckpt}: an unfinished run is there: pass --resume to continue it "
+                            "or --overwrite to start over")
+        elif args.resume:
+            read_checkpoint(ckpt, key)
+    return finished
+
+
+# What a fold writes in --out, after {name}_fold{k}
+FOLD_OUTPUTS = ("_oof.csv", "_test.csv", ".json", ".safetensors", "_last.pt", "_curves.png",
+                "_roc.png")
+
+
+def differences(saved, key, labels=("saved", "now")):
+    """The settings of `key` that `saved` holds otherwise, as '--flag old (saved) vs new (now)'."""
+    return [f"--{k.replace('_', '-')} {saved.get(k)!r} ({labels[0]}) vs {v!r} ({labels[1]})"
+            for k, v in key.items() if saved.get(k) != v]
+
+
+def read_result(path, key):
+    """A finished fold's JSON, which must have been trained with the settings `key`."""
+    try:
+        result = json.loads(path.read_text())
+        saved = result.get("run", key)
+    except (OSError, ValueError, AttributeError) as e:
+        raise DataError(f"{path}: a finished fold's JSON that cannot be read ({one_line(e)}); "
+                        "--overwrite retrains the fold")
+    changed = differences(saved, key)
+    if changed:
+        raise DataError(f"{path}: this fold finished with other settings ({'; '.join(changed)}): "
+                        "give the new run its own --name, or --overwrite to retrain it")
+    return result
+
+
+def save_checkpoint(path, raw_model, optimizer, scheduler, accelerator, history, args):
+    """The whole training state after an epoch, written by the main process."""
+    if accelerator.is_main_process:
+        state = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
+                     scheduler=scheduler.state_dict(), history=history,
+                     run=run_key(args, accelerator))
+        if accelerator.scaler is not None:
+            state["scaler"] = accelerator.scaler.state_dict()  # fp16's loss scale
+        atomic_write(path, lambda tmp: torch.save(state, tmp))
+    accelerator.wait_for_everyone()
+
+
+def load_checkpoint(path, raw_model, optimizer, scheduler, accelerator, args):
+    """The finished epochs' history from the checkpoint at `path`, its state loaded, with
+    --resume; [] without one, or with --overwrite (check_fold_outputs ran before)."""
+    if not path.exists():
+        return []
+    if args.overwrite:  # starting over: the old state must not look resumable after an error
+        if accelerator.is_main_process:
+            path.unlink(missing_ok=True)
+        return []
+    state = read_checkpoint(path, run_key(args, accelerator))
+    try:
+        raw_model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise DataError(f"{path}: does not fit this model ({one_line(e)[:160]}); delete it or "
+                        "pass --overwrite")
+    if accelerator.scaler is not None and "scaler" in state:
+        accelerator.scaler.load_state_dict(state["scaler"])
+    accelerator.print(f"{path.name}: resuming after epoch {len(state['history'])}")
+    return state["history"]
+
+
+@contextlib.contextmanager
+def fold_errors(fold, ckpt):
+    """An error in training names the fold and says what became of the fold's checkpoint: it
+    is kept when it holds finished epochs, which --resume continues from."""
+    try:
+        yield
+    except (DataError, FloatingPointError) as e:
+        kept = ""
+        if ckpt.exists():
+            kept = f", last good checkpoint kept ({ckpt}; --resume continues from it)"
+        raise type(e)(f"fold {fold}: {one_line(e)}; no predictions written{kept}") from None
+
+
+def init_prefix(args):
+    """--init-from as a path prefix: a plain run name is one in --out."""
+    run = args.init_from
+    return Path(args.out) / run if Path(run).name == run else Path(run)
+
+
+def init_file(args, fold):
+    """--init-from's weights for `fold`: the same fold's, whose validation images that run never
+    trained on (another fold's model has seen them)."""
+    prefix = init_prefix(args)
+    return prefix.parent / f"{prefix.name}_fold{fold}.safetensors"
+
+
+def check_init_from(args):
+    """Every requested fold's --init-from weights, read once before the first fold trains."""
+    if not args.init_from:
+        return
+    for fold in args.fold:
+        path = init_file(args, fold)
+        if not path.is_file():
+            raise DataError(f"--init-from {args.init_from}: no {path} (fold {fold}'s weights; a "
+                            "plain run name is looked for in --out)")
+        read_weights(path, "--init-from")
+
+
+# ----------------------------------------------------------------------------------------------
+# Metadata, external data and the image cache
+
+# The columns --meta reads from train.csv, test.csv and external data.
+META_COLUMNS = ["patient_id", "sex", "age_approx", "anatom_site_general_challenge"]
+# ISIC 2019's diagnoses; only MEL is a melanoma.
+DIAGNOSES_2019 = ("MEL", "NV", "BCC", "BKL", "AK", "SCC", "VASC", "DF")
+
+
+def read_external(folder, meta):
+    """ISIC 2019 in a competition layout: train.csv with image_name and diagnosis (2019's
+    codes); target 1 for MEL. Fold -1: these images train every fold and validate none."""
+    dirs = layout_of(folder)
+    if dirs is None:
+        raise DataError(f"--external {folder}: no train.csv with train/ (or jpeg/train/) there")
+    csv = Path(folder) / "train.csv"
+    df = read_images_csv(csv, dirs[0], ["image_name", "diagnosis"], "external file", meta)
+    codes = df["diagnosis"].astype(str).str.strip().str.upper()
+    bad = ~codes.isin(DIAGNOSES_2019)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise DataError(f"external file {csv}: row {i + 2}: diagnosis {df['diagnosis'][i]!r} is "
+                        f"not one of ISIC 2019's {', '.join(DIAGNOSES_2019)}")
+    df["target"] = (codes == "MEL").astype(int)
+    df["fold"] = -1
+    df["external"] = True
+    return df
+
+
+def add_external(train, known_names, args, say):
+    """The training rows with each --external folder's images after them, less those already
+    among the competition's (ISIC 2019 holds some of 2020's): `known_names`."""
+    for folder in args.external or []:
+        extra = read_external(folder, args.meta)
+        seen = extra["image_name"].isin(known_names)
+        known_names |= set(extra["image_name"])
+        say(f"--external {folder}: {int((~seen).sum())} images "
+            f"({int(extra['target'][~seen].sum())} melanomas) for training only; "
+            f"{int(seen.sum())} dropped, already among the training images")
+        train = pd.concat([train, extra[~seen]], ignore_index=True)
+    return train
+
+
+def add_meta(args, train, test):
+    """With --meta: (train, test with their metadata features, the encoding); else as given."""
+    if not args.meta:
+        return train, test, None
+    spec = fit_meta(train, test)
+    return with_meta(train, spec), with_meta(test, spec), spec
+
+
+def fit_meta(train, test):
+    """The metadata encoding, fitted once and saved with the run: categories from both tables,
+    so that one-hot columns agree, and scaling from the training rows."""
+    tables = [t for t in (train, test) if len(t)]
+    size = "pixels" if all({"width", "height"} <= set(t.columns) for t in tables) else "bytes"
+    spec = dict(size=size)
+    for column, key in (("sex", "sexes"), ("anatom_site_general_challenge", "sites")):
+        values = pd.concat([t[column] for t in tables]).dropna().astype(str)
+        spec[key] = sorted(set(values.str.strip()) - {""})
+    raw = meta_raw(train, spec)
+    for column in ("age", "log_patient_images", "log_size"):
+        spec[column] = [float(raw[column].mean()), float(raw[column].std()) or 1.0]
+    return spec
+
+
+def meta_raw(df, spec):
+    """The numeric metadata before scaling: age (NaN when missing), the log of the patient's
+    image count, and the log of the original image size (pixels, or the file's bytes)."""
+    if spec["size"] == "pixels":
+        size = pd.to_numeric(df["width"], errors="coerce") * pd.to_numeric(df["height"],
+                                                                           errors="coerce")
+    else:
+        size = pd.Series([os.path.getsize(p) for p in df["path"]], index=df.index)
+    return pd.DataFrame(dict(age=pd.to_numeric(df["age_approx"], errors="coerce"),
+                             log_patient_images=np.log(df["patient_images"].astype(float)),
+                             log_size=np.log(size.astype(float).clip(lower=1))))
+
+
+def with_meta(df, spec):
+    """df with its metadata features as columns meta_0, meta_1, ..."""
+    features = meta_features(df, spec) if len(df) else np.zeros((0, meta_width(spec)), np.float32)
+    names = [f"meta_{i}" for i in range(features.shape[1])]
+    return pd.concat([df.reset_index(drop=True), pd.DataFrame(features, columns=names)], axis=1)
+
+
+def meta_width(spec):
+    """The number of metadata features: one-hot sex and site with a missing category each,
+    age with its missing indicator, patient image count, size with its missing indicator."""
+    return len(spec["sexes"]) + 1 + len(spec["sites"]) + 1 + 2 + 1 + 2
+
+
+def meta_features(df, spec):
+    """Metadata as float32 features: sex and site one-hot with a missing category; age scaled,
+    with a missing indicator; the patient's image count and the image size, log-scaled."""
+    raw = meta_raw(df, spec)
+    columns = []
+    for column, key in (("sex", "sexes"), ("anatom_site_general_challenge", "sites")):
+        values = df[column].fillna("").astype(str).str.strip()
+        columns += [values == v for v in spec[key]]
+        columns.append(~values.isin(spec[key]))
+    for column in ("age", "log_patient_images", "log_size"):
+        mean, std = spec[column]
+        scaled = (raw[column] - mean) / std
+        columns.append(scaled.fillna(0).clip(-5, 5))
+        if column != "log_patient_images":
+            columns.append(raw[column].isna())
+    return np.column_stack([np.asarray(c, np.float32) for c in columns])
+
+
+def meta_tensor(df):
+    """The rows' metadata features (the meta_* columns), or None without --meta."""
+    columns = [c for c in df.columns if str(c).startswith("meta_")]
+    return torch.tensor(df[columns].to_numpy(np.float32)) if columns else None
+
+
+def cached_load(path, size, cache):
+    """load_image through a cache of quality-95 JPEGs keyed on the source's path, size and mtime."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise DataError(f"image {path}: {e.strerror}")
+    source = f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{size}"
+    key = hashlib.sha1(source.encode()).hexdigest()[:16]
+    hit = Path(cache) / f"{Path(path).stem}_{size}_{key}.jpg"
+    if not hit.is_file():
+        image = Image.fromarray(load_image(path, size))
+        atomic_write(hit, lambda tmp: image.save(tmp, "JPEG", quality=95))
+    with Image.open(hit) as im:
+        return np.array(im.convert("RGB"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Hair and --augs
 
 class Hair(torch.nn.Module):
     """Hairs over a float [0, 1] NCHW batch: with probability p an image gets 1 to `most` thin,
@@ -933,36 +1532,6 @@ def segment_distance(yy, xx, a, b):
 OWN_AUGS = {"Hair": Hair}
 
 
-def build_augs(entries, where="augmentation"):
-    """Modules from a list of {name: class, **arguments}: a kornia.augmentation 2D augmentation
-    or one of OWN_AUGS. YAML has no tuples and kornia's ranges are tuples: lists become tuples."""
-    if not isinstance(entries, list):
-        raise DataError(f"{where}: not a list of augmentations (- name: RandomAffine ...), "
-                        f"but {type(entries).__name__}")
-    modules = []
-    for i, entry in enumerate(entries, 1):
-        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
-            raise DataError(f"{where}: entry {i}: needs a name (- name: RandomAffine), "
-                            f"got {entry!r}")
-        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in entry.items()
-                  if k != "name"}
-        name = entry["name"]
-        cls = OWN_AUGS.get(name, getattr(K, name, None))
-        if not (isinstance(cls, type) and issubclass(cls, (K.AugmentationBase2D, Hair))):
-            known = [n for n in dir(K) if isinstance(getattr(K, n), type)
-                     and issubclass(getattr(K, n), K.AugmentationBase2D)] + list(OWN_AUGS)
-            close = difflib.get_close_matches(name, known, 3)
-            hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise DataError(f"{where}: entry {i} ({name}): not a 2D augmentation of "
-                            f"kornia.augmentation, nor one of {', '.join(OWN_AUGS)}{hint}")
-        try:
-            modules.append(cls(**kwargs))
-        except Exception as e:  # kornia's own errors for arguments it does not take
-            raise DataError(f"{where}: entry {i} ({name}): bad arguments "
-                            f"{kwargs}: {one_line(e)[:200]}")
-    return modules
-
-
 def read_augs(path):
     """The entries of an --augs YAML file."""
     if Path(path).is_dir():
@@ -979,584 +1548,61 @@ def read_augs(path):
         raise DataError(f"--augs {path}: not YAML ({one_line(e)[:200]})")
 
 
-def augmentations(args):
-    """The random stack's modules: --augs or the recipe's, then Hair with --hair."""
+def aug_entries(args):
+    """The random stack as entries: --augs or the recipe's, then Hair with --hair."""
     entries = read_augs(args.augs) if args.augs else yaml.safe_load(DEFAULT_AUGS)
-    modules = build_augs(entries, f"--augs {args.augs}" if args.augs else "DEFAULT_AUGS")
-    if args.hair:
-        modules.append(Hair(p=args.hair))
-    return modules
+    return entries + [dict(name="Hair", p=args.hair)] if args.hair else entries
+
+
+def augmentations(args):
+    return build_augs(aug_entries(args))
 
 
 def check_augs(args):
-    """--augs and --hair, built and run once on a batch of --size images before training: the
-    stack must keep the batch's shape (the model sees --size images)."""
+    """--augs and --hair, each entry built and run once on a batch of --size images before
+    training: the stack must keep the batch's shape (the model sees --size images)."""
     where = f"--augs {args.augs}" if args.augs else "augmentation"
-    for i, module in enumerate(augmentations(args), 1):
-        entry = f"{where}: entry {i} ({type(module).__name__})"
+    entries = aug_entries(args)
+    if not isinstance(entries, list):
+        raise DataError(f"{where}: not a list of augmentations (- name: RandomAffine ...), "
+                        f"but {type(entries).__name__}")
+    for i, entry in enumerate(entries, 1):
+        check_aug_entry(entry, f"{where}: entry {i}")
+        where_i = f"{where}: entry {i} ({entry['name']})"
+        try:
+            module, = build_augs([entry])
+        except Exception as e:  # kornia's own errors for arguments it does not take
+            raise DataError(f"{where_i}: bad arguments {entry}: {one_line(e)[:200]}")
         with seeded(0):
             x = torch.rand(2, 3, args.size, args.size)
             try:
                 y = module(x)
             except Exception as e:  # arguments kornia takes but cannot apply
-                raise DataError(f"{entry} fails on a batch of {args.size} px images: "
+                raise DataError(f"{where_i} fails on a batch of {args.size} px images: "
                                 f"{one_line(e)[:200]}")
         if not torch.is_tensor(y) or y.shape != x.shape:
             shape = tuple(y.shape) if torch.is_tensor(y) else type(y).__name__
-            raise DataError(f"{entry} turns a batch {tuple(x.shape)} into {shape}: it must keep "
-                            "the shape")
+            raise DataError(f"{where_i} turns a batch {tuple(x.shape)} into {shape}: it must "
+                            "keep the shape")
 
 
-class Augment(torch.nn.Module):
-    """uint8 NCHW batch -> normalised float, channels-last. A random stack (by default the
-    recipe's: affine, flip, colour jitter), then optional cutout; random=False gives the plain
-    view."""
-
-    def __init__(self, mean, std, cutout=False, stack=None):
-        super().__init__()
-        if stack is None:
-            stack = build_augs(yaml.safe_load(DEFAULT_AUGS))
-        self.random = torch.nn.Sequential(*stack)
-        self.normalize = K.Normalize(mean=torch.tensor(mean), std=torch.tensor(std))
-        # erased patches are filled with 0 after normalising: the mean colour, not black
-        self.cutout = None
-        if cutout:
-            self.cutout = K.RandomErasing(p=0.5, scale=(0.02, 0.1), ratio=(0.3, 3.3))
-
-    def forward(self, x, random=True):
-        x = x.float().div_(255)
-        if random:
-            x = self.random(x)
-        x = self.normalize(x)
-        if random and self.cutout is not None:
-            x = self.cutout(x)
-        return x.contiguous(memory_format=torch.channels_last)
-
-
-@contextlib.contextmanager
-def seeded(*key):
-    """Draw from a generator keyed on `key` without touching the global random state."""
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices):
-        seed_all(*key)
-        yield
-
-
-def predict_batch(model, augment, x, tta, key, meta=None):
-    """Melanoma probability per image: one plain pass (tta=0) or the mean of `tta` augmented
-    views of the same decoded batch."""
-    if tta == 0:
-        return torch.sigmoid(model(augment(x, random=False), meta).float().squeeze(1))
-    total = 0
-    for view in range(tta):
-        with seeded(*key, view):
-            total = total + torch.sigmoid(model(augment(x), meta).float().squeeze(1))
-    return total / tta
-
-
-# ----------------------------------------------------------------------------------------------
-# Model
-
-def read_weights(path, flag="--weights"):
-    """State dict from .safetensors, or a torch file that holds only tensors (no pickled code)."""
-    if not Path(path).is_file():
-        reason = "a folder, not a file" if Path(path).is_dir() else "no such file"
-        raise DataError(f"{flag} {path}: {reason}")
-    try:
-        if str(path).endswith(".safetensors"):
-            sd = load_file(path)
-        else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise DataError(f"{flag} {path}: refused, it holds pickled objects, not only tensors "
-                        f"({str(e).splitlines()[0][:160]}); save a state_dict or a .safetensors "
-                        "file")
-    except Exception as e:  # safetensors' and torch's own errors for a file of another kind
-        raise DataError(f"{flag} {path}: not a weights file ({one_line(e)[:160]})")
-    for key in ("state_dict", "model"):
-        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
-            sd = sd[key]
-    if not (isinstance(sd, dict) and sd and all(torch.is_tensor(v) for v in sd.values())):
-        raise DataError(f"{flag} {path}: holds no state dict (names -> tensors)")
-    return sd
-
-
-class Net(torch.nn.Module):
-    """A timm backbone's pooled features, joined by the metadata MLP's when there is metadata,
-    then dropout and the head: one Linear layer (the recipe) or a small MLP; one logit.
-    Multi-sample dropout (msd > 1) averages the head over that many dropout masks in training;
-    in eval dropout is off and one pass is the same."""
-
-    def __init__(self, backbone, n_meta=0, head="linear", dropout=0.0, msd=1):
-        super().__init__()
-        self.backbone = backbone
-        width = backbone.num_features
-        self.meta = None
-        if n_meta:
-            # LayerNorm, not BatchNorm: a process's last batch may hold a single image
-            self.meta = torch.nn.Sequential(
-                torch.nn.Linear(n_meta, 128), torch.nn.LayerNorm(128), torch.nn.SiLU(),
-                torch.nn.Dropout(0.3),
-                torch.nn.Linear(128, 32), torch.nn.LayerNorm(32), torch.nn.SiLU(),
-                torch.nn.Dropout(0.3))
-            width += 32
-        self.dropout = torch.nn.Dropout(dropout)
-        if head == "linear":
-            self.head = torch.nn.Linear(width, 1)
-        else:
-            self.head = torch.nn.Sequential(torch.nn.Linear(width, 256), torch.nn.SiLU(),
-                                            torch.nn.Dropout(dropout), torch.nn.Linear(256, 1))
-        self.msd = msd
-
-    def forward(self, x, meta=None):
-        return self.logit(self.backbone.forward_features(x), meta)
-
-    def logit(self, feature_map, meta=None):
-        """The logit from the backbone's last feature map, where Grad-CAM looks."""
-        features = self.backbone.forward_head(feature_map, pre_logits=True)
-        if self.meta is not None:
-            features = torch.cat([features, self.meta(meta)], dim=1)
-        if not self.training or self.msd == 1:
-            return self.head(self.dropout(features))
-        return torch.stack([self.head(self.dropout(features)) for _ in range(self.msd)]).mean(0)
-
-
-def create_model(name, pretrained=True, weights=None, n_meta=0, head="linear", dropout=0.0,
-                 msd=1, flag="--weights"):
-    """Net on timm's `name`, weights from timm (a download) or a file (given by `flag`, which
-    errors name): our own saved weights, or a bare timm model's, whose classifier is dropped."""
-    if not timm.is_model(name):
-        close = timm.list_models(f"*{name.split('.')[0]}*")[:5]
+def check_aug_entry(entry, where):
+    """An entry names a 2D augmentation of kornia.augmentation or one of OWN_AUGS."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+        raise DataError(f"{where}: needs a name (- name: RandomAffine), got {entry!r}")
+    name = entry["name"]
+    cls = OWN_AUGS.get(name, getattr(K, name, None))
+    if not (isinstance(cls, type) and issubclass(cls, (K.AugmentationBase2D, Hair))):
+        known = [n for n in dir(K) if isinstance(getattr(K, n), type)
+                 and issubclass(getattr(K, n), K.AugmentationBase2D)] + list(OWN_AUGS)
+        close = difflib.get_close_matches(name, known, 3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise DataError(f"--model {name}: not a timm model{hint}")
-    try:
-        backbone = timm.create_model(name, pretrained=pretrained and not weights, num_classes=0)
-    except Exception as e:
-        raise DataError(f"--model {name}: could not get pretrained weights ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:200]}). Offline, pass --weights FILE, or "
-                        "--no-pretrained to train from scratch")
-    model = Net(backbone, n_meta, head, dropout, msd)
-    if weights:
-        load_weights(model, read_weights(weights, flag), f"{flag} {weights}", name)
-    return model
-
-
-def load_weights(model, sd, what, name):
-    """Load what fits: every backbone tensor must; the head and metadata MLP may be new."""
-    if not any(k.startswith("backbone.") for k in sd):  # a bare timm model's state dict
-        classifier = model.backbone.default_cfg.get("classifier", "~") + "."
-        sd = {f"backbone.{k}": v for k, v in sd.items() if not k.startswith(classifier)}
-    own = model.state_dict()
-    # a head of another width (other metadata, another head) is left to train anew
-    resized = {k for k in sd if k in own and sd[k].shape != own[k].shape}
-    missing, unexpected = model.load_state_dict(
-        {k: v for k, v in sd.items() if k not in resized}, strict=False)
-    lost = [k for k in list(missing) + sorted(resized) if k.startswith("backbone.")]
-    if unexpected or lost:
-        raise DataError(f"{what}: does not fit --model {name} "
-                        f"(missing {lost[:3]}, unexpected {list(unexpected)[:3]})")
+        raise DataError(f"{where} ({name}): not a 2D augmentation of kornia.augmentation, nor "
+                        f"one of {', '.join(OWN_AUGS)}{hint}")
 
 
 # ----------------------------------------------------------------------------------------------
-# Training and evaluation
-
-def roc_auc(targets, preds):
-    return float(roc_auc_score(targets, preds)) if len(set(targets)) == 2 else float("nan")
-
-
-def make_loader(dataset, accelerator, args, batch_sampler=None):
-    """Training: our batch sampler, which deals batches to processes itself. Prediction: a plain
-    loader that accelerate shards, padding the last batch (gather_for_metrics drops the pad)."""
-    kw = dict(num_workers=args.num_workers, pin_memory=accelerator.device.type == "cuda",
-              persistent_workers=args.num_workers > 0)
-    if batch_sampler is not None:
-        return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, **kw)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size * 2, **kw)
-    return accelerator.prepare(loader)
-
-
-def predict(model, augment, loader, accelerator, tta, seed, desc, meta=None):
-    """Probabilities for every row of loader's dataset, each exactly once, on every process;
-    `meta`: the rows' metadata features, or None."""
-    model.eval()
-    rows = []
-    probs = []
-    with torch.no_grad():
-        bar = progress(loader, desc, accelerator.is_main_process)
-        for b, (x, idx) in enumerate(bar):
-            m = None if meta is None else meta[idx.cpu()].to(x.device)
-            p = predict_batch(model, augment, x, tta, (seed, TTA, accelerator.process_index, b), m)
-            idx, p = accelerator.gather_for_metrics((idx, p))
-            rows.append(idx.cpu())
-            probs.append(p.cpu())
-    n = len(loader.dataset)
-    rows = torch.cat(rows).numpy() if rows else np.zeros(0, int)
-    counts = np.bincount(rows, minlength=n)
-    if (counts != 1).any():
-        raise RuntimeError(f"{desc}: {(counts == 0).sum()} rows unscored, "
-                           f"{(counts > 1).sum()} scored twice")
-    out = np.empty(n)
-    out[rows] = torch.cat(probs).numpy() if probs else []
-    return out
-
-
-def split_fold(train, fold, frac, seed):
-    """(training rows: every fold but `fold`, a `frac` share of them; validation rows: `fold`).
-    Each must hold both classes: the one to learn, the other for its AUC to exist."""
-    trn = train[train["fold"] != fold].reset_index(drop=True)
-    if frac < 1:
-        keep = rng(seed, FRAC).permutation(len(trn))[:max(1, round(frac * len(trn)))]
-        trn = trn.iloc[np.sort(keep)].reset_index(drop=True)
-    val = train[train["fold"] == fold].reset_index(drop=True)
-    for rows, what in ((trn, "training"), (val, "validation")):
-        if rows["target"].nunique() < 2:
-            raise DataError(f"--fold {fold}: its {what} images hold only one class "
-                            f"({len(rows)} images, {int(rows['target'].sum())} melanomas)")
-    return trn, val
-
-
-def init_prefix(args):
-    """--init-from as a path prefix: a plain run name is one in --out."""
-    run = args.init_from
-    return Path(args.out) / run if Path(run).name == run else Path(run)
-
-
-def init_file(args, fold):
-    """--init-from's weights for `fold`: the same fold's, whose validation images that run never
-    trained on (another fold's model has seen them)."""
-    prefix = init_prefix(args)
-    return prefix.parent / f"{prefix.name}_fold{fold}.safetensors"
-
-
-def check_init_from(args):
-    """Every requested fold's --init-from weights, read once before the first fold trains."""
-    if not args.init_from:
-        return
-    for fold in args.fold:
-        path = init_file(args, fold)
-        if not path.is_file():
-            raise DataError(f"--init-from {args.init_from}: no {path} (fold {fold}'s weights; a "
-                            "plain run name is looked for in --out)")
-        read_weights(path, "--init-from")
-
-
-def build_model(args, accelerator, fold=None, n_meta=0):
-    """The model on the device, from --init-from's weights for `fold`, --weights, timm's or
-    fresh ones, and its augmentation."""
-    seed_all(args.seed, INIT)
-    shape = (n_meta, args.head, args.dropout, args.msd)
-    if args.init_from and fold is not None:
-        raw_model = create_model(args.model, False, init_file(args, fold), *shape, "--init-from")
-    else:
-        raw_model = create_model(args.model, args.pretrained, args.weights, *shape)
-    raw_model = raw_model.to(accelerator.device, memory_format=torch.channels_last)
-    cfg = raw_model.backbone.pretrained_cfg
-    augment = Augment(cfg["mean"], cfg["std"], args.cutout, augmentations(args))
-    return raw_model, augment.to(accelerator.device)
-
-
-def build_training(args, accelerator, steps_per_epoch, fold=None, n_meta=0):
-    """The model, its augmentation, AdamW and the OneCycle schedule over all epochs. `raw_model`
-    is the plain module whose weights are saved and loaded; `model` is the same module as
-    accelerate (and torch.compile) wrapped it, for the forward passes."""
-    raw_model, augment = build_model(args, accelerator, fold, n_meta)
-    optimizer = torch.optim.AdamW(raw_model.parameters(), lr=args.lr_max, weight_decay=args.wd)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=args.lr_max, div_factor=args.lr_max / args.lr_min,
-        total_steps=args.epochs * steps_per_epoch)
-    model = torch.compile(raw_model) if args.compile else raw_model
-    model, optimizer = accelerator.prepare(model, optimizer)
-    return raw_model, model, augment, optimizer, scheduler
-
-
-def train_step(model, augment, x, y, optimizer, scheduler, accelerator, meta=None):
-    """One step on a batch (and its metadata, or None): its loss before the step; a non-finite
-    loss takes no step."""
-    x = x.to(accelerator.device, non_blocking=True)
-    y = y.to(accelerator.device, non_blocking=True)
-    if meta is not None:
-        meta = meta.to(accelerator.device, non_blocking=True)
-    loss = F.binary_cross_entropy_with_logits(model(augment(x), meta).float().squeeze(1), y)
-    loss_value = loss.item()  # a CPU-GPU sync point: it catches a bad step at once
-    if math.isfinite(loss_value):
-        accelerator.backward(loss)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-    return loss_value
-
-
-def train_one_epoch(model, augment, loader, optimizer, scheduler, accelerator, targets, epoch,
-                    epochs, meta=None):
-    """One pass over the loader's batches: (mean loss and image count over all processes, the
-    learning rate of the last step). `targets` and `meta` (or None) are indexed by row."""
-    model.train()
-    loss_sum = 0.0
-    seen = 0
-    bar = progress(loader, f"epoch {epoch + 1}/{epochs}", accelerator.is_main_process)
-    for step, (x, idx) in enumerate(bar):
-        lr = scheduler.get_last_lr()[0]
-        loss_value = train_step(model, augment, x, targets[idx], optimizer, scheduler,
-                                accelerator, None if meta is None else meta[idx])
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(f"loss is {loss_value} at epoch {epoch + 1}, step {step + 1}")
-        loss_sum += loss_value * len(idx)
-        seen += len(idx)
-        bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
-    total = accelerator.reduce(torch.tensor([loss_sum, seen], device=accelerator.device), "sum")
-    loss_sum, seen = total.tolist()
-    return loss_sum / seen, int(seen), lr
-
-
-# The settings that change what a run trains: --resume refuses a checkpoint saved with others.
-RUN_KEYS = ("model", "pretrained", "weights", "init_from", "size", "frac", "neg_ratio", "augs",
-            "hair", "cutout", "epochs", "batch_size", "lr_min", "lr_max", "wd", "seed", "folds",
-            "data_dir", "meta", "head", "dropout", "msd", "external", "external_neg_ratio")
-CHECKPOINT = {"model", "optimizer", "scheduler", "history", "run"}
-
-
-def run_key(args, accelerator):
-    key = {k: getattr(args, k) for k in RUN_KEYS}
-    for k in ("weights", "augs", "folds", "data_dir"):
-        if key[k] is not None:
-            key[k] = str(Path(key[k]).resolve())
-    key["external"] = [str(Path(d).resolve()) for d in args.external or []]
-    if args.init_from:
-        key["init_from"] = str(init_prefix(args).resolve())
-    key["cache"] = args.cache is not None  # cached images are re-encoded: other pixels
-    key["mixed_precision"] = accelerator.mixed_precision
-    key["processes"] = accelerator.num_processes  # they set the global batch
-    return key
-
-
-def read_checkpoint(path, key):
-    """A checkpoint of this script saved with the settings `key`, read without unpickling code."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, not a torch file, or objects that would run code
-        raise DataError(f"{path}: not a readable checkpoint ({one_line(e)[:160]}); delete it or "
-                        "pass --overwrite")
-    if not isinstance(state, dict) or not CHECKPOINT <= set(state) or \
-            not isinstance(state["run"], dict):
-        raise DataError(f"{path}: not a checkpoint of melanoma.py; delete it or pass --overwrite")
-    changed = differences(state["run"], key)
-    if changed:
-        raise DataError(f"{path}: saved with other settings, cannot --resume: "
-                        + "; ".join(changed))
-    return state
-
-
-# What a fold writes in --out, after {name}_fold{k}
-FOLD_OUTPUTS = ("_oof.csv", "_test.csv", ".json", ".safetensors", "_last.pt", "_curves.png",
-                "_roc.png")
-
-
-def check_fold_outputs(args, accelerator):
-    """Before any fold trains: no output name of a fold may be a folder; a finished fold (its
-    JSON exists) is kept only if it had the same settings (else --overwrite or another --name);
-    an unfinished fold's checkpoint needs --resume (same settings) or --overwrite. Returns the
-    results of the finished folds that are kept, by fold."""
-    key = run_key(args, accelerator)
-    finished = {}
-    for fold in args.fold:
-        stem = f"{args.name}_fold{fold}"
-        for suffix in FOLD_OUTPUTS:
-            if (Path(args.out) / f"{stem}{suffix}").is_dir():
-                raise DataError(f"{Path(args.out) / stem}{suffix}: a folder where an output "
-                                "file goes")
-        done = Path(args.out) / f"{stem}.json"
-        ckpt = Path(args.out) / f"{stem}_last.pt"
-        if done.exists() and not args.overwrite:
-            finished[fold] = read_result(done, key)
-        elif not ckpt.exists():
-            if args.resume:
-                accelerator.print(f"fold {fold}: --resume found no checkpoint ({ckpt}): "
-                                  "starting from scratch")
-        elif not (args.resume or args.overwrite):
-            raise DataError(f"{ckpt}: an unfinished run is there: pass --resume to continue it "
-                            "or --overwrite to start over")
-        elif args.resume:
-            read_checkpoint(ckpt, key)
-    return finished
-
-
-def differences(saved, key):
-    """The settings of `key` that `saved` holds otherwise, as '--flag saved (saved) vs now'."""
-    return [f"--{k.replace('_', '-')} {saved.get(k)!r} (saved) vs {v!r} (now)"
-            for k, v in key.items() if saved.get(k) != v]
-
-
-def read_result(path, key):
-    """A finished fold's JSON, which must have been trained with the settings `key`."""
-    try:
-        result = json.loads(path.read_text())
-        saved = result.get("run", key)
-    except (OSError, ValueError, AttributeError) as e:
-        raise DataError(f"{path}: a finished fold's JSON that cannot be read ({one_line(e)}); "
-                        "--overwrite retrains the fold")
-    changed = differences(saved, key)
-    if changed:
-        raise DataError(f"{path}: this fold finished with other settings ({'; '.join(changed)}): "
-                        "give the new run its own --name, or --overwrite to retrain it")
-    return result
-
-
-def save_checkpoint(path, raw_model, optimizer, scheduler, accelerator, history, args):
-    """The whole training state after an epoch, written by the main process."""
-    if accelerator.is_main_process:
-        state = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
-                     scheduler=scheduler.state_dict(), history=history,
-                     run=run_key(args, accelerator))
-        if accelerator.scaler is not None:
-            state["scaler"] = accelerator.scaler.state_dict()  # fp16's loss scale
-        atomic_write(path, lambda tmp: torch.save(state, tmp))
-    accelerator.wait_for_everyone()
-
-
-def load_checkpoint(path, raw_model, optimizer, scheduler, accelerator, args):
-    """The finished epochs' history from the checkpoint at `path`, its state loaded, with
-    --resume; [] without one, or with --overwrite (check_fold_outputs ran before)."""
-    if not path.exists():
-        return []
-    if args.overwrite:  # starting over: the old state must not look resumable after an error
-        if accelerator.is_main_process:
-            path.unlink(missing_ok=True)
-        return []
-    state = read_checkpoint(path, run_key(args, accelerator))
-    try:
-        raw_model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-    except (RuntimeError, ValueError, KeyError) as e:
-        raise DataError(f"{path}: does not fit this model ({one_line(e)[:160]}); delete it or "
-                        "pass --overwrite")
-    if accelerator.scaler is not None and "scaler" in state:
-        accelerator.scaler.load_state_dict(state["scaler"])
-    accelerator.print(f"{path.name}: resuming after epoch {len(state['history'])}")
-    return state["history"]
-
-
-@contextlib.contextmanager
-def fold_errors(fold, ckpt):
-    """An error in training names the fold and says what became of the fold's checkpoint: it
-    is kept when it holds finished epochs, which --resume continues from."""
-    try:
-        yield
-    except (DataError, FloatingPointError) as e:
-        kept = ""
-        if ckpt.exists():
-            kept = f", last good checkpoint kept ({ckpt}; --resume continues from it)"
-        raise type(e)(f"fold {fold}: {one_line(e)}; no predictions written{kept}") from None
-
-
-
-def make_sampler(trn, args, accelerator):
-    """The epoch sampler over the training rows: one pool of benign images, or with
-    --external-neg-ratio two, the competition's and the external ones, each with its ratio."""
-    targets = trn["target"].to_numpy()
-    pools = None
-    per_epoch = negatives_per_epoch(targets, args.epochs, args.neg_ratio)
-    if args.external_neg_ratio is not None:
-        pools = trn["external"].to_numpy().astype(int)
-        per_epoch = [negatives_per_epoch(targets[pools == pool], args.epochs, ratio)
-                     for pool, ratio in enumerate((args.neg_ratio, args.external_neg_ratio))]
-    return EpochSampler(targets, args.batch_size, per_epoch, args.seed,
-                        accelerator.process_index, accelerator.num_processes, pools)
-
-
-def meta_tensor(df):
-    """The rows' metadata features (the meta_* columns), or None without --meta."""
-    columns = [c for c in df.columns if str(c).startswith("meta_")]
-    return torch.tensor(df[columns].to_numpy(np.float32)) if columns else None
-
-
-def train_fold(args, accelerator, train, test, fold, stem, meta_spec=None):
-    """Train on every fold but `fold`, score it each epoch, predict it and the test set with
-    TTA, write the outputs."""
-    start = time.time()
-    # data: `fold` validates, the other folds (a --frac share of them) and external images train
-    trn, val = split_fold(train, fold, args.frac, args.seed)
-    sampler = make_sampler(trn, args, accelerator)
-    train_loader = make_loader(Images(trn["path"], args.size, args.cache), accelerator, args,
-                               sampler)
-    val_loader = make_loader(Images(val["path"], args.size, args.cache), accelerator, args)
-    trn_meta, val_meta, test_meta = (meta_tensor(df) for df in (trn, val, test))
-    # the model and what trains it; continue after the last finished epoch with --resume
-    n_meta = 0 if trn_meta is None else trn_meta.shape[1]
-    raw_model, model, augment, optimizer, scheduler = build_training(args, accelerator,
-                                                                     len(sampler), fold, n_meta)
-    ckpt = Path(args.out) / f"{stem}_last.pt"
-    history = load_checkpoint(ckpt, raw_model, optimizer, scheduler, accelerator, args)
-    accelerator.print(f"fold {fold}: {len(trn)} training images ({int(trn['target'].sum())} "
-                      f"melanomas, {int(trn['external'].sum())} external; "
-                      f"{sampler.n} per epoch), {len(val)} validation, {len(test)} test, "
-                      f"{accelerator.num_processes} process(es) on {accelerator.device}")
-    targets = torch.tensor(trn["target"].to_numpy(), dtype=torch.float32)
-    for epoch in range(len(history), args.epochs):
-        # train on the epoch's fresh sample, score the validation fold (one plain pass), save
-        seed_all(args.seed, AUGMENT, epoch, accelerator.process_index)
-        sampler.set_epoch(epoch)
-        t0 = time.time()
-        loss, images, lr = train_one_epoch(model, augment, train_loader, optimizer, scheduler,
-                                           accelerator, targets, epoch, args.epochs, trn_meta)
-        train_s = time.time() - t0
-        val_pred = predict(model, augment, val_loader, accelerator, 0, args.seed, "validate",
-                           val_meta)
-        history.append(dict(epoch=epoch + 1, loss=loss, val_auc=roc_auc(val["target"], val_pred),
-                            lr=lr, images=images, images_per_s=images / train_s,
-                            seconds=time.time() - t0))
-        print_epoch(accelerator, fold, args.epochs, history[-1])
-        save_checkpoint(ckpt, raw_model, optimizer, scheduler, accelerator, history, args)
-    # the last epoch's model predicts with TTA: picking an epoch on the validation fold
-    # would inflate the CV
-    oof = predict(model, augment, val_loader, accelerator, args.tta, args.seed,
-                  f"OOF TTA x{args.tta}", val_meta)
-    test_pred = np.zeros(0)
-    if len(test):
-        test_loader = make_loader(Images(test["path"], args.size, args.cache), accelerator, args)
-        test_pred = predict(model, augment, test_loader, accelerator, args.tta, args.seed + 1,
-                            f"test TTA x{args.tta}", test_meta)
-    result = dict(fold=fold, oof_auc=roc_auc(val["target"], oof),
-                  oof_auc_no_tta=history[-1]["val_auc"], n_train=len(trn), n_val=len(val),
-                  n_external=int(trn["external"].sum()), n_test=len(test), meta=meta_spec,
-                  processes=accelerator.num_processes,
-                  device=str(accelerator.device), mixed_precision=accelerator.mixed_precision,
-                  wall_s=time.time() - start, epochs=history,
-                  augmentations=[str(m) for m in augment.random], args=vars(args),
-                  run=run_key(args, accelerator))
-    # outputs and a row in the ledger, then the checkpoint goes: the fold is finished
-    if accelerator.is_main_process:
-        write_outputs(Path(args.out), stem, val.assign(pred=oof, fold=fold),
-                      test.assign(target=test_pred), result, raw_model)
-        append_run(Path(args.out) / "runs.csv", ledger_row(args, result))
-        ckpt.unlink(missing_ok=True)
-    accelerator.wait_for_everyone()
-    accelerator.print(f"fold {fold}: OOF AUC {result['oof_auc']:.4f} with TTA x{args.tta}, "
-                      f"{result['oof_auc_no_tta']:.4f} without; {result['wall_s']:.0f} s")
-    return result
-
-
-def print_epoch(accelerator, fold, epochs, h):
-    accelerator.print(f"fold {fold} epoch {h['epoch']:2d}/{epochs}  loss {h['loss']:.4f}  "
-                      f"val_auc {h['val_auc']:.4f}  lr {h['lr']:.2e}  "
-                      f"{h['images_per_s']:.0f} img/s  {h['seconds']:.0f} s")
-
-
-# ----------------------------------------------------------------------------------------------
-# Outputs
-
-def write_outputs(out, stem, oof, test, result, raw_model):
-    """Predictions and plots first and the JSON last: a fold is finished when its JSON exists."""
-    write_csv(oof[["image_name", "target", "pred", "fold"]], out / f"{stem}_oof.csv")
-    if len(test):
-        write_csv(test[["image_name", "target"]], out / f"{stem}_test.csv")
-    weights = {k: v.contiguous() for k, v in raw_model.state_dict().items()}
-    atomic_write(out / f"{stem}.safetensors", lambda tmp: save_file(weights, tmp))
-    plot_curves(out / f"{stem}_curves.png", result, stem)
-    plot_roc(out / f"{stem}_roc.png", oof, result, stem)
-    text = json.dumps(finite(result), indent=1, default=str, allow_nan=False)
-    atomic_write(out / f"{stem}.json", lambda tmp: Path(tmp).write_text(text))
-
+# Plots and the ledger
 
 def save_figure(fig, path):
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
@@ -1722,8 +1768,9 @@ RUNS_COLUMNS = (("name", "name", str), ("folds", "folds", str), ("auc", "AUC", n
                 ("settings", "settings", str))
 
 
-def print_runs(folder):
+def print_runs(args, accelerator):
     """--runs: the ledger's experiments, best first, and how to re-run each at 512 px."""
+    folder = Path(args.runs)
     path = folder / "runs.csv"
     table = summarise_runs(read_ledger(path), folder)
     print(f"{path}: {len(table)} run name(s), best first; AUC: the CV AUC over the concatenated "
@@ -1745,13 +1792,11 @@ def print_runs(folder):
 # Using a trained model: predict new images, and see where it looks (Grad-CAM)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-# The settings every fold of one --name must share to be averaged as one model.
-MODEL_KEYS = ("model", "size", "head", "dropout", "msd", "cutout")
 
 
 def load_run(out, name):
     """The finished folds of run `name` in `out`: {fold: (its JSON, its weights file)}. They
-    must be one model: the same MODEL_KEYS and metadata encoding."""
+    must be one model: trained with the same settings."""
     pattern = re.compile(rf"^{re.escape(name)}_fold(\d+)\.safetensors$")
     files = sorted(p for p in Path(out).glob(f"{glob.escape(name)}_fold*.safetensors")
                    if pattern.match(p.name))
@@ -1762,30 +1807,36 @@ def load_run(out, name):
     for path in files:
         try:
             info = json.loads(path.with_suffix(".json").read_text())
-            settings = [info["args"][k] for k in MODEL_KEYS] + [info.get("meta")]
+            if not (isinstance(info["args"], dict) and isinstance(info["run"], dict)):
+                raise TypeError("its args or run is not an object")
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise DataError(f"{path.with_suffix('.json')}: the run's JSON is missing or "
                             f"unreadable ({one_line(e)})")
-        runs[int(pattern.match(path.name)[1])] = (info, path, settings)
-    first = next(iter(runs.values()))
-    for info, path, settings in runs.values():
-        differ = [k for k, a, b in zip(MODEL_KEYS + ("meta",), settings, first[2]) if a != b]
+        runs[int(pattern.match(path.name)[1])] = (info, path)
+    (first, first_path), *_ = runs.values()
+    for info, path in runs.values():
+        differ = differences(first["run"], info["run"], (first_path.name, path.name))
         if differ:
-            raise DataError(f"--name {name}: {path.name} and {first[1].name} are different "
-                            f"models ({', '.join(differ)} differ); give each its own --name")
-    return {fold: (info, path) for fold, (info, path, _) in runs.items()}
+            raise DataError(f"--name {name}: {path.name} and {first_path.name} are different "
+                            f"models ({'; '.join(differ)}); give each its own --name")
+    return runs
 
 
-def trained_model(info, path):
-    """The model a run's JSON describes, with its saved weights, all of them."""
-    a = info["args"]
+def load_trained(info, path, accelerator):
+    """A finished fold's model on the device, with its saved weights, and the augmentation it
+    trained with (its TTA views), as its JSON records them."""
+    a = SimpleNamespace(**info["args"])
     n_meta = meta_width(info["meta"]) if info.get("meta") else 0
-    model = create_model(a["model"], False, None, n_meta, a["head"], a["dropout"], a["msd"])
+    raw_model = create_model(a.model, False, None, n_meta, a.head, a.dropout, a.msd)
     try:
-        model.load_state_dict(load_file(path))
+        raw_model.load_state_dict(load_file(path))
     except Exception as e:  # safetensors' own error for a damaged file, torch's for a misfit
-        raise DataError(f"{path}: does not load into {a['model']} ({one_line(e)[:160]})")
-    return model
+        raise DataError(f"{path}: does not load into {a.model} ({one_line(e)[:160]})")
+    raw_model = raw_model.to(accelerator.device, memory_format=torch.channels_last)
+    cfg = raw_model.backbone.pretrained_cfg
+    stack = build_augs(info["augs"]) if "augs" in info else augmentations(a)
+    augment = Augment(cfg["mean"], cfg["std"], a.cutout, stack)
+    return raw_model, augment.to(accelerator.device)
 
 
 def images_to_predict(path, data_dir, meta):
@@ -1832,9 +1883,7 @@ def predict_with(info, path, rows, args, accelerator, desc):
     """One fold's probabilities for `rows`, with its TTA seeds and batches as in training, so
     that the competition's test images get the numbers of the run's own _test.csv."""
     a = SimpleNamespace(**info["args"])
-    raw_model = trained_model(info, path).to(accelerator.device, memory_format=torch.channels_last)
-    cfg = raw_model.backbone.pretrained_cfg
-    augment = Augment(cfg["mean"], cfg["std"], a.cutout, augmentations(a)).to(accelerator.device)
+    raw_model, augment = load_trained(info, path, accelerator)
     model = accelerator.prepare_model(raw_model, evaluation_mode=True)
     loader_args = SimpleNamespace(num_workers=args.num_workers, batch_size=a.batch_size)
     loader = make_loader(Images(rows["path"], a.size, args.cache), accelerator, loader_args)
@@ -1842,10 +1891,9 @@ def predict_with(info, path, rows, args, accelerator, desc):
                    meta_tensor(rows))
 
 
-def predict_images(args):
+def predict_images(args, accelerator):
     """--predict PATH: every fold of run --name scores the images; the folds are averaged."""
     start = time.time()
-    accelerator = Accelerator(cpu=args.cpu, mixed_precision=args.mixed_precision)
     runs = load_run(args.out, args.name)
     spec = next(iter(runs.values()))[0].get("meta")
     check_writable(args.out, "--out")
@@ -1901,38 +1949,16 @@ def training_rows(info):
     return with_meta(rows, info["meta"]) if info.get("meta") else rows
 
 
-def explain(args, accelerator, runs, new=None):
+def explain(args, accelerator, runs=None, new=None):
     """--explain N: one PNG grid per fold, {name}_fold{k}_explain.png: Grad-CAM of the N most
     confident false positives and false negatives of its OOF predictions, and of the N new
     images it scores highest (with --predict)."""
+    runs = runs or load_run(args.out, args.name)
     if not accelerator.is_main_process:
         return
-    n = args.explain
     for fold, (info, path) in runs.items():
-        cases = []
-        oof_file = Path(args.out) / f"{args.name}_fold{fold}_oof.csv"
-        if oof_file.is_file():
-            oof = read_csv(oof_file, ["image_name", "pred"], "OOF file")
-            rows = training_rows(info).set_index("image_name")
-            unknown = oof["image_name"][~oof["image_name"].isin(rows.index)]
-            if len(unknown):
-                raise DataError(f"{oof_file}: {len(unknown)} image(s) not in the run's train.csv "
-                                f"({info['args']['data_dir']}), e.g. {unknown.iloc[0]}")
-            scores = pd.to_numeric(oof["pred"], errors="coerce").to_numpy()
-            rows = rows.loc[oof["image_name"]].reset_index().assign(score=scores)
-            fp = rows[rows["target"] == 0].nlargest(n, "score").assign(case="false positive")
-            fn = rows[rows["target"] == 1].nsmallest(n, "score").assign(case="false negative")
-            cases += [fp, fn]
-        if new is not None:
-            top = new.assign(score=new[f"fold{fold}"]).nlargest(n, "score")
-            cases.append(top.assign(case="new, highest scored", target=np.nan))
-        if not cases:
-            raise DataError(f"--explain: fold {fold} of {args.name} has no OOF predictions "
-                            f"({oof_file}) and there are no new images (--predict)")
-        cases = pd.concat(cases, ignore_index=True)
-        model = trained_model(info, path).to(accelerator.device)
-        cfg = model.backbone.pretrained_cfg
-        augment = Augment(cfg["mean"], cfg["std"]).to(accelerator.device)
+        cases = explain_cases(args, fold, info, new)
+        model, augment = load_trained(info, path, accelerator)
         size = info["args"]["size"]
         x = torch.stack([torch.from_numpy(load_image(p, size)).permute(2, 0, 1)
                          for p in cases["path"]]).to(accelerator.device)
@@ -1940,9 +1966,36 @@ def explain(args, accelerator, runs, new=None):
         probs, cams = grad_cam(model, augment, x, None if meta is None else meta.to(x.device))
         figure = explain_grid(x.permute(0, 2, 3, 1).cpu().numpy(), cams.cpu().numpy(),
                               cases, probs.cpu().numpy())
-        target = Path(args.out) / f"{args.name}_fold{fold}_explain.png"
-        atomic_write(target, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
+        target = fold_file(args, fold, "_explain.png")
+        save_figure(figure, target)
         accelerator.print(f"wrote {target}: Grad-CAM of {len(cases)} images")
+
+
+def explain_cases(args, fold, info, new):
+    """The images a fold's grid shows: its worst OOF mistakes, and the new images it scores
+    highest."""
+    n = args.explain
+    cases = []
+    oof_file = fold_file(args, fold, "_oof.csv")
+    if oof_file.is_file():
+        oof = read_csv(oof_file, ["image_name", "pred"], "OOF file")
+        rows = training_rows(info).set_index("image_name")
+        unknown = oof["image_name"][~oof["image_name"].isin(rows.index)]
+        if len(unknown):
+            raise DataError(f"{oof_file}: {len(unknown)} image(s) not in the run's train.csv "
+                            f"({info['args']['data_dir']}), e.g. {unknown.iloc[0]}")
+        scores = pd.to_numeric(oof["pred"], errors="coerce").to_numpy()
+        rows = rows.loc[oof["image_name"]].reset_index().assign(score=scores)
+        fp = rows[rows["target"] == 0].nlargest(n, "score").assign(case="false positive")
+        fn = rows[rows["target"] == 1].nsmallest(n, "score").assign(case="false negative")
+        cases += [fp, fn]
+    if new is not None:
+        top = new.assign(score=new[f"fold{fold}"]).nlargest(n, "score")
+        cases.append(top.assign(case="new, highest scored", target=np.nan))
+    if not cases:
+        raise DataError(f"--explain: fold {fold} of {args.name} has no OOF predictions "
+                        f"({oof_file}) and there are no new images (--predict)")
+    return pd.concat(cases, ignore_index=True)
 
 
 def explain_grid(images, cams, cases, probs):
@@ -1962,9 +2015,9 @@ def explain_grid(images, cams, cases, probs):
 
 
 # ----------------------------------------------------------------------------------------------
-# Tools: folds, demo data, benchmark
+# Tools: folds, demo data, benchmark, LR range test
 
-def write_folds(args):
+def write_folds(args, accelerator):
     """--make-folds: patient-grouped folds of a train.csv, and a line on what each fold holds."""
     check_writable(args.out, "--out", folder=False)
     if Path(args.out).exists() and not args.overwrite:
@@ -1977,6 +2030,53 @@ def write_folds(args):
     left_out = int((folds["fold"] < 0).sum())
     print(f"wrote {args.out}: {len(folds)} images, {folds['patient_id'].nunique()} patients, "
           f"{left_out} left out (fold -1); per fold {per_fold}")
+
+
+# The published 5-fold split of the resized datasets' patient-grouped tfrecord groups.
+TFRECORD_FOLDS = {2: 0, 4: 0, 5: 0, 1: 1, 10: 1, 13: 1, 0: 2, 9: 2, 12: 2, 3: 3, 8: 3, 11: 3,
+                  6: 4, 7: 4, 14: 4}
+
+
+def make_folds(df, n_folds=5, seed=0, path="train.csv"):
+    """Patient-grouped, stratified folds: image_name, patient_id, target, fold (-1: never used).
+
+    With a `tfrecord` column (the ISIC 2020 resized datasets): 5 folds are the groups
+    {2,4,5} {1,10,13} {0,9,12} {3,8,11} {6,7,14}, the split the winners reported CV on, and
+    any other tfrecord t >= 0 goes to fold t % 5; other counts put tfrecord t in fold
+    t % n_folds; a negative tfrecord (-1: duplicate images) gets fold -1.
+    Without one: patients with melanomas are dealt, most melanomas first, to the fold with the
+    fewest melanomas, then the others, largest first, to the fold with the fewest images
+    (ties broken by a shuffle from `seed`).
+    """
+    for c in ("image_name", "patient_id", "target"):
+        if c not in df.columns:
+            raise DataError(f"{path}: missing column {c}")
+    df = df.copy()
+    check_targets(df, path)
+    check_names(df, path)
+    check_names(df, path, "patient_id", unique=False)
+    out = df[["image_name", "patient_id", "target"]].copy()
+    if "tfrecord" in df.columns:
+        check_whole_numbers(df, "tfrecord", path)
+        t = df["tfrecord"]
+        published = t.map(TFRECORD_FOLDS) if n_folds == 5 else t % n_folds
+        out["fold"] = np.where(t < 0, -1, published.fillna(t % n_folds)).astype(int)
+        return out
+    patients = out.groupby("patient_id", sort=True)["target"].agg(["sum", "size"])
+    if n_folds > len(patients):
+        raise DataError(f"{path}: {n_folds} folds but only {len(patients)} patients")
+    patients = patients.iloc[np.random.default_rng(seed).permutation(len(patients))]
+    patients = patients.sort_values(["sum", "size"], ascending=False, kind="stable")
+    pos = np.zeros(n_folds)  # melanomas per fold so far
+    size = np.zeros(n_folds)  # images per fold so far
+    fold_of = {}
+    for pid, (n_pos, n) in zip(patients.index, patients.to_numpy()):
+        k = int(np.lexsort((size, pos))[0]) if n_pos else int(np.argmin(size))
+        fold_of[pid] = k
+        pos[k] += n_pos
+        size[k] += n
+    out["fold"] = out["patient_id"].map(fold_of).astype(int)
+    return out
 
 
 def draw_lesion(h, w, malignant, r):
@@ -2085,83 +2185,19 @@ def seconds(fn, repeat=3, sync=lambda: None):
     return best
 
 
-def benchmark(args):
+def benchmark(args, accelerator):
     """Images/s of loading, augmentation, a training step and TTA on this machine, with ratios.
     The training step is train_one_epoch's, under the same Accelerator as training."""
-    accelerator = Accelerator(cpu=args.cpu, mixed_precision=args.mixed_precision)
     device = accelerator.device
-    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
-    size = args.size
-    bs = args.batch_size
-    tta = max(args.tta, 1)
-    machine = f"{os.cpu_count()} CPU cores"
-    if device.type == "cuda":
-        machine = torch.cuda.get_device_name()
-    print(f"benchmark: {device} ({machine}), torch {torch.__version__}, --size {size} "
-          f"--model {args.model} --batch-size {bs} --tta {tta} "
+    machine = torch.cuda.get_device_name() if device.type == "cuda" else \
+        f"{os.cpu_count()} CPU cores"
+    print(f"benchmark: {device} ({machine}), torch {torch.__version__}, --size {args.size} "
+          f"--model {args.model} --batch-size {args.batch_size} --tta {max(args.tta, 1)} "
           f"--mixed-precision {accelerator.mixed_precision}")
     with tempfile.TemporaryDirectory() as tmp:
         files = benchmark_jpegs(tmp)
-        big, _, small = files
-        print("(a) loading, one process, img/s     ours    plain  ratio  "
-              "(1/8-scale decode, the floor)")
-        per_image = {}
-        for f, mb in files.items():
-            ours = seconds(lambda: load_image(f, size), 5)
-            plain = seconds(lambda: Image.open(f).convert("RGB").resize((size, size)), 5)
-
-            def floor():
-                with Image.open(f) as im:
-                    im.draft("RGB", (1, 1))
-                    im.load()
-
-            per_image[f] = (ours, plain)
-            print(f"    {Path(f).stem:>15} {mb:3.1f} MB {1 / ours:7.1f}  {1 / plain:7.2f}  "
-                  f"{plain / ours:4.1f}x  ({1 / seconds(floor, 5):.1f})")
-        mix = [0.44 * a + 0.56 * b for a, b in zip(per_image[big], per_image[small])]
-        print(f"    mix, 44 % 6000x4000   {1 / mix[0]:7.1f}  {1 / mix[1]:7.2f}  "
-              f"{mix[1] / mix[0]:4.1f}x")
-
-        steps = argparse.Namespace(**{**vars(args), "pretrained": False, "weights": None})
-        _, model, augment, optimizer, scheduler = build_training(steps, accelerator, 10**6)
-        x = torch.randint(0, 256, (bs, 3, size, size), dtype=torch.uint8, device=device)
-        targets = torch.zeros(bs)
-        idx = torch.arange(bs)
-        print(f"(b) augmentation stack {bs / seconds(lambda: augment(x), sync=sync):10.1f} img/s")
-
-        def step(batch):
-            train_one_epoch(model, augment, [(batch, idx)], optimizer, scheduler, accelerator,
-                            targets, 0, 1)
-
-        batch_files = [big if i % 25 < 11 else small for i in range(bs)]  # 44 % large originals
-        cache = os.path.join(tmp, "cache")
-
-        def load_batch(load):
-            images = np.stack([load(f) for f in batch_files])
-            return torch.from_numpy(images).permute(0, 3, 1, 2).to(device)
-
-        bare = bs / seconds(lambda: step(x), sync=sync)
-        print(f"(c) training step, bare (tensors on the device) {bare:8.1f} img/s")
-        for what, load in (("decoding originals", lambda f: load_image(f, size)),
-                           ("reading --cache", lambda f: cached_load(f, size, cache))):
-            whole = bs / seconds(lambda: step(load_batch(load)), 2, sync)
-            print(f"    whole step, {what:<18} {whole:8.1f} img/s, {bare / whole:5.2f}x the bare "
-                  "step (one loader process)")
-        model.eval()
-
-        def decode_once():
-            with torch.no_grad():
-                predict_batch(model, augment, load_batch(lambda f: load_image(f, size)), tta, (0,))
-
-        def reread():
-            with torch.no_grad():
-                for _ in range(tta):
-                    torch.sigmoid(model(augment(load_batch(lambda f: load_image(f, size)))))
-
-        once = bs / seconds(decode_once, 1, sync)
-        again = bs / seconds(reread, 1, sync)
-        print(f"(d) TTA x{tta}, decode once {once:8.1f} img/s; re-read per pass {again:8.1f} "
-              f"img/s; ratio {once / again:4.1f}x")
+        benchmark_loading(files, args.size)
+        benchmark_steps(args, accelerator, files, os.path.join(tmp, "cache"))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     gpu = ""
     if device.type == "cuda":
@@ -2169,8 +2205,67 @@ def benchmark(args):
     print(f"peak memory: process {peak:.2f} GiB{gpu}")
 
 
-# ----------------------------------------------------------------------------------------------
-# Tools: LR range test
+def benchmark_loading(files, size):
+    """(a): our load against a plain decode and resize, and the 1/8-scale decode (the floor)."""
+    big, _, small = files
+    print("(a) loading, one process, img/s     ours    plain  ratio  "
+          "(1/8-scale decode, the floor)")
+    per_image = {}
+    for f, mb in files.items():
+        ours = seconds(lambda: load_image(f, size), 5)
+        plain = seconds(lambda: Image.open(f).convert("RGB").resize((size, size)), 5)
+
+        def floor():
+            with Image.open(f) as im:
+                im.draft("RGB", (1, 1))
+                im.load()
+
+        per_image[f] = (ours, plain)
+        print(f"    {Path(f).stem:>15} {mb:3.1f} MB {1 / ours:7.1f}  {1 / plain:7.2f}  "
+              f"{plain / ours:4.1f}x  ({1 / seconds(floor, 5):.1f})")
+    mix = [0.44 * a + 0.56 * b for a, b in zip(per_image[big], per_image[small])]
+    print(f"    mix, 44 % 6000x4000   {1 / mix[0]:7.1f}  {1 / mix[1]:7.2f}  "
+          f"{mix[1] / mix[0]:4.1f}x")
+
+
+def benchmark_steps(args, accelerator, files, cache):
+    """(b) the augmentation, (c) the training step bare and with loading, (d) TTA."""
+    device = accelerator.device
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    size, bs, tta = args.size, args.batch_size, max(args.tta, 1)
+    steps = argparse.Namespace(**{**vars(args), "pretrained": False, "weights": None})
+    _, model, augment, optimizer, scheduler = build_training(steps, accelerator, 10**6)
+    x = torch.randint(0, 256, (bs, 3, size, size), dtype=torch.uint8, device=device)
+    targets = torch.zeros(bs)
+    idx = torch.arange(bs)
+    print(f"(b) augmentation stack {bs / seconds(lambda: augment(x), sync=sync):10.1f} img/s")
+
+    def step(batch):
+        train_one_epoch(model, augment, [(batch, idx)], optimizer, scheduler, accelerator,
+                        targets, 0, 1)
+
+    big, _, small = files
+    batch_files = [big if i % 25 < 11 else small for i in range(bs)]  # 44 % large originals
+
+    def load_batch(load=lambda f: load_image(f, size)):
+        images = np.stack([load(f) for f in batch_files])
+        return torch.from_numpy(images).permute(0, 3, 1, 2).to(device)
+
+    bare = bs / seconds(lambda: step(x), sync=sync)
+    print(f"(c) training step, bare (tensors on the device) {bare:8.1f} img/s")
+    for what, load in (("decoding originals", lambda f: load_image(f, size)),
+                       ("reading --cache", lambda f: cached_load(f, size, cache))):
+        whole = bs / seconds(lambda: step(load_batch(load)), 2, sync)
+        print(f"    whole step, {what:<18} {whole:8.1f} img/s, {bare / whole:5.2f}x the bare "
+              "step (one loader process)")
+    model.eval()
+    with torch.no_grad():
+        once = bs / seconds(lambda: predict_batch(model, augment, load_batch(), tta, (0,)), 1, sync)
+        again = bs / seconds(lambda: [torch.sigmoid(model(augment(load_batch())))
+                                      for _ in range(tta)], 1, sync)
+    print(f"(d) TTA x{tta}, decode once {once:8.1f} img/s; re-read per pass {again:8.1f} "
+          f"img/s; ratio {once / again:4.1f}x")
+
 
 def endless(loader, sampler, args, accelerator):
     """The training batches, epoch after epoch, each epoch's sample and augmentation keyed as in
@@ -2222,12 +2317,13 @@ def suggest_lrs(curve):
     return lr_max / 40, lr_max
 
 
-def lr_find(args, accelerator, train):
+def lr_find(args, accelerator):
     """--lr-find: the range test on the first --fold's training images, written as CSV and PNG;
     no weights are kept."""
     if accelerator.num_processes > 1:
         raise DataError("--lr-find runs in one process: start it with python, not accelerate "
                         "launch or torchrun")
+    train, _ = read_inputs(args, accelerator)
     fold = args.fold[0]
     trn, _ = split_fold(train, fold, args.frac, args.seed)
     check_images(list(trn["path"]))
@@ -2261,71 +2357,19 @@ def lr_find(args, accelerator, train):
 # ----------------------------------------------------------------------------------------------
 # main
 
-def run(args):
-    if args.make_folds:
-        return write_folds(args)
-    if args.benchmark:
-        return benchmark(args)
-    if args.runs:
-        return print_runs(Path(args.runs))
-    if args.predict:
-        return predict_images(args)
-    if args.explain:
-        return explain(args, Accelerator(cpu=args.cpu), load_run(args.out, args.name))
-    accelerator = Accelerator(cpu=args.cpu, mixed_precision=args.mixed_precision)
-    # the demo's dataset is made once, by the main process, before the others read it
-    with accelerator.main_process_first():
-        if args.demo and not (Path(args.data_dir) / "train.csv").exists():
-            check_demo_folder(args.data_dir)
-            print(f"making the demo dataset in {args.data_dir}/ (once)")
-            make_demo_data(args.data_dir, seed=args.seed)
-    if accelerator.device.type == "cpu" and accelerator.mixed_precision == "fp16":
-        raise DataError("--mixed-precision fp16 needs a GPU; on the CPU use bf16 or no")
-    locate_data(args, accelerator.print)
-    resolve_paths(args)
-    # every input and output location is checked before the first epoch
-    check_writable(args.out, "--out")
-    if args.cache:
-        check_writable(args.cache, "--cache")
-    train, test = read_data(args, accelerator.print)
-    for fold in args.fold:
-        split_fold(train, fold, args.frac, args.seed)
-    check_augs(args)
-    check_init_from(args)
-    if args.lr_find:
-        return lr_find(args, accelerator, train)
-    finished = check_fold_outputs(args, accelerator)
-    if not len(test):
-        accelerator.print(f"no test.csv in {args.data_dir}: predicting the validation fold only")
-    check_images(list(train["path"]) + list(test["path"]), accelerator.is_main_process)
-    meta_spec = None
-    if args.meta:
-        meta_spec = fit_meta(train, test)
-        train, test = (with_meta(df, meta_spec) for df in (train, test))
-    results = []
-    for fold in args.fold:
-        stem = f"{args.name}_fold{fold}"
-        if fold in finished:
-            accelerator.print(f"fold {fold}: finished already with these settings "
-                              f"({stem}.json); --overwrite retrains it")
-            results.append(finished[fold])
-            continue
-        with fold_errors(fold, Path(args.out) / f"{stem}_last.pt"):
-            results.append(train_fold(args, accelerator, train, test, fold, stem, meta_spec))
-    if len(results) > 1 and accelerator.is_main_process:
-        oof = pd.concat([pd.read_csv(Path(args.out) / f"{args.name}_fold{r['fold']}_oof.csv")
-                         for r in results])
-        folds = ", ".join(str(r["fold"]) for r in results)
-        print(f"CV AUC over folds {folds}: {roc_auc(oof['target'], oof['pred']):.4f} "
-              "(one AUC over their concatenated OOF predictions)")
+# The tools, by flag: one a run (--explain also goes with --predict); without one, training.
+TOOLS = {"make_folds": write_folds, "benchmark": benchmark, "runs": print_runs,
+         "lr_find": lr_find, "predict": predict_images, "explain": explain}
 
 
 def main(argv=None):
-    args = get_args(argv)
     # SIGTERM (timeout, batch schedulers) ends the run like Ctrl-C: temporary files are removed
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    args = get_args(argv)
     try:
-        run(args)
+        accelerator = Accelerator(cpu=args.cpu, mixed_precision=args.mixed_precision)
+        tool = next((TOOLS[t] for t in TOOLS if getattr(args, t)), train_folds)
+        tool(args, accelerator)
     except (DataError, FloatingPointError) as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
