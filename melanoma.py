@@ -794,7 +794,8 @@ def train_fold(args, accelerator, train, test, fold, meta_spec=None):
                   f"OOF TTA x{args.tta}", val_meta)
     test_pred = np.zeros(0)
     if len(test):
-        test_pred = predict(model, augment, make_loader(dataset(test["path"]), accelerator, args), accelerator, args.tta, args.seed + 1,
+        test_loader = make_loader(dataset(test["path"]), accelerator, args)
+        test_pred = predict(model, augment, test_loader, accelerator, args.tta, args.seed + 1,
                             f"test TTA x{args.tta}", test_meta)
     # outputs and a row in the ledger, then the checkpoint goes: the fold is finished
     result = dict(fold=fold, oof_auc=roc_auc(val["target"], oof),
@@ -838,7 +839,7 @@ def train_folds(args, accelerator):
 # Input checks: flags when parsed, files when first read, outputs before the first epoch
 
 def bounded(kind, low=-math.inf, high=math.inf, low_open=False, high_open=False):
-    """An argparse type: a finite `kind` (int or float) within [low, high] (ends open on request)."""
+    """An argparse type: a finite `kind` (int or float) in [low, high], either end open."""
     def parse(text):
         try:
             value = kind(text)

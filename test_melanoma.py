@@ -732,6 +732,34 @@ def test_checkpoint_of_a_later_fold_is_refused_before_the_first_fold_trains(tiny
     assert [p.name for p in tmp_path.iterdir()] == [ckpt.name]
 
 
+def test_a_finished_fold_trained_with_another_tta_is_not_reused(tiny_data, tmp_path, capsys):
+    args = train_args(tiny_data, tmp_path / "out", "--epochs", "1", "--name", "t")
+    melanoma.main([str(a) for a in args + ["--tta", "1"]])
+    refused_run(args + ["--tta", "3"], capsys, "t_fold0.json", "finished with other settings",
+                "--tta 1 (saved) vs 3 (now)")
+
+
+def test_an_edited_augs_file_is_another_setting_and_predict_uses_the_trained_stack(tiny_data, tmp_path, capsys):
+    augs = tmp_path / "augs.yaml"
+    augs.write_text(melanoma.DEFAULT_AUGS)
+    out = tmp_path / "out"
+    args = train_args(tiny_data, out, "--epochs", "1", "--tta", "2", "--name", "a", "--augs", augs)
+    melanoma.main([str(a) for a in args])
+    augs.write_text(melanoma.DEFAULT_AUGS.replace("degrees: 180", "degrees: 5"))
+    refused_run(args, capsys, "a_fold0.json", "finished with other settings", "--augs")
+    melanoma.main(["--predict", str(tiny_data / "test.csv"), "--name", "a", "--out", str(out), "--tta", "2",
+                   "--num-workers", "0"])
+    ours = pd.read_csv(out / "a_predict.csv")["fold0"].to_numpy()
+    assert np.array_equal(ours, pd.read_csv(out / "a_fold0_test.csv")["target"].to_numpy())  # the trained stack
+
+
+@pytest.mark.parametrize("tool", [["--lr-find"], ["--benchmark"], ["--runs", "o"], ["--make-folds", "t.csv"]])
+def test_explain_with_another_tool_is_refused(tiny_data, tmp_path, capsys, tool):
+    refused_run(train_args(tiny_data, tmp_path / "out", "--explain", "2", *tool), capsys, "--explain",
+                "are two tools: pass one")
+    assert not (tmp_path / "out").exists()
+
+
 def test_jpeg_completeness_walks_the_file(tmp_path):
     smooth_image(300, 200).save(tmp_path / "a.jpg", quality=90)
     smooth_image(300, 200).save(tmp_path / "p.jpg", quality=90, progressive=True)
