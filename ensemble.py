@@ -28,6 +28,7 @@ import json
 import math
 import os
 import re
+import shlex
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -41,9 +42,10 @@ PROBABILITY_METHODS = ("mean", "weighted", "stack")  # rank takes any scores
 NAME = re.compile(r"^(?P<name>.+)_fold(?P<fold>\d+)_(?P<kind>oof|test)\.csv$")
 RUN_JSON = re.compile(r"^.+_fold\d+\.json$")
 OOF_COLUMNS = ["image_name", "target", "pred", "fold"]
-# melanoma.py's ledger of runs in its output folder: `preds/*.csv` matches it, yet it holds no
-# predictions. Recognised by its name and header.
-LEDGER = ("runs.csv", "date,name,fold,")
+# melanoma.py's ledger of runs, a row per finished fold in its output folder: `preds/*.csv`
+# matches it, yet it holds no predictions. Recognised by its name and header.
+LEDGER_FILE = "runs.csv"
+LEDGER = ["date", "name", "fold", "oof_auc", "oof_auc_no_tta", "wall_s", "settings", "out"]
 TEST_COLUMNS = ["image_name", "target"]
 
 
@@ -166,6 +168,14 @@ def refuse_rows(where, bad, values, problem):
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
         raise DataError(f"{where}: row {i + 2}: " + problem.format(value=values.iloc[i]))
+
+
+def check_whole_numbers(df, column, where):
+    """Make `column` int, or name the first row that does not hold a whole number."""
+    values = pd.to_numeric(df[column], errors="coerce")
+    bad = ~np.isfinite(values.to_numpy(float)) | (values != values.round())
+    refuse_rows(where, bad, df[column], f"{column} must be a whole number, got {{value!r}}")
+    df[column] = values.astype(int)
 
 
 def read_predictions(path, kind, probabilities):
@@ -631,16 +641,110 @@ def without_ledger(files):
     kept = []
     for f in files:
         header = ""
-        if Path(f).name == LEDGER[0] and Path(f).is_file():
+        if Path(f).name == LEDGER_FILE and Path(f).is_file():
             with open(f, errors="replace") as fh:
                 header = fh.readline()
-        if header.startswith(LEDGER[1]):
+        if header.startswith(",".join(LEDGER[:3])):
             print(f"left out {f}: melanoma.py's ledger of runs, not predictions")
         else:
             kept.append(f)
     if not kept:
         raise DataError("no prediction files among the inputs, only melanoma.py's ledger")
     return kept
+
+
+# ------------------------------------------------------------------------------------------------
+# melanoma.py --runs: the ledger's experiments compared
+
+def read_ledger(path):
+    runs = read_csv(path, LEDGER, "ledger")
+    check_whole_numbers(runs, "fold", f"ledger {path}")
+    for c in ("oof_auc", "oof_auc_no_tta", "wall_s"):
+        values = pd.to_numeric(runs[c], errors="coerce")
+        refuse_rows(f"ledger {path}", values.isna() & (runs[c] != ""), runs[c],
+                    f"{c} must be a number, got {{value!r}}")
+        runs[c] = values
+    runs["settings"] = runs["settings"].fillna("")
+    check_names(runs, f"ledger {path}", "name", unique=False)
+    return runs
+
+
+def summarise_runs(runs, folder):
+    """One row per name (its latest row per fold): the folds, the AUC that ranks it (the CV AUC
+    over the concatenated OOF files in `folder` for several folds, else the fold's OOF AUC),
+    the mean per-fold OOF AUC with and without TTA, the total wall time; best first."""
+    latest = runs.drop_duplicates(["name", "fold"], keep="last")
+    rows = []
+    for name, g in latest.groupby("name", sort=False):
+        g = g.sort_values("fold")
+        files = [Path(folder) / f"{name}_fold{k}_oof.csv" for k in g["fold"]]
+        cv = g["oof_auc"].iloc[0] if len(g) == 1 else concatenated_auc(files)
+        rows.append(dict(name=name, folds=",".join(map(str, g["fold"])), auc=cv,
+                         mean_fold_auc=g["oof_auc"].mean(), no_tta=g["oof_auc_no_tta"].mean(),
+                         wall_s=g["wall_s"].sum(), last=g["date"].max(),
+                         settings=g["settings"].iloc[-1], out=g["out"].iloc[-1]))
+    table = pd.DataFrame(rows)
+    return table.sort_values("auc", ascending=False, na_position="last", kind="stable")
+
+
+def concatenated_auc(files):
+    """The AUC over OOF files concatenated; NaN when one is missing or not numbers."""
+    if not all(f.is_file() for f in files):
+        return math.nan
+    oof = pd.concat([read_csv(f, ["target", "pred"], "OOF file") for f in files])
+    y, p = (pd.to_numeric(oof[c], errors="coerce").to_numpy() for c in ("target", "pred"))
+    return auc(y, p) if np.isfinite(p).all() and np.isin(y, [0, 1]).all() else math.nan
+
+
+def rerun_command(name, settings, folds, out, size=512):
+    """The command that trains `name` again at `size` px on the same folds, each fold from the
+    same fold's weights; --weights goes, since --init-from replaces it."""
+    tokens = shlex.split(settings)
+    kept = []
+    i = 0
+    while i < len(tokens):
+        if tokens[i] in ("--size", "--init-from", "--weights"):
+            i += 2
+            continue
+        kept.append(tokens[i])
+        i += 1
+    command = ["python", "melanoma.py", *kept, "--size", str(size), "--fold", *folds.split(","),
+               "--name", f"{name}_{size}", "--init-from", name]
+    if out != "preds":
+        command += ["--out", out]
+    return shlex.join(command)
+
+
+def number(v, digits=4):
+    return "n/a" if pd.isna(v) else f"{v:.{digits}f}"
+
+
+# --runs' columns: summarise_runs' key, heading, format.
+RUNS_COLUMNS = (("name", "name", str), ("folds", "folds", str), ("auc", "AUC", number),
+                ("mean_fold_auc", "mean fold AUC", number), ("no_tta", "without TTA", number),
+                ("wall_s", "wall s", lambda v: number(v, 0)), ("last", "last finished", str),
+                ("settings", "settings", str))
+
+
+def print_runs(folder):
+    """melanoma.py --runs: the ledger's experiments, best first, and how to re-run each at
+    512 px."""
+    folder = Path(folder)
+    path = folder / LEDGER_FILE
+    table = summarise_runs(read_ledger(path), folder)
+    print(f"{path}: {len(table)} run name(s), best first; AUC: the CV AUC over the concatenated "
+          "OOF of a name's folds (one fold: its OOF AUC)")
+    cells = [[heading for _, heading, _ in RUNS_COLUMNS]]
+    cells += [[show(r[k]) for k, _, show in RUNS_COLUMNS] for r in table.to_dict("records")]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(RUNS_COLUMNS))]
+    for row in cells:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+    if table["auc"].isna().any():
+        print(f"n/a: an OOF file of the name is missing from {folder}, or holds one class")
+    print("\nre-run at 512 px, each fold from the same fold's weights (drop --init-from to train "
+          "afresh: a more diverse ensemble member):")
+    for r in table.itertuples():
+        print(f"  {rerun_command(r.name, r.settings, r.folds, r.out)}")
 
 
 def main(argv=None):

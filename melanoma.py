@@ -74,8 +74,8 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from tqdm import tqdm
 
 # torch-free helpers shared with ensemble.py, which stays free of torch so that it starts at once
-from ensemble import ArgumentParser, DataError, atomic_write, check_names, finite, read_csv, \
-    refuse_rows
+from ensemble import LEDGER, LEDGER_FILE, ArgumentParser, DataError, atomic_write, check_names, \
+    check_whole_numbers, finite, print_runs, read_csv, refuse_rows
 
 # Where the data is looked for without --data-dir: a folder in the working folder, then the
 # competition as Kaggle notebooks mount it.
@@ -741,7 +741,7 @@ def write_outputs(args, accelerator, fold, oof, test, result, raw_model):
         plot_roc(fold_file(args, fold, "_roc.png"), oof, result, stem)
         text = json.dumps(finite(result), indent=1, default=str, allow_nan=False)
         atomic_write(fold_file(args, fold, ".json"), lambda tmp: Path(tmp).write_text(text))
-        append_run(Path(args.out) / "runs.csv", ledger_row(args, result))
+        append_run(Path(args.out) / LEDGER_FILE, ledger_row(args, result))
         fold_file(args, fold, "_last.pt").unlink(missing_ok=True)
     accelerator.wait_for_everyone()
     accelerator.print(f"fold {fold}: OOF AUC {result['oof_auc']:.4f} with TTA x{args.tta}, "
@@ -963,13 +963,6 @@ def check_targets(df, path):
     target = pd.to_numeric(df["target"], errors="coerce")
     refuse_rows(path, ~target.isin([0, 1]), df["target"], "target must be 0 or 1, got {value!r}")
     df["target"] = target.astype(int)
-
-
-def check_whole_numbers(df, column, where):
-    values = pd.to_numeric(df[column], errors="coerce")
-    bad = ~np.isfinite(values.to_numpy(float)) | (values != values.round())
-    refuse_rows(where, bad, df[column], f"{column} must be a whole number, got {{value!r}}")
-    df[column] = values.astype(int)
 
 
 def locate_data(args, say=print):
@@ -1303,16 +1296,11 @@ def fold_errors(fold, ckpt):
         raise type(e)(f"fold {fold}: {one_line(e)}; no predictions written{kept}") from None
 
 
-def init_prefix(args):
-    """--init-from as a path prefix: a plain run name is one in --out."""
-    run = args.init_from
-    return Path(args.out) / run if Path(run).name == run else Path(run)
-
-
 def init_file(args, fold):
-    """--init-from's weights for `fold`: the same fold's, whose validation images that run never
-    trained on (another fold's model has seen them)."""
-    prefix = init_prefix(args)
+    """--init-from's weights for `fold` (a plain run name is one in --out): the same fold's,
+    whose validation images that run never trained on (another fold's model has seen them)."""
+    run = args.init_from
+    prefix = Path(args.out) / run if Path(run).name == run else Path(run)
     return prefix.parent / f"{prefix.name}_fold{fold}.safetensors"
 
 
@@ -1346,11 +1334,8 @@ def read_external(folder, meta):
     csv = Path(folder) / "train.csv"
     df = read_images_csv(csv, dirs[0], ["image_name", "diagnosis"], "external file", meta)
     codes = df["diagnosis"].astype(str).str.strip().str.upper()
-    bad = ~codes.isin(DIAGNOSES_2019)
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        raise DataError(f"external file {csv}: row {i + 2}: diagnosis {df['diagnosis'][i]!r} is "
-                        f"not one of ISIC 2019's {', '.join(DIAGNOSES_2019)}")
+    refuse_rows(f"external file {csv}", ~codes.isin(DIAGNOSES_2019), df["diagnosis"],
+                f"diagnosis {{value!r}} is not one of ISIC 2019's {', '.join(DIAGNOSES_2019)}")
     df["target"] = (codes == "MEL").astype(int)
     df["fold"] = -1
     df["external"] = True
@@ -1533,20 +1518,30 @@ def segment_distance(yy, xx, a, b):
 OWN_AUGS = {"Hair": Hair}
 
 
-def read_augs(path):
-    """The entries of an --augs YAML file."""
+def read_augs(path, most_bytes=65536, most_entries=100):
+    """The entries of an --augs YAML file, a short list: YAML's aliases are refused, since a few
+    of them nested (a "billion laughs") expand to more than the memory holds."""
     if Path(path).is_dir():
         raise DataError(f"--augs {path}: a folder, not a YAML file")
     try:
-        text = Path(path).read_text()
+        with open(path, "rb") as f:
+            text = f.read(most_bytes + 1).decode()
     except FileNotFoundError:
         raise DataError(f"--augs {path}: no such file")
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"--augs {path}: cannot read it ({one_line(e)})")
+    if len(text) > most_bytes:
+        raise DataError(f"--augs {path}: larger than {most_bytes} bytes; a stack is a few lines")
     try:
-        return yaml.safe_load(text)
+        if any(isinstance(event, yaml.AliasEvent) for event in yaml.parse(text)):
+            raise DataError(f"--augs {path}: YAML aliases (*name) are not taken; write it out")
+        entries = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise DataError(f"--augs {path}: not YAML ({one_line(e)[:200]})")
+    if not isinstance(entries, list) or len(entries) > most_entries:
+        raise DataError(f"--augs {path}: not a list of at most {most_entries} augmentations "
+                        f"(- name: RandomAffine ...), but {type(entries).__name__}")
+    return entries
 
 
 def aug_entries(args):
@@ -1563,11 +1558,7 @@ def check_augs(args):
     """--augs and --hair, each entry built and run once on a batch of --size images before
     training: the stack must keep the batch's shape (the model sees --size images)."""
     where = f"--augs {args.augs}" if args.augs else "augmentation"
-    entries = aug_entries(args)
-    if not isinstance(entries, list):
-        raise DataError(f"{where}: not a list of augmentations (- name: RandomAffine ...), "
-                        f"but {type(entries).__name__}")
-    for i, entry in enumerate(entries, 1):
+    for i, entry in enumerate(aug_entries(args), 1):
         check_aug_entry(entry, f"{where}: entry {i}")
         where_i = f"{where}: entry {i} ({entry['name']})"
         try:
@@ -1675,10 +1666,6 @@ def plot_lr_find(path, curve, lr_min, lr_max, title):
     save_figure(fig, path)
 
 
-# The ledger: one row per finished fold in OUT/runs.csv.
-LEDGER = ["date", "name", "fold", "oof_auc", "oof_auc_no_tta", "wall_s", "settings", "out"]
-
-
 def ledger_row(args, result):
     return dict(date=time.strftime("%Y-%m-%d %H:%M:%S"), name=args.name, fold=result["fold"],
                 oof_auc=result["oof_auc"], oof_auc_no_tta=result["oof_auc_no_tta"],
@@ -1697,96 +1684,15 @@ def append_run(path, row):
         fcntl.flock(f, fcntl.LOCK_EX)  # released when the file is closed, after the flush
         if os.fstat(f.fileno()).st_size == 0:
             f.write(",".join(LEDGER) + "\n")
+        elif not last_byte_is_newline(path):  # an edited ledger: the row must not be glued on
+            f.write("\n")
         f.write(buf.getvalue())
 
 
-def read_ledger(path):
-    runs = read_csv(path, LEDGER, "ledger")
-    check_whole_numbers(runs, "fold", f"ledger {path}")
-    for c in ("oof_auc", "oof_auc_no_tta", "wall_s"):
-        values = pd.to_numeric(runs[c], errors="coerce")
-        bad = values.isna() & (runs[c] != "")
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
-            raise DataError(f"ledger {path}: row {i + 2}: {c} must be a number, "
-                            f"got {runs[c].tolist()[i]!r}")
-        runs[c] = values
-    runs["settings"] = runs["settings"].fillna("")
-    check_names(runs, f"ledger {path}", "name", unique=False)
-    return runs
-
-
-def summarise_runs(runs, folder):
-    """One row per name (its latest row per fold): the folds, the AUC that ranks it (the CV AUC
-    over the concatenated OOF files in `folder` for several folds, else the fold's OOF AUC),
-    the mean per-fold OOF AUC with and without TTA, the total wall time; best first."""
-    latest = runs.drop_duplicates(["name", "fold"], keep="last")
-    rows = []
-    for name, g in latest.groupby("name", sort=False):
-        g = g.sort_values("fold")
-        auc = g["oof_auc"].iloc[0]
-        if len(g) > 1:
-            files = [folder / f"{name}_fold{k}_oof.csv" for k in g["fold"]]
-            auc = math.nan
-            if all(f.is_file() for f in files):
-                oof = pd.concat([read_csv(f, ["target", "pred"], "OOF file") for f in files])
-                auc = roc_auc(oof["target"].to_numpy(), oof["pred"].to_numpy())
-        rows.append(dict(name=name, folds=",".join(map(str, g["fold"])), auc=auc,
-                         mean_fold_auc=g["oof_auc"].mean(), no_tta=g["oof_auc_no_tta"].mean(),
-                         wall_s=g["wall_s"].sum(), last=g["date"].max(),
-                         settings=g["settings"].iloc[-1], out=g["out"].iloc[-1]))
-    table = pd.DataFrame(rows)
-    return table.sort_values("auc", ascending=False, na_position="last", kind="stable")
-
-
-def rerun_command(name, settings, folds, out, size=512):
-    """The command that trains `name` again at `size` px on the same folds, each fold from the
-    same fold's weights; --weights goes, since --init-from replaces it."""
-    tokens = shlex.split(settings)
-    kept = []
-    i = 0
-    while i < len(tokens):
-        if tokens[i] in ("--size", "--init-from", "--weights"):
-            i += 2
-            continue
-        kept.append(tokens[i])
-        i += 1
-    command = ["python", "melanoma.py", *kept, "--size", str(size), "--fold", *folds.split(","),
-               "--name", f"{name}_{size}", "--init-from", name]
-    if out != "preds":
-        command += ["--out", out]
-    return shlex.join(command)
-
-
-def number(v, digits=4):
-    return "n/a" if pd.isna(v) else f"{v:.{digits}f}"
-
-
-# --runs' columns: summarise_runs' key, heading, format.
-RUNS_COLUMNS = (("name", "name", str), ("folds", "folds", str), ("auc", "AUC", number),
-                ("mean_fold_auc", "mean fold AUC", number), ("no_tta", "without TTA", number),
-                ("wall_s", "wall s", lambda v: number(v, 0)), ("last", "last finished", str),
-                ("settings", "settings", str))
-
-
-def print_runs(args, accelerator):
-    """--runs: the ledger's experiments, best first, and how to re-run each at 512 px."""
-    folder = Path(args.runs)
-    path = folder / "runs.csv"
-    table = summarise_runs(read_ledger(path), folder)
-    print(f"{path}: {len(table)} run name(s), best first; AUC: the CV AUC over the concatenated "
-          "OOF of a name's folds (one fold: its OOF AUC)")
-    cells = [[heading for _, heading, _ in RUNS_COLUMNS]]
-    cells += [[show(r[k]) for k, _, show in RUNS_COLUMNS] for r in table.to_dict("records")]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(RUNS_COLUMNS))]
-    for row in cells:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
-    if table["auc"].isna().any():
-        print(f"n/a: an OOF file of the name is missing from {folder}, or holds one class")
-    print("\nre-run at 512 px, each fold from the same fold's weights (drop --init-from to train "
-          "afresh: a more diverse ensemble member):")
-    for r in table.itertuples():
-        print(f"  {rerun_command(r.name, r.settings, r.folds, r.out)}")
+def last_byte_is_newline(path):
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2359,7 +2265,8 @@ def lr_find(args, accelerator):
 # main
 
 # The tools, by flag: one a run (--explain also goes with --predict); without one, training.
-TOOLS = {"make_folds": write_folds, "benchmark": benchmark, "runs": print_runs,
+TOOLS = {"make_folds": write_folds, "benchmark": benchmark,
+         "runs": lambda args, accelerator: print_runs(args.runs),
          "lr_find": lr_find, "predict": predict_images, "explain": explain}
 
 

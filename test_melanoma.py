@@ -1214,7 +1214,7 @@ def test_workbench_ledger_groups_names_ranks_by_concatenated_oof_and_takes_concu
             if (name, k) == ("a", 0):  # an earlier, overwritten run of the same fold: the latest row counts
                 melanoma.append_run(tmp_path / "runs.csv", {**row, "oof_auc": 0.1})
             melanoma.append_run(tmp_path / "runs.csv", row)
-    table = melanoma.summarise_runs(melanoma.read_ledger(tmp_path / "runs.csv"), tmp_path)
+    table = ensemble.summarise_runs(ensemble.read_ledger(tmp_path / "runs.csv"), tmp_path)
     both = pd.concat([oofs["a", 0], oofs["a", 1]])
     a = table.set_index("name").loc["a"]
     assert a["folds"] == "0,1" and a["auc"] == pytest.approx(roc_auc_score(both["target"], both["pred"]))
