@@ -218,6 +218,9 @@ def get_parser():
                    "exponentially)")
     g.add_argument("--lr-find-steps", type=bounded(int, 10, 10**5), default=200, metavar="N",
                    help="--lr-find's steps from start to end, unless the loss diverges first")
+    g.add_argument("--lr-find-batches", type=bounded(int, 1, 64), default=1, metavar="N",
+                   help="--lr-find's batches per step: a step's loss is their mean, measured at "
+                   "the same weights (one of them trains), which cuts the noise by sqrt(N)")
     g.add_argument("--runs", nargs="?", type=OUTPUT, const="preds", metavar="OUT",
                    help="print the experiments of OUT/runs.csv (default OUT: preds), best first")
     g.add_argument("--predict", metavar="PATH", type=INPUT_FILE, help="score a folder of images "
@@ -667,14 +670,19 @@ def build_training(args, accelerator, steps_per_epoch, fold=None, n_meta=0):
     return raw_model, model, augment, optimizer, scheduler
 
 
-def train_step(model, augment, x, y, optimizer, scheduler, accelerator, meta=None):
-    """One step on a batch (and its metadata, or None): its loss before the step; a non-finite
-    loss takes no step."""
+def batch_loss(model, augment, x, y, accelerator, meta=None):
+    """The loss of a batch (and its metadata, or None), augmented on the device."""
     x = x.to(accelerator.device, non_blocking=True)
     y = y.to(accelerator.device, non_blocking=True)
     if meta is not None:
         meta = meta.to(accelerator.device, non_blocking=True)
-    loss = F.binary_cross_entropy_with_logits(model(augment(x), meta).float().squeeze(1), y)
+    return F.binary_cross_entropy_with_logits(model(augment(x), meta).float().squeeze(1), y)
+
+
+def train_step(model, augment, x, y, optimizer, scheduler, accelerator, meta=None):
+    """One step on a batch (and its metadata, or None): its loss before the step; a non-finite
+    loss takes no step."""
+    loss = batch_loss(model, augment, x, y, accelerator, meta)
     loss_value = loss.item()  # a CPU-GPU sync point: it catches a bad step at once
     if math.isfinite(loss_value):
         accelerator.backward(loss)
@@ -1644,24 +1652,33 @@ def plot_roc(path, oof, result, stem):
     save_figure(fig, path)
 
 
-def plot_lr_find(path, curve, lr_min, lr_max, title):
-    """Loss against learning rate (log axis), the suggested rates marked."""
-    fig = Figure(figsize=(7, 4.5), layout="constrained")
+def plot_lr_find(path, curve, reading, title):
+    """Loss against learning rate (log axis): the steps, the smoothed loss and its noise band, the
+    class mix's entropy, and each rule's pick (read_lr_curve's reading)."""
+    fig = Figure(figsize=(7, 4.8), layout="constrained")
     ax = fig.subplots()
     ax.plot(curve["lr"], curve["loss"], color="0.7", lw=0.8, label="loss per step")
+    ax.fill_between(curve["lr"], curve["band_low"], curve["band_high"], color="C0", alpha=0.25,
+                    lw=0, label=f"noise band: ±{LR_BAND} standard errors")
     ax.plot(curve["lr"], curve["smoothed"], color="C0", lw=2, label="smoothed loss")
-    lowest = lowest_lr(curve)
-    ax.plot([lowest], curve["smoothed"][curve["lr"] == lowest], "o", color="C0", ms=8,
-            label=f"lowest smoothed loss, at {lowest:.1e}")
-    ax.axvline(lr_max, color="C3", ls="--", label=f"suggested --lr-max {lr_max:.1e}")
-    ax.axvline(lr_min, color="C2", ls="--", label=f"suggested --lr-min {lr_min:.1e}")
+    if reading["entropy"] is not None:
+        ax.axhline(reading["entropy"], color="0.3", ls=":",
+                   label=f"class mix's entropy {reading['entropy']:.3f}")
+    if reading["lr_max"] is not None:
+        ax.axvspan(*reading["fall"], color="C2", alpha=0.1, label="the fall")
+        ax.axvline(reading["lr_max"], color="C3", ls="--",
+                   label=f"valley rule, halfway down: --lr-max {reading['lr_max']:.1e}")
+    ax.plot([reading["lowest_lr"]], [reading["lowest"]], "o", color="C0", ms=8,
+            label=f"lowest smoothed loss, at {reading['lowest_lr']:.1e}")
+    ax.axvline(reading["second_lr"], color="C1", ls="-.",
+               label=f"a tenth of it (second rule): {reading['second_lr']:.1e}")
     ax.set_xscale("log")
-    # scaled to the smoothed loss: the noise of single batches would flatten it
-    low, high = curve["smoothed"].min(), curve["smoothed"].max()
+    # scaled to the smoothed loss and its band: the noise of single batches would flatten it
+    low, high = curve["band_low"].min(), curve["smoothed"].max()
     ax.set_ylim(low - 0.2 * (high - low), high + 0.2 * (high - low))
     ax.set_xlabel("learning rate (log scale)")
     ax.set_ylabel("training loss (BCE)")
-    ax.legend(fontsize=9, loc="best")
+    ax.legend(fontsize=8, loc="best")
     ax.set_title(title, fontsize=10)
     save_figure(fig, path)
 
@@ -2174,6 +2191,12 @@ def benchmark_steps(args, accelerator, files, cache):
           f"img/s; ratio {once / again:4.1f}x")
 
 
+# The noise band: the smoothed loss +- this many standard errors. A fall counts when the band at
+# the lowest point lies wholly below the band at the start: some 3 standard errors of their
+# difference, not 2, as the lowest point of a noisy curve is itself biased low.
+LR_BAND = 2
+
+
 def endless(loader, sampler, args, accelerator):
     """The training batches, epoch after epoch, each epoch's sample and augmentation keyed as in
     training."""
@@ -2183,11 +2206,19 @@ def endless(loader, sampler, args, accelerator):
         yield from loader
 
 
-def lr_range_test(raw_model, augment, batches, targets, accelerator, args, beta=0.98):
+def measured_loss(model, augment, x, y, accelerator, meta=None):
+    """A batch's training loss without a step: the extra batches of --lr-find-batches measure
+    the loss at the same weights, not train further."""
+    with torch.no_grad():
+        return batch_loss(model, augment, x, y, accelerator, meta).item()
+
+
+def lr_range_test(raw_model, augment, batches, targets, accelerator, args, meta=None, beta=0.98):
     """Train a copy of raw_model (raw_model keeps its weights) with AdamW at a learning rate
     rising exponentially from --lr-find-start to --lr-find-end over --lr-find-steps steps, until
     the loss, smoothed exponentially (with bias correction), passes 4x its minimum or is not
-    finite. Returns the steps: lr, loss, smoothed."""
+    finite. A step's loss is the mean over --lr-find-batches batches at its weights, the last of
+    which trains. `meta`: the rows' metadata features, or None. Returns the steps: lr, loss."""
     model = copy.deepcopy(raw_model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr_find_start, weight_decay=args.wd)
     growth = (args.lr_find_end / args.lr_find_start) ** (1 / (args.lr_find_steps - 1))
@@ -2195,70 +2226,158 @@ def lr_range_test(raw_model, augment, batches, targets, accelerator, args, beta=
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
     rows = []
-    mean = 0.0
-    for step, (x, idx) in zip(range(args.lr_find_steps), batches):
+    mean, lowest = 0.0, math.inf
+    for step in range(args.lr_find_steps):
+        chunk = [(x, idx, None if meta is None else meta[idx])
+                 for x, idx in itertools.islice(batches, args.lr_find_batches)]
+        if len(chunk) < args.lr_find_batches:
+            break
         lr = scheduler.get_last_lr()[0]
-        loss = train_step(model, augment, x, targets[idx], optimizer, scheduler, accelerator)
+        losses = [measured_loss(model, augment, x, targets[idx], accelerator, m)
+                  for x, idx, m in chunk[:-1]]
+        x, idx, m = chunk[-1]
+        losses.append(train_step(model, augment, x, targets[idx], optimizer, scheduler,
+                                 accelerator, m))
+        loss = sum(losses) / len(losses)
         if not math.isfinite(loss):
             break
         mean = beta * mean + (1 - beta) * loss
-        rows.append(dict(step=step + 1, lr=lr, loss=loss, smoothed=mean / (1 - beta ** (step + 1))))
-        if rows[-1]["smoothed"] > 4 * min(r["smoothed"] for r in rows):
+        smoothed = mean / (1 - beta ** (step + 1))
+        lowest = min(lowest, smoothed)
+        rows.append(dict(step=step + 1, lr=lr, loss=loss))
+        if smoothed > 4 * lowest:
             break
-    return pd.DataFrame(rows, columns=["step", "lr", "loss", "smoothed"])
+    return pd.DataFrame(rows, columns=["step", "lr", "loss"])
+
+
+def noise_band(loss):
+    """(smoothed loss, its standard error, the per-step noise), a value per step. The smoothed
+    loss is the mean of the steps around it (a twentieth of the curve either side, fewer at the
+    ends): an exponential average would trail the rising rate by some 50 steps. The noise is the
+    scatter of the losses around it, read robustly (a median of absolute deviations) and
+    locally (a tenth of the curve either side): a batch's loss scatters more once the model has
+    learnt, and far more as it diverges."""
+    loss = pd.Series(np.asarray(loss, float))
+    window = loss.rolling(2 * max(2, len(loss) // 20) + 1, center=True, min_periods=1)
+    smoothed = window.mean()
+    deviation = (loss - smoothed).abs()
+    noise = 1.4826 * deviation.rolling(2 * max(2, len(loss) // 10) + 1, center=True,
+                                       min_periods=1).median()
+    return smoothed.to_numpy(), (noise / np.sqrt(window.count())).to_numpy(), noise.to_numpy()
+
+
+def class_mix_entropy(p):
+    """The loss (nats) of a model that has learnt only the share p of melanomas in its batches,
+    not the images: a curve that never gets below it has learnt nothing else."""
+    return float(-(p * math.log(p) + (1 - p) * math.log(1 - p))) if 0 < p < 1 else 0.0
 
 
 def lowest_lr(curve):
     """The rate at the smoothed loss's minimum, the first tenth of the steps left out: their
-    smoothed loss is a mean of a few batches, noisy enough to make a false minimum."""
+    smoothed loss is a mean of fewer steps, noisy enough to make a false minimum."""
     tail = curve.iloc[len(curve) // 10:]
     return float(tail["lr"][tail["smoothed"].idxmin()])
 
 
 def suggest_lrs(curve):
-    """(--lr-min, --lr-max): --lr-max a tenth of the rate where the smoothed loss is lowest (at
-    the minimum training is on the edge of diverging; Smith's and fastai's rule, steadier on
-    noisy losses than the steepest slope), within the swept range; --lr-min = --lr-max / 40, the
-    recipe's ratio (5e-6 -> 2e-4)."""
+    """(--lr-min, --lr-max) by the second rule: --lr-max a tenth of the rate where the smoothed
+    loss is lowest (at the minimum training is on the edge of diverging; Smith's rule), within
+    the swept range; --lr-min = --lr-max / 40, the recipe's ratio (5e-6 -> 2e-4)."""
     lr_max = max(lowest_lr(curve) / 10, float(curve["lr"].iloc[0]))
     return lr_max / 40, lr_max
 
 
+def read_lr_curve(curve, entropy=None, diverged=False):
+    """What a range test's curve (columns lr, loss; a row a step) says, as a dict. verdict: flat
+    (no fall beyond the noise: the band at the lowest point never gets wholly below the band at
+    the start, or below `entropy`, the class mix's), still falling (the loss has not climbed
+    beyond the noise by the last step, and no non-finite loss ended the test: `diverged`) or
+    valley. lr_max (None when flat) by the valley rule, as
+    fastai's default: the stretch over which the loss falls, from the last step within the noise
+    of its highest (before its lowest) to the first within the noise of its lowest, and in it the
+    rate where the loss is halfway down, which noisier steps at the bottom do not move; lr_min =
+    lr_max / 40. second_lr: the second rule (suggest_lrs). The noise, and the smoothed loss with
+    its band."""
+    smoothed, se, noise = noise_band(curve["loss"])
+    curve = curve.reset_index(drop=True).assign(smoothed=smoothed)
+    lr = curve["lr"].to_numpy(float)
+    low, high = smoothed - LR_BAND * se, smoothed + LR_BAND * se
+    bottom = int(np.flatnonzero(lr == lowest_lr(curve))[0])
+    top = int(np.argmax(smoothed[:bottom + 1]))
+    fall = top + int(np.flatnonzero(high[top:bottom + 1] >= low[top])[-1])
+    fallen = fall + int(np.flatnonzero(low[fall:bottom + 1] <= high[bottom])[0])
+    halfway = top + int(np.flatnonzero(smoothed[top:] <= (smoothed[top] + smoothed[bottom]) / 2)[0])
+    verdict = "valley"
+    if high[bottom] >= min(low[0], math.inf if entropy is None else entropy):
+        verdict = "flat"
+    elif low[-1] <= high[bottom] and not diverged:
+        verdict = "still falling"
+    lr_max = None if verdict == "flat" else float(lr[halfway])
+    return dict(verdict=verdict, lr_min=None if lr_max is None else lr_max / 40, lr_max=lr_max,
+                fall=None if lr_max is None else (float(lr[fall]), float(lr[fallen])),
+                highest=float(smoothed[top]), lowest=float(smoothed[bottom]),
+                lowest_lr=float(lr[bottom]), second_lr=suggest_lrs(curve)[1],
+                start=float(smoothed[0]), noise=float(noise[bottom]),
+                lowest_se=float(se[bottom]), entropy=entropy, smoothed=smoothed, band_low=low,
+                band_high=high)
+
+
+def verdict_line(r):
+    """read_lr_curve's reading as the one line --lr-find prints."""
+    noise = (f"noise {r['noise']:.3f} per step, {r['lowest_se']:.3f} on the smoothed loss at its "
+             "lowest")
+    if r["verdict"] == "flat":
+        below = f"its start ({r['start']:.3f})"
+        if r["entropy"] is not None:
+            below = f"the lower of {below} and the class mix's entropy ({r['entropy']:.3f})"
+        return (f"flat: the smoothed loss never got below {below} by more than the noise "
+                f"(lowest {r['lowest']:.3f} at {r['lowest_lr']:.1e}; {noise}), so no --lr-max "
+                "can be read from it: raise --lr-find-steps or --batch-size, or average "
+                "batches with --lr-find-batches 4")
+    line = (f"{r['verdict']}: suggested --lr-min {r['lr_min']:.1e} --lr-max {r['lr_max']:.1e}, "
+            f"halfway down the smoothed loss's fall from {r['highest']:.3f} to {r['lowest']:.3f} "
+            f"(a tenth of the lowest loss's rate: {r['second_lr']:.1e}); {noise}")
+    if r["verdict"] == "still falling":
+        line += ("; the loss still fell at the end of the range: a higher --lr-find-end shows "
+                 "where it diverges")
+    return line
+
+
 def lr_find(args, accelerator):
-    """--lr-find: the range test on the first --fold's training images, written as CSV and PNG;
-    no weights are kept."""
+    """--lr-find: the range test on the first --fold's training images, with the model and
+    inputs training would have (--meta included), written as CSV and PNG; no weights are kept."""
     if accelerator.num_processes > 1:
         raise DataError("--lr-find runs in one process: start it with python, not accelerate "
                         "launch or torchrun")
-    train, _ = read_inputs(args, accelerator)
+    train, test = read_inputs(args, accelerator)
+    train, test, _ = add_meta(args, train, test)  # encoded as for training
     fold = args.fold[0]
     trn, _ = split_fold(train, fold, args.frac, args.seed)
     check_images(list(trn["path"]))
     sampler = make_sampler(trn, args, accelerator)  # the epochs' samples, as in training
     loader = make_loader(Images(trn["path"], args.size, args.cache), accelerator, args, sampler)
-    raw_model, augment = build_model(args, accelerator, fold)
+    meta = meta_tensor(trn)
+    raw_model, augment = build_model(args, accelerator, fold, 0 if meta is None else meta.shape[1])
     targets = torch.tensor(trn["target"].to_numpy(), dtype=torch.float32)
     start = time.time()
     curve = lr_range_test(raw_model, augment, endless(loader, sampler, args, accelerator), targets,
-                          accelerator, args)
+                          accelerator, args, meta)
     if len(curve) < 10:
         raise DataError(f"--lr-find: the loss diverged after {len(curve)} step(s), starting at "
                         f"--lr-find-start {args.lr_find_start:.1e}: lower it")
-    lr_min, lr_max = suggest_lrs(curve)
+    diverged = len(curve) < args.lr_find_steps
+    reading = read_lr_curve(curve, class_mix_entropy(sampler.targets.sum() / sampler.n), diverged)
+    curve = curve.assign(**{k: reading[k] for k in ("smoothed", "band_low", "band_high")})
     stem = Path(args.out) / f"{args.name}_lr_find"
     write_csv(curve, f"{stem}.csv")
     last = curve["lr"].iloc[-1]
-    ended = "the loss diverged" if len(curve) < args.lr_find_steps else "end of the range"
-    title = (f"{args.name}: LR range test, fold {fold}, {args.size} px, batch "
-             f"{args.batch_size}\n{len(curve)} steps up to {last:.1e} ({ended})")
-    plot_lr_find(f"{stem}.png", curve, lr_min, lr_max, title)
-    falling = ""
-    if len(curve) == args.lr_find_steps and lowest_lr(curve) >= curve["lr"].iloc[-10]:
-        falling = ("; the loss still fell at the end of the range: a higher --lr-find-end shows "
-                   "where it diverges")
-    print(f"lr-find: suggested --lr-min {lr_min:.1e} --lr-max {lr_max:.1e} (the smoothed loss "
-          f"is lowest at {lowest_lr(curve):.1e}); {len(curve)} steps up to {last:.1e} ({ended}), "
-          f"{time.time() - start:.0f} s; wrote {stem}.csv and {stem}.png{falling}")
+    ended = "the loss diverged" if diverged else "end of the range"
+    batches = f" x {args.lr_find_batches} per step" if args.lr_find_batches > 1 else ""
+    title = (f"{args.name}: LR range test, fold {fold}, {args.size} px, batch {args.batch_size}"
+             f"{batches}\n{len(curve)} steps up to {last:.1e} ({ended}): {reading['verdict']}")
+    plot_lr_find(f"{stem}.png", curve, reading, title)
+    print(f"lr-find: {verdict_line(reading)}; {len(curve)} steps up to {last:.1e} ({ended}), "
+          f"{time.time() - start:.0f} s; wrote {stem}.csv and {stem}.png")
 
 
 # ----------------------------------------------------------------------------------------------
