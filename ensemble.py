@@ -41,6 +41,9 @@ METHODS = ("mean", "rank", "weighted", "stack")
 PROBABILITY_METHODS = ("mean", "weighted", "stack")  # rank takes any scores
 NAME = re.compile(r"^(?P<name>.+)_fold(?P<fold>\d+)_(?P<kind>oof|test)\.csv$")
 RUN_JSON = re.compile(r"^.+_fold\d+\.json$")
+# Every file name melanoma.py writes in its output folder: --out must never replace one.
+MELANOMA_OUTPUT = re.compile(r"^(runs\.csv|.+_fold\d+(_\w+)?\.\w+|.+_(predict|predict_skipped|lr_find)"
+                             r"\.(csv|tsv|png))$")
 OOF_COLUMNS = ["image_name", "target", "pred", "fold"]
 # melanoma.py's ledger of runs, a row per finished fold in its output folder: `preds/*.csv`
 # matches it, yet it holds no predictions. Recognised by its name and header.
@@ -103,7 +106,7 @@ def check_outputs(out, inputs):
     paths = output_paths(out)
     if paths[0].suffix.lower() == ".json":
         raise DataError(f"--out {out}: the report goes beside the submission as {{stem}}.json and "
-                         "would overwrite it; give a .csv path")
+                        "would overwrite it; give a .csv path")
     for p in paths:
         if p.is_dir():
             raise DataError(f"--out {out}: {p} is a folder")
@@ -118,9 +121,11 @@ def check_outputs(out, inputs):
     for p in paths:
         if p.resolve() in given:
             raise DataError(f"--out {out}: would overwrite the input {given[p.resolve()]}")
-    if NAME.match(paths[0].name) or RUN_JSON.match(paths[1].name):
-        raise DataError(f"--out {out}: the name of a run's output ({{name}}_fold{{k}}...), which "
-                         "the submission or its report would overwrite; give another name")
+    for p in paths:
+        if MELANOMA_OUTPUT.match(p.name):
+            raise DataError(f"--out {out}: {p.name} is the name of a file melanoma.py writes (its "
+                            "ledger, a run's fold, prediction or LR-finder outputs), which the "
+                            "submission or its report would replace; give another name")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -196,7 +201,7 @@ def read_predictions(path, kind, probabilities):
     pred = df["pred" if kind == "oof" else "target"]
     if probabilities and not pred.between(0, 1).all():
         raise DataError(f"{path}: {pred.name} ranges over [{pred.min():.4g}, {pred.max():.4g}], "
-                         "not probabilities in [0, 1] (--method rank takes any scores)")
+                        "not probabilities in [0, 1] (--method rank takes any scores)")
     return df
 
 
@@ -218,7 +223,7 @@ def load_models(files, probabilities):
     for f in files:
         if Path(f).name in seen:
             raise DataError(f"{seen[Path(f).name]} and {f}: the same file name twice, whose "
-                             "predictions would merge into one model")
+                            "predictions would merge into one model")
         seen[Path(f).name] = f
         m = NAME.match(Path(f).name)
         name, kind = (m["name"], m["kind"]) if m else (Path(f).stem, "test")
@@ -260,10 +265,9 @@ def check_same_images(file_a, names_a, file_b, names_b):
     only_a = sorted(set(names_a) - set(names_b))[:3]
     only_b = sorted(set(names_b) - set(names_a))[:3]
     if only_a or only_b:
-        missing = f"missing {', '.join(only_a)}" if only_a else ""
-        extra = f"extra {', '.join(only_b)}" if only_b else ""
-        raise DataError(f"{file_b}: its test images differ from {file_a}'s: "
-                         + "; ".join(s for s in (missing, extra) if s))
+        lacks = [f"{b} lacks {', '.join(names)}"
+                 for b, names in ((file_b, only_a), (file_a, only_b)) if names]
+        raise DataError(f"{file_a} and {file_b} hold different test images: {'; '.join(lacks)}")
 
 
 def read_patients(path):
@@ -431,7 +435,7 @@ def oof_truth(models):
         for img, t in zip(m.oof.index, m.oof["target"]):
             if truth.setdefault(img, t) != t:
                 raise DataError(f"model {m.name}: target of {img} disagrees with another "
-                                 "model's OOF")
+                                "model's OOF")
     return truth
 
 
@@ -445,7 +449,7 @@ def build_report(models, method, patients, n_boot, seed, patients_from=None, not
     with_oof = [m for m in models.values() if m.oof is not None]
     if method in ("weighted", "stack") and len(with_oof) < len(names):
         raise DataError(f"--method {method} fits on OOF predictions, and model(s) "
-                         f"{', '.join(n for n in names if models[n].oof is None)} have none")
+                        f"{', '.join(n for n in names if models[n].oof is None)} have none")
     report = dict(method=method, models={}, notes=list(notes))
     truth = oof_truth(with_oof)
     group_of = patients
@@ -612,19 +616,32 @@ def new_file_mode():
 
 
 def atomic_write(path, write):
-    """Call write(tmp_path), then rename tmp into place: a crash leaves the old file or the new one.
-    The file gets the permission bits of a plain open(path, "w"), not mkstemp's 0600."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    atomic_write_all({path: write})
+
+
+def atomic_write_all(writes):
+    """Call write(tmp) for each {path: write}, then rename every tmp into place: a crash or a full
+    disk leaves the old files or all the new ones. A file gets the permission bits of a plain
+    open(path, "w"), not mkstemp's 0600. A failed write is a DataError naming the file."""
+    temps = {}
     try:
-        write(tmp)
-        os.chmod(tmp, new_file_mode())
-        os.replace(tmp, path)
+        for path, write in writes.items():
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, temps[path] = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
+                                               suffix=".tmp")
+            os.close(fd)
+            write(temps[path])
+            os.chmod(temps[path], new_file_mode())
+        for path, tmp in temps.items():
+            os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # a full disk: ENOSPC, or torch's failed writer
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+        raise DataError(f"{path}: cannot write it ({reason}); nothing was replaced") from None
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        for tmp in temps.values():
+            if os.path.exists(tmp):
+                os.remove(tmp)
 
 
 def finite(x):
@@ -749,33 +766,38 @@ def print_runs(folder):
 
 def main(argv=None):
     try:
-        args = get_args(argv)
-        args.files = without_ledger(args.files)
-        folds = choose_folds(args.folds, args.files)[0]
-        inputs = args.files + ([folds] if folds else []) + run_files(args.files)
-        check_outputs(args.out, inputs)
-        models = load_models(args.files, args.method in PROBABILITY_METHODS)
-        patients, patients_from, notes = find_patients(args.folds, args.files)
-        report = build_report(models, args.method, patients, args.bootstrap, args.seed,
-                              patients_from, notes)
-        lacking = [m.name for m in models.values() if not m.test_file]
-        submission = None if lacking else blend_test(models, args.method)
-        heat_map_png = plot_correlation(report)
+        blend(get_args(argv))
     except DataError as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)  # pandas' messages span lines
         sys.exit(2)
+
+
+def blend(args):
+    """Check, read, score and blend, then write the submission, report and heat map together."""
+    args.files = without_ledger(args.files)
+    folds = choose_folds(args.folds, args.files)[0]
+    inputs = args.files + ([folds] if folds else []) + run_files(args.files)
+    check_outputs(args.out, inputs)
+    models = load_models(args.files, args.method in PROBABILITY_METHODS)
+    patients, patients_from, notes = find_patients(args.folds, args.files)
+    report = build_report(models, args.method, patients, args.bootstrap, args.seed,
+                          patients_from, notes)
+    lacking = [m.name for m in models.values() if not m.test_file]
+    submission = None if lacking else blend_test(models, args.method)
+    heat_map_png = plot_correlation(report)
     out, report_path, heat_map = output_paths(args.out)
     print(format_report(report))
     text = json.dumps(finite(report), indent=1, allow_nan=False)
+    writes = {report_path: lambda tmp: Path(tmp).write_text(text),
+              heat_map: lambda tmp: Path(tmp).write_bytes(heat_map_png)}
     written = []
     if submission is None:
         print(f"no submission: model(s) {', '.join(lacking)} have no test predictions (their runs "
               "had no test.csv)")
     else:
-        atomic_write(out, lambda tmp: submission.to_csv(tmp, index=False))
+        writes[out] = lambda tmp: submission.to_csv(tmp, index=False)
         written.append(f"{out} ({len(submission)} images, method {args.method})")
-    atomic_write(report_path, lambda tmp: Path(tmp).write_text(text))
-    atomic_write(heat_map, lambda tmp: Path(tmp).write_bytes(heat_map_png))
+    atomic_write_all(writes)  # all three or none: a full disk leaves no half of them
     print(f"wrote {', '.join(written + [str(report_path)])} and {heat_map}")
 
 

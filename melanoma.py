@@ -986,7 +986,7 @@ def locate_data(args, say=print):
                             "pass --data-dir DIR, or run --demo, which needs no data")
         args.data_dir = str(Path(found[0]).resolve())
         say(f"data: {found[0]} (the first default location that holds a competition "
-              "layout; --data-dir chooses another)")
+            "layout; --data-dir chooses another)")
     if args.folds is None:
         beside = Path(args.data_dir) / "folds.csv"
         ours = Path(__file__).resolve().parent / "folds.csv"

@@ -1471,7 +1471,8 @@ def made(path, text=None):
     (lambda d: csv_of(d / "x_fold0_test.csv", image_name=["t0", ""], target=[.1, .2]), "row 3: image_name is empty"),
     (lambda d: csv_of(d / "x_fold0_test.csv", image_name=["t0 ", "t1"], target=[.1, .2]),
      "x_fold0_test.csv: row 2: image_name 't0 ' has surrounding spaces"),
-    (lambda d: csv_of(d / "x_fold0_test.csv", image_name=["t0", "t9"], target=[.1, .2]), "missing t1; extra t9"),
+    (lambda d: csv_of(d / "x_fold0_test.csv", image_name=["t0", "t9"], target=[.1, .2]), "hold different test images"),
+    (lambda d: csv_of(d / "x_fold0_test.csv", image_name=["t0", "t9"], target=[.1, .2]), "x_fold0_test.csv lacks t1"),
     (lambda d: csv_of(d / "x_fold0_test.csv", image_name=["t0", "t1"], target=[.1, np.nan]), "row 3: target"),
     (lambda d: model_x(d, image_name=["img0"], target=[0], pred=[np.inf], fold=0), "row 2: pred"),
     (lambda d: model_x(d, image_name=["img0"], target=[2], pred=[.5], fold=0),
@@ -1518,8 +1519,13 @@ A = ["a_fold0_oof.csv", "a_fold0_test.csv"]
     (lambda d: [*A, "--out", ""], "--out '': give a file path"),
     (lambda d: [*A, "--folds", made(d / "f.csv", "image_name,patient_id\nimg0,p0\n"), "--out", "f.csv"],
      "would overwrite the input"),
-    (lambda d: [*A, "--out", "a_fold1.csv"], "--out a_fold1.csv: the name of a run's output"),
-    (lambda d: [*A, "--out", "b_fold2_oof.csv"], "the name of a run's output"),
+    (lambda d: [*A, "--out", "a_fold1.csv"], "--out a_fold1.csv: a_fold1.csv is the name of a file melanoma.py writes"),
+    (lambda d: [*A, "--out", "b_fold2_oof.csv"], "the name of a file melanoma.py writes"),
+    # issue 22: never replace the ledger or a run's other outputs
+    (lambda d: [*A, "--out", "runs.csv"], "runs.csv is the name of a file melanoma.py writes"),
+    (lambda d: [*A, "--out", "preds/m_predict.csv"], "m_predict.csv is the name of a file melanoma.py writes"),
+    (lambda d: [*A, "--out", "m_lr_find.csv"], "the name of a file melanoma.py writes"),
+    (lambda d: [*A, "--out", "m_fold0_explain.csv"], "the name of a file melanoma.py writes"),
 ])
 def test_ensemble_bad_flags_outputs_and_folds_are_one_line_errors(tmp_path, argv, message):
     write_model(tmp_path, "a", {0: (Y, [.1, .9, .2, .7, .3, .4])}, [0.2, 0.4])
@@ -1605,9 +1611,14 @@ def test_ensemble_atomic_write_replaces_whole_files_with_umask_permissions(tmp_p
         Path(tmp).write_text("half")
         raise OSError("disk full")
 
-    with pytest.raises(OSError):
+    with pytest.raises(ensemble.DataError, match=r"f.txt: cannot write it \(disk full\); nothing was replaced"):
         ensemble.atomic_write(path, crash)
     assert path.read_text() == "old" and [p.name for p in path.parent.iterdir()] == ["f.txt"]
+    # several files: all new or all old (ensemble.py's submission, report and heat map on a full disk)
+    other = path.parent / "g.txt"
+    with pytest.raises(ensemble.DataError, match="g.txt: cannot write it"):
+        ensemble.atomic_write_all({path: lambda tmp: Path(tmp).write_text("new"), other: crash})
+    assert path.read_text() == "old" and sorted(p.name for p in path.parent.iterdir()) == ["f.txt"]
     write_model(tmp_path, "a", {0: (Y, [.1, .9, .2, .7, .3, .4])}, [0.2, 0.4])
     files = " ".join(str(p) for p in tmp_path.glob("*.csv"))
     for umask, mode in (("022", 0o644), ("077", 0o600)):
