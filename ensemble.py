@@ -681,9 +681,21 @@ def read_ledger(path):
         refuse_rows(f"ledger {path}", values.isna() & (runs[c] != ""), runs[c],
                     f"{c} must be a number, got {{value!r}}")
         runs[c] = values
-    runs["settings"] = runs["settings"].fillna("")
-    check_names(runs, f"ledger {path}", "name", unique=False)
+    where = f"ledger {path}"
+    check_names(runs, where, "name", unique=False)
+    for c in ("date", "out"):  # a row cut short (an edited or damaged ledger) lacks them
+        refuse_rows(where, runs[c].str.strip() == "", runs[c], f"{c} is empty (a row cut short?)")
+    refuse_rows(where, ~runs["settings"].map(splits), runs["settings"],
+                "settings {value!r} are not a command line (an unbalanced quote?)")
     return runs
+
+
+def splits(command):
+    try:
+        shlex.split(command)
+        return True
+    except ValueError:
+        return False
 
 
 def summarise_runs(runs, folder):

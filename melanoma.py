@@ -228,7 +228,7 @@ def get_parser():
                    "--out; no training")
     g.add_argument("--skip-bad", action="store_true", help="with --predict: leave out unreadable "
                    "images (listed in {name}_predict_skipped.tsv) instead of stopping")
-    g.add_argument("--explain", type=bounded(int, 0, 32), default=0, metavar="N",
+    g.add_argument("--explain", type=bounded(int, 1, 32), metavar="N",
                    help="Grad-CAM grids of run --name: the N most confident false positives and "
                    "negatives of each fold's OOF (and with --predict the N top new images)")
     return p
@@ -276,6 +276,10 @@ def read_images_csv(path, image_dir, columns, what, meta):
         if missing:
             raise DataError(f"{what} {path}: --meta needs column(s) {', '.join(missing)}")
         check_names(df, f"{what} {path}", "patient_id", unique=False)
+        for column in {"age_approx", "width", "height"} & set(df.columns):
+            number = pd.to_numeric(df[column], errors="coerce")
+            refuse_rows(f"{what} {path}", ~np.isfinite(number) & (df[column].str.strip() != ""),
+                        df[column], f"--meta: {column} must be a number or empty, got {{value!r}}")
         df["patient_images"] = df.groupby("patient_id")["image_name"].transform("size")
     df["path"] = [str(Path(image_dir) / f"{n}.jpg") for n in df["image_name"]]
     return df
@@ -318,6 +322,8 @@ def load_image(path, size):
     try:
         with Image.open(path) as im:
             im.draft("RGB", (size, size))
+            if im.mode.startswith("I"):  # 16-bit grey: convert("RGB") would clip it to white
+                im = Image.fromarray((np.asarray(im) / 257).clip(0, 255).round().astype(np.uint8))
             return np.array(im.convert("RGB").resize((size, size), Image.BILINEAR))
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise DataError(f"image {path}: cannot decode ({e})")
@@ -733,8 +739,8 @@ def write_csv(df, path):
 
 
 def write_outputs(args, accelerator, fold, oof, test, result, raw_model):
-    """Predictions, weights and plots, the JSON last (a fold is finished when its JSON exists),
-    a row in the ledger; then the checkpoint goes."""
+    """Predictions, weights, plots and a row in the ledger, the JSON last (a fold is finished
+    when its JSON exists); then the checkpoint goes."""
     result.update(processes=accelerator.num_processes, device=str(accelerator.device),
                   mixed_precision=accelerator.mixed_precision, args=vars(args),
                   run=run_key(args, accelerator))
@@ -747,9 +753,9 @@ def write_outputs(args, accelerator, fold, oof, test, result, raw_model):
         stem = f"{args.name}_fold{fold}"
         plot_curves(fold_file(args, fold, "_curves.png"), result, stem)
         plot_roc(fold_file(args, fold, "_roc.png"), oof, result, stem)
+        append_run(Path(args.out) / LEDGER_FILE, ledger_row(args, result))
         text = json.dumps(finite(result), indent=1, default=str, allow_nan=False)
         atomic_write(fold_file(args, fold, ".json"), lambda tmp: Path(tmp).write_text(text))
-        append_run(Path(args.out) / LEDGER_FILE, ledger_row(args, result))
         fold_file(args, fold, "_last.pt").unlink(missing_ok=True)
     accelerator.wait_for_everyone()
     accelerator.print(f"fold {fold}: OOF AUC {result['oof_auc']:.4f} with TTA x{args.tta}, "
@@ -830,7 +836,7 @@ def train_folds(args, accelerator):
                               f"({fold_file(args, fold, '.json').name}); --overwrite retrains it")
             results.append(finished[fold])
             continue
-        with fold_errors(fold, fold_file(args, fold, "_last.pt")):
+        with fold_errors(fold, fold_file(args, fold, "_last.pt"), args):
             results.append(train_fold(args, accelerator, train, test, fold, meta_spec))
     if len(results) > 1 and accelerator.is_main_process:
         oof = pd.concat([pd.read_csv(fold_file(args, r["fold"], "_oof.csv")) for r in results])
@@ -1059,6 +1065,20 @@ def jpeg_reaches_end(data):
     return data[pos:pos + 2] == b"\xff\xd9"
 
 
+def jpeg_scan_start(f):
+    """Where a JPEG file's first scan starts, found by walking the segment headers from the
+    start (their lengths skip embedded thumbnails); None if the file ends before it."""
+    pos = 2
+    while True:
+        f.seek(pos)
+        head = f.read(4)
+        if len(head) < 4 or head[0] != 0xFF:
+            return None
+        if head[1] == 0xDA:
+            return pos
+        pos += 2 + int.from_bytes(head[2:4], "big") if head[1] != 0xFF else 1
+
+
 def check_image(path):
     """Refuse an image that is missing, empty, not an image, implausibly large (a
     decompression bomb) or, for a JPEG, cut short. Cheap: the header, and the tail of the file
@@ -1087,12 +1107,18 @@ def check_image(path):
     if width * height > Image.MAX_IMAGE_PIXELS or min(width, height) < 1:
         raise DataError(f"image {path}: {width}x{height} pixels, refused as implausible "
                         f"(at most {Image.MAX_IMAGE_PIXELS} pixels)")
-    if kind == "JPEG":
-        with open(path, "rb") as f:
-            f.seek(max(0, os.fstat(f.fileno()).st_size - 1024))
-            tail = f.read()
-        if b"\xff\xd9" not in tail and not jpeg_reaches_end(Path(path).read_bytes()):
-            raise DataError(f"image {path}: not a complete JPEG (truncated)")
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        scan = jpeg_scan_start(f) if kind == "JPEG" else 0
+        f.seek(max(0, size - 1024))
+        tail = f.read()
+    if kind == "PNG" and b"IEND" not in tail:
+        raise DataError(f"image {path}: not a complete PNG (truncated)")
+    # an end marker counts only after the first scan: an embedded thumbnail has one of its own
+    end = tail.rfind(b"\xff\xd9") + max(0, size - 1024)
+    if kind == "JPEG" and (scan is None or end < scan) and \
+            not jpeg_reaches_end(Path(path).read_bytes()):
+        raise DataError(f"image {path}: not a complete JPEG (truncated)")
 
 
 def check_images(paths, show=True):
@@ -1208,12 +1234,11 @@ def check_fold_outputs(args, accelerator):
     an unfinished fold's checkpoint needs --resume (same settings) or --overwrite. Returns the
     results of the finished folds that are kept, by fold."""
     key = run_key(args, accelerator)
+    check_ledger(Path(args.out) / LEDGER_FILE)
+    check_same_recipe(args, key)
     finished = {}
     for fold in args.fold:
-        for suffix in FOLD_OUTPUTS:
-            if fold_file(args, fold, suffix).is_dir():
-                raise DataError(f"{fold_file(args, fold, suffix)}: a folder where an output "
-                                "file goes")
+        check_output_files(fold_file(args, fold, suffix) for suffix in FOLD_OUTPUTS)
         done = fold_file(args, fold, ".json")
         ckpt = fold_file(args, fold, "_last.pt")
         if done.exists() and not args.overwrite:
@@ -1235,6 +1260,38 @@ FOLD_OUTPUTS = ("_oof.csv", "_test.csv", ".json", ".safetensors", "_last.pt", "_
                 "_roc.png")
 
 
+def check_output_files(paths):
+    for path in paths:
+        if Path(path).is_dir():
+            raise DataError(f"{path}: a folder where an output file goes")
+
+
+def check_ledger(path):
+    """The ledger takes a row when a fold finishes: refuse one that cannot before the fold
+    trains, not after (a fold whose JSON exists counts as finished, its row lost)."""
+    check_output_files([path])
+    if path.exists():
+        try:
+            open(path, "a").close()
+        except OSError as e:
+            raise DataError(f"{path}: cannot append to the ledger ({e.strerror or e})")
+
+
+def check_same_recipe(args, key):
+    """One --name is one model: the folds finished under it must share the settings `key`,
+    else --runs, ensemble.py and --predict would average different recipes as one."""
+    pattern = re.compile(rf"^{re.escape(args.name)}_fold(\d+)\.json$")
+    for path in sorted(Path(args.out).glob(f"{glob.escape(args.name)}_fold*.json")):
+        match = pattern.match(path.name)
+        if not match or int(match[1]) in args.fold:
+            continue  # a requested fold is reused only with the same settings, or retrained
+        changed = differences(read_result(path, None).get("run") or {}, key)
+        if changed:
+            raise DataError(f"--name {args.name}: fold {match[1]} ({path.name}) was trained "
+                            f"with other settings ({'; '.join(changed)}); one --name is one "
+                            "model: give this run its own --name")
+
+
 def differences(saved, key, labels=("saved", "now")):
     """The settings of `key` that `saved` holds otherwise, as '--flag old (saved) vs new (now)'."""
     return [f"--{k.replace('_', '-')} {saved.get(k)!r} ({labels[0]}) vs {v!r} ({labels[1]})"
@@ -1249,7 +1306,7 @@ def read_result(path, key):
     except (OSError, ValueError, AttributeError) as e:
         raise DataError(f"{path}: a finished fold's JSON that cannot be read ({one_line(e)}); "
                         "--overwrite retrains the fold")
-    changed = differences(saved, key)
+    changed = differences(saved, key) if key is not None else []
     if changed:
         raise DataError(f"{path}: this fold finished with other settings ({'; '.join(changed)}): "
                         "give the new run its own --name, or --overwrite to retrain it")
@@ -1292,7 +1349,7 @@ def load_checkpoint(path, raw_model, optimizer, scheduler, accelerator, args):
 
 
 @contextlib.contextmanager
-def fold_errors(fold, ckpt):
+def fold_errors(fold, ckpt, args):
     """An error in training names the fold and says what became of the fold's checkpoint: it
     is kept when it holds finished epochs, which --resume continues from."""
     try:
@@ -1301,7 +1358,12 @@ def fold_errors(fold, ckpt):
         kept = ""
         if ckpt.exists():
             kept = f", last good checkpoint kept ({ckpt}; --resume continues from it)"
-        raise type(e)(f"fold {fold}: {one_line(e)}; no predictions written{kept}") from None
+        hint = ""
+        if isinstance(e, FloatingPointError):
+            hint = (f" (lower --lr-max {args.lr_max:g}, or check the augmentation: "
+                    f"{args.augs or 'the recipe stack'}{', --hair' if args.hair else ''}"
+                    f"{', --cutout' if args.cutout else ''})")
+        raise type(e)(f"fold {fold}: {one_line(e)}{hint}; no predictions written{kept}") from None
 
 
 def init_file(args, fold):
@@ -1383,7 +1445,10 @@ def fit_meta(train, test):
         spec[key] = sorted(set(values.str.strip()) - {""})
     raw = meta_raw(train, spec)
     for column in ("age", "log_patient_images", "log_size"):
-        spec[column] = [float(raw[column].mean()), float(raw[column].std()) or 1.0]
+        mean, std = raw[column].mean(), raw[column].std()
+        # a column with no value (or one) is all missing or constant: its indicator says it all
+        spec[column] = [float(mean) if np.isfinite(mean) else 0.0,
+                        float(std) if np.isfinite(std) and std > 0 else 1.0]
     return spec
 
 
@@ -1697,7 +1762,11 @@ def append_run(path, row):
     buf = io.StringIO()
     writer = csv.DictWriter(buf, LEDGER, lineterminator="\n")
     writer.writerow(row)
-    with open(path, "a", newline="") as f:
+    try:
+        ledger = open(path, "a", newline="")
+    except OSError as e:
+        raise DataError(f"{path}: cannot append to the ledger ({e.strerror or e})")
+    with ledger as f:
         fcntl.flock(f, fcntl.LOCK_EX)  # released when the file is closed, after the flush
         if os.fstat(f.fileno()).st_size == 0:
             f.write(",".join(LEDGER) + "\n")
@@ -1820,7 +1889,11 @@ def predict_images(args, accelerator):
     start = time.time()
     runs = load_run(args.out, args.name)
     spec = next(iter(runs.values()))[0].get("meta")
+    out = Path(args.out) / f"{args.name}_predict.csv"
+    skipped = Path(args.out) / f"{args.name}_predict_skipped.tsv"  # not a .csv: not predictions
     check_writable(args.out, "--out")
+    check_output_files([out, skipped] + [fold_file(args, k, "_explain.png")
+                                         for k in runs if args.explain])
     rows = images_to_predict(args.predict, args.data_dir, spec is not None)
     every = rows
     rows, bad = readable_rows(rows, args.skip_bad)
@@ -1831,8 +1904,6 @@ def predict_images(args, accelerator):
         scores[f"fold{fold}"] = predict_with(info, path, rows, args, accelerator,
                                              f"fold {fold} TTA x{args.tta}")
     scores["target"] = scores[[f"fold{k}" for k in runs]].mean(axis=1)
-    out = Path(args.out) / f"{args.name}_predict.csv"
-    skipped = Path(args.out) / f"{args.name}_predict_skipped.tsv"  # not a .csv: not predictions
     if accelerator.is_main_process:
         write_csv(scores, out)
         skipped.unlink(missing_ok=True)
@@ -1877,7 +1948,10 @@ def explain(args, accelerator, runs=None, new=None):
     """--explain N: one PNG grid per fold, {name}_fold{k}_explain.png: Grad-CAM of the N most
     confident false positives and false negatives of its OOF predictions, and of the N new
     images it scores highest (with --predict)."""
-    runs = runs or load_run(args.out, args.name)
+    if runs is None:  # --explain alone; with --predict, that checked the outputs
+        runs = load_run(args.out, args.name)
+        check_writable(args.out, "--out")
+        check_output_files(fold_file(args, k, "_explain.png") for k in runs)
     if not accelerator.is_main_process:
         return
     for fold, (info, path) in runs.items():
@@ -2349,6 +2423,8 @@ def lr_find(args, accelerator):
     if accelerator.num_processes > 1:
         raise DataError("--lr-find runs in one process: start it with python, not accelerate "
                         "launch or torchrun")
+    stem = Path(args.out) / f"{args.name}_lr_find"
+    check_output_files([f"{stem}.csv", f"{stem}.png"])
     train, test = read_inputs(args, accelerator)
     train, test, _ = add_meta(args, train, test)  # encoded as for training
     fold = args.fold[0]
@@ -2368,7 +2444,6 @@ def lr_find(args, accelerator):
     diverged = len(curve) < args.lr_find_steps
     reading = read_lr_curve(curve, class_mix_entropy(sampler.targets.sum() / sampler.n), diverged)
     curve = curve.assign(**{k: reading[k] for k in ("smoothed", "band_low", "band_high")})
-    stem = Path(args.out) / f"{args.name}_lr_find"
     write_csv(curve, f"{stem}.csv")
     last = curve["lr"].iloc[-1]
     ended = "the loss diverged" if diverged else "end of the range"
@@ -2391,7 +2466,7 @@ TOOLS = {"make_folds": write_folds, "benchmark": benchmark,
 
 def main(argv=None):
     # SIGTERM (timeout, batch schedulers) ends the run like Ctrl-C: temporary files are removed
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop(128 + signum))
     args = get_args(argv)
     try:
         accelerator = Accelerator(cpu=args.cpu, mixed_precision=args.mixed_precision)
@@ -2400,6 +2475,14 @@ def main(argv=None):
     except (DataError, FloatingPointError) as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        stop(130)
+
+
+def stop(code):
+    print("stopped: no output was half-written; a training run continues from its last finished "
+          "epoch when the same command is run again with --resume", file=sys.stderr)
+    sys.exit(code)
 
 
 if __name__ == "__main__":
