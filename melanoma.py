@@ -1363,7 +1363,7 @@ def fold_errors(fold, ckpt, args):
             hint = (f" (lower --lr-max {args.lr_max:g}, or check the augmentation: "
                     f"{args.augs or 'the recipe stack'}{', --hair' if args.hair else ''}"
                     f"{', --cutout' if args.cutout else ''})")
-        raise type(e)(f"fold {fold}: {one_line(e)}{hint}; no predictions written{kept}") from None
+        raise type(e)(f"fold {fold}: {one_line(e)}{hint}; the fold is not finished{kept}") from None
 
 
 def init_file(args, fold):
@@ -1375,15 +1375,17 @@ def init_file(args, fold):
 
 
 def check_init_from(args):
-    """Every requested fold's --init-from weights, read once before the first fold trains."""
+    """Every requested fold's --init-from weights, read and fitted to the model before the first
+    fold trains (a head of another shape trains anew)."""
     if not args.init_from:
         return
+    model = create_model(args.model, False, None, 0, args.head, args.dropout, args.msd)
     for fold in args.fold:
         path = init_file(args, fold)
         if not path.is_file():
             raise DataError(f"--init-from {args.init_from}: no {path} (fold {fold}'s weights; a "
                             "plain run name is looked for in --out)")
-        read_weights(path, "--init-from")
+        load_weights(model, read_weights(path, "--init-from"), f"--init-from {path}", args.model)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1612,8 +1614,9 @@ def read_augs(path, most_bytes=65536, most_entries=100):
     except yaml.YAMLError as e:
         raise DataError(f"--augs {path}: not YAML ({one_line(e)[:200]})")
     if not isinstance(entries, list) or len(entries) > most_entries:
+        got = f"a list of {len(entries)}" if isinstance(entries, list) else type(entries).__name__
         raise DataError(f"--augs {path}: not a list of at most {most_entries} augmentations "
-                        f"(- name: RandomAffine ...), but {type(entries).__name__}")
+                        f"(- name: RandomAffine ...), but {got}")
     return entries
 
 

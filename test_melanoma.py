@@ -3,6 +3,7 @@
 Tiny timm test models, tiny generated images, --no-pretrained; the real ISIC 2020 metadata in
 ../shared/isic2020 is used where present and skipped where not.
 """
+import io
 import json
 import os
 import shutil
@@ -1746,3 +1747,213 @@ def test_lr_find_with_meta_tests_the_model_with_the_metadata_branch(tiny_data, t
                                                   "--lr-find-end", "1e-2", "--name", name, *extra)])
     assert built[0][0].meta is None and built[1][0].meta is not None
     assert (tmp_path / "plain_lr_find.csv").read_bytes() != (tmp_path / "meta_lr_find.csv").read_bytes()
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue 22: what an outside hostile run broke (data loss, silent wrong results, late errors)
+
+def test_a_ledger_without_its_final_newline_gets_its_next_row_on_a_line_of_its_own(tmp_path):
+    path = tmp_path / "runs.csv"
+    path.write_text(",".join(melanoma.LEDGER) + "\n2026-01-01 00:00:00,a,0,0.8,0.7,1.0,--size 48,o")  # no newline
+    melanoma.append_run(path, dict(date="2026-01-02 00:00:00", name="b", fold=1, oof_auc=0.9, oof_auc_no_tta=0.8,
+                                   wall_s=2.0, settings="", out="o"))
+    assert ensemble.read_ledger(path)["name"].tolist() == ["a", "b"]
+
+
+def test_a_ledger_that_cannot_take_a_row_is_refused_before_training(tiny_data, tmp_path, capsys):
+    (tmp_path / "out" / "runs.csv").mkdir(parents=True)
+    refused_run(train_args(tiny_data, tmp_path / "out"), capsys, "runs.csv", "a folder where an output file goes")
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["runs.csv"]  # nothing trained
+
+
+@pytest.mark.parametrize("content, names", [
+    (",".join(melanoma.LEDGER) + "\n2026-01-01 00:00:00,a,0,0.8,0.7,1.0,--size 4", ["row 2", "out is empty"]),
+    (",".join(melanoma.LEDGER) + '\n2026-01-01 00:00:00,a,0,0.8,0.7,1.0,"--name \'x",o\n', ["row 2", "unbalanced quote"]),
+])
+def test_runs_refuses_a_ledger_cut_mid_row_or_with_an_unbalanced_quote(tmp_path, capsys, content, names):
+    (tmp_path / "runs.csv").write_text(content)
+    refused_run(["--runs", tmp_path], capsys, "runs.csv", *names)
+
+
+def test_predict_converts_a_16_bit_png_instead_of_scoring_it_white(tiny_data, trained_run, tmp_path, capsys):
+    out = Path(shutil.copytree(trained_run, tmp_path / "out"))
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    grey = np.asarray(Image.open(first_image(tiny_data, "test")).convert("L"))
+    Image.fromarray(grey).save(photos / "eight.png")
+    Image.fromarray(grey.astype(np.uint16) * 257).save(photos / "sixteen.png")
+    assert Image.open(photos / "sixteen.png").mode.startswith("I")
+    melanoma.main(["--predict", str(photos), "--name", "tiny", "--out", str(out), "--tta", "0", "--num-workers", "0"])
+    scores = pd.read_csv(out / "tiny_predict.csv").set_index("image_name")["target"]
+    assert scores["sixteen.png"] == pytest.approx(scores["eight.png"], abs=1e-6)
+
+
+def test_one_name_holding_two_recipes_is_refused_when_the_second_fold_starts(tiny_data, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = [str(a) for a in train_args(tiny_data, out, "--epochs", "1", "--tta", "0", "--name", "m")]
+    melanoma.main(args + ["--fold", "0"])
+    refused_run(args + ["--fold", "1", "--size", "48"], capsys, "--name m", "fold 0 (m_fold0.json)",
+                "--size 32 (saved) vs 48 (now)", "its own --name")
+    assert not list(out.glob("m_fold1*"))
+
+
+@pytest.mark.parametrize("flag", ["--predict", "--runs", "--augs", "--init-from", "--weights", "--out", "--folds",
+                                  "--data-dir", "--cache", "--model", "--external"])
+def test_empty_values_from_an_unset_shell_variable_are_refused(tiny_data, tmp_path, capsys, flag):
+    refused_run(train_args(tiny_data, tmp_path / "out") + [flag, ""], capsys, flag, "empty")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["a\nb", "a\rb"])
+def test_a_name_on_two_lines_is_refused(tiny_data, tmp_path, capsys, name):
+    refused_run(train_args(tiny_data, tmp_path / "out") + ["--name", name], capsys, "--name", "on one line")
+
+
+def test_meta_refuses_text_ages_and_encodes_an_all_empty_age(data, tmp_path, capsys):
+    train = pd.read_csv(data / "train.csv", dtype=str, keep_default_na=False)
+    train.assign(age_approx=["forty"] + list(train["age_approx"][1:])).to_csv(data / "train.csv", index=False)
+    refused_run(train_args(data, tmp_path / "out", "--meta"), capsys, "train.csv", "row 2",
+                "age_approx must be a number or empty, got 'forty'")
+    train.assign(age_approx="").to_csv(data / "train.csv", index=False)
+    out = tmp_path / "out"
+    melanoma.main([str(a) for a in train_args(data, out, "--meta", "--epochs", "1", "--tta", "0", "--name", "e")])
+    spec = json.loads((out / "e_fold0.json").read_text())["meta"]
+    assert spec["age"] == [0.0, 1.0]  # no age known: the missing indicator carries it
+    melanoma.main(["--predict", str(data / "test.csv"), "--name", "e", "--out", str(out), "--tta", "0",
+                   "--num-workers", "0"])
+    assert pd.read_csv(out / "e_predict.csv")["target"].between(0, 1).all()
+
+
+def jpeg_with_thumbnail_before_its_scan(path, cut):
+    """A JPEG with an APP1 segment holding a whole thumbnail JPEG just before its first scan, cut
+    `cut` bytes after the scan starts: its last kilobyte holds the thumbnail's end marker."""
+    main = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (192, 256, 3), dtype=np.uint8)).save(main, "JPEG")
+    thumb = io.BytesIO()
+    smooth_image(8, 8, 1).save(thumb, "JPEG", quality=50)
+    main, thumb = main.getvalue(), thumb.getvalue()
+    sos = main.index(b"\xff\xda")
+    app1 = b"\xff\xe1" + (2 + 6 + len(thumb)).to_bytes(2, "big") + b"Exif\0\0" + thumb
+    whole = main[:sos] + app1 + main[sos:]
+    path.write_bytes(whole[:sos + len(app1) + cut])
+    return path
+
+
+def test_a_jpeg_cut_after_an_embedded_thumbnail_is_refused_up_front(tmp_path):
+    whole = jpeg_with_thumbnail_before_its_scan(tmp_path / "whole.jpg", 10**6)
+    melanoma.check_image(str(whole))  # complete: passes
+    cut = jpeg_with_thumbnail_before_its_scan(tmp_path / "cut.jpg", 200)
+    assert b"\xff\xd9" in cut.read_bytes()[-1024:]
+    Image.open(cut).size  # its header reads
+    with pytest.raises(melanoma.DataError, match="truncated"):
+        melanoma.check_image(str(cut))
+
+
+def test_init_from_weights_that_do_not_fit_a_later_fold_are_refused_before_the_first_trains(tiny_data, trained_run,
+                                                                                         tmp_path, capsys):
+    from safetensors.torch import save_file
+    out = Path(shutil.copytree(trained_run, tmp_path / "out"))
+    other = melanoma.create_model("test_resnet", pretrained=False)
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, out / "tiny_fold1.safetensors")
+    refused_run(train_args(tiny_data, out, "--init-from", "tiny", "--fold", "0", "1", "--name", "big"), capsys,
+                "tiny_fold1.safetensors", "does not fit")
+    assert not list(out.glob("big*"))
+
+
+def test_a_full_disk_is_one_line_and_leaves_the_fold_unfinished(tiny_data, tmp_path, capsys, monkeypatch):
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(melanoma, "save_file", full)
+    out = tmp_path / "out"
+    refused_run(train_args(out.parent and tiny_data, out, "--epochs", "1", "--tta", "0"), capsys,
+                "safetensors: cannot write it (No space left on device)", "not finished")
+    assert not list(out.glob("*.json")) and not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("tool, output", [(["--lr-find"], "x_lr_find.csv"), (["--lr-find"], "x_lr_find.png")])
+def test_lr_find_output_names_that_are_folders_are_refused_up_front(tiny_data, tmp_path, capsys, tool, output):
+    (tmp_path / "out" / output).mkdir(parents=True)
+    refused_run(train_args(tiny_data, tmp_path / "out", "--name", "x", *tool), capsys, output,
+                "a folder where an output file goes")
+
+
+@pytest.mark.parametrize("output, extra", [("tiny_predict.csv", []), ("tiny_predict_skipped.tsv", []),
+                                           ("tiny_fold0_explain.png", ["--explain", "1"])])
+def test_predict_and_explain_output_names_that_are_folders_are_refused_up_front(tiny_data, trained_run, tmp_path,
+                                                                             capsys, output, extra):
+    out = Path(shutil.copytree(trained_run, tmp_path / "out"))
+    (out / output).mkdir()
+    refused_run(["--predict", tiny_data / "test.csv", "--name", "tiny", "--out", out, "--tta", "0", *extra], capsys,
+                output, "a folder where an output file goes")
+    assert not (out / "tiny_predict.csv").is_file()
+
+
+def test_explain_on_a_read_only_out_is_refused_up_front(trained_run, tmp_path, capsys, monkeypatch):
+    out = Path(shutil.copytree(trained_run, tmp_path / "out"))
+
+    def read_only(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(melanoma.tempfile, "TemporaryFile", read_only)
+    refused_run(["--explain", "1", "--name", "tiny", "--out", out], capsys, "--out", "cannot write in")
+    assert not list(out.glob("*_explain.png"))
+
+
+@pytest.mark.parametrize("text, names", [
+    ('a: &a ["x","x","x","x","x","x","x","x","x"]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]\nc: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]\n'
+     'd: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c]\ne: [*d,*d,*d,*d,*d,*d,*d,*d,*d]\n', ["aliases"]),
+    ("- name: RandomHorizontalFlip\n" * 10000, ["larger than 65536 bytes"]),
+    ("- {name: RandomHorizontalFlip}\n" * 1000, ["at most 100 augmentations", "1000"]),
+    ("[" + ",".join(["{name: RandomHorizontalFlip}"] * 101) + "]", ["at most 100 augmentations"]),
+], ids=["billion-laughs", "64KiB", "1000-entries", "101-entries"])
+def test_augs_files_are_bounded_and_take_no_aliases(tiny_data, tmp_path, capsys, text, names):
+    (tmp_path / "augs.yaml").write_text(text)
+    start = time.time()
+    refused_run(train_args(tiny_data, tmp_path / "out", "--augs", tmp_path / "augs.yaml"), capsys, "--augs", *names)
+    assert time.time() - start < 20
+
+
+def test_skip_bad_skips_a_truncated_png(tiny_data, trained_run, tmp_path, capsys):
+    out = Path(shutil.copytree(trained_run, tmp_path / "out"))
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    smooth_image(64, 48).save(photos / "good.png")
+    (photos / "cut.png").write_bytes((photos / "good.png").read_bytes()[:-40])
+    melanoma.main(["--predict", str(photos), "--name", "tiny", "--out", str(out), "--tta", "0", "--skip-bad",
+                   "--num-workers", "0"])
+    assert pd.read_csv(out / "tiny_predict.csv")["image_name"].tolist() == ["good.png"]
+    assert "not a complete PNG" in (out / "tiny_predict_skipped.tsv").read_text()
+
+
+def test_abbreviated_flags_are_refused(tiny_data, tmp_path, capsys):
+    refused_run(["--dem", "--out", tmp_path / "out"], capsys, "unrecognized arguments: --dem")
+
+
+def test_ctrl_c_is_one_line_that_says_how_to_resume(tiny_data, tmp_path):
+    p = subprocess.Popen([sys.executable, "melanoma.py", *map(str, train_args(tiny_data, tmp_path / "out",
+                          "--epochs", "200"))], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list((tmp_path / "out").glob("*_last.pt")) and time.time() < deadline:
+        time.sleep(0.2)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert err.strip().splitlines()[-1].startswith("stopped:") and "--resume" in err
+
+
+def test_a_nan_loss_from_the_augmentation_names_the_augs_file(tiny_data, tmp_path, capsys):
+    (tmp_path / "augs.yaml").write_text("- name: RandomGaussianNoise\n  std: 1.0e+30\n  p: 1.0\n")
+    refused_run(train_args(tiny_data, tmp_path / "out", "--augs", tmp_path / "augs.yaml"), capsys,
+                "loss is", "augs.yaml")
+
+
+def test_explain_zero_is_refused_not_mistaken_for_training(tmp_path, capsys):
+    refused_run(["--explain", "0", "--name", "x", "--out", tmp_path], capsys, "--explain: must be at least 1")
+
+
+def test_help_names_the_skipped_list_as_written(capsys):
+    with pytest.raises(SystemExit):
+        melanoma.get_args(["--help"])
+    out = capsys.readouterr().out
+    assert "{name}_predict_skipped.tsv" in out and "_predict_skipped.csv" not in out
