@@ -17,6 +17,7 @@ features + one Linear layer, AdamW (weight decay 0.1) with OneCycle 5e-6 -> 2e-4
     python melanoma.py --demo --augs augs.yaml --hair 0.3 --name hair   # other augmentations
     python melanoma.py --demo --size 96 --init-from demo --name demo96  # from smaller weights
     python melanoma.py --runs                                    # the experiments, best first
+    python melanoma.py --demo --log-with tensorboard             # tensorboard --logdir preds/logs
 
 Outputs land in --out (default preds/): {name}_fold{k}_oof.csv, {name}_fold{k}_test.csv,
 {name}_fold{k}.json, {name}_fold{k}.safetensors, learning curves and the OOF ROC curve
@@ -67,6 +68,9 @@ import torch
 import torch.nn.functional as F
 import yaml
 from accelerate import Accelerator
+from accelerate import __version__ as ACCELERATE_VERSION
+from accelerate.tracking import get_available_trackers
+from accelerate.utils import LoggerType
 from matplotlib.figure import Figure
 from PIL import Image
 from safetensors.torch import load_file, save_file
@@ -200,6 +204,11 @@ def get_parser():
                    help="continue an interrupted run from its last epoch")
     g.add_argument("--overwrite", action="store_true",
                    help="retrain folds that already have outputs")
+    g.add_argument("--log-with", nargs="+", choices=LoggerType.list(), metavar="NAME",
+                   help="experiment trackers (accelerate's: "
+                   f"{', '.join(LoggerType.list())}; all: every one installed) that training, "
+                   "--lr-find and --explain log to, a tracker run per fold "
+                   "({name}_fold{k}); TensorBoard's in {out}/logs")
     g = flag_group(p, "tools (one at a time; --explain also goes with --predict)", setting=False)
     g.add_argument("--demo", action="store_true", help="make a small synthetic dataset once and "
                    f"train on it with CPU-sized defaults: {DEMO}")
@@ -712,6 +721,7 @@ def train_one_epoch(model, augment, loader, optimizer, scheduler, accelerator, t
                                 accelerator, None if meta is None else meta[idx])
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"loss is {loss_value} at epoch {epoch + 1}, step {step + 1}")
+        accelerator.log({"train/loss": loss_value}, step=epoch * len(loader) + step)
         loss_sum += loss_value * len(idx)
         seen += len(idx)
         bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
@@ -782,6 +792,7 @@ def train_fold(args, accelerator, train, test, fold, meta_spec=None):
                                                                      len(sampler), fold, n_meta)
     ckpt = fold_file(args, fold, "_last.pt")
     history = load_checkpoint(ckpt, raw_model, optimizer, scheduler, accelerator, args)
+    track_fold(args, accelerator, fold, len(history) * len(sampler))
     accelerator.print(f"fold {fold}: {len(trn)} training images ({int(trn['target'].sum())} "
                       f"melanomas, {int(trn['external'].sum())} external; "
                       f"{sampler.n} per epoch), {len(val)} validation, {len(test)} test, "
@@ -801,6 +812,7 @@ def train_fold(args, accelerator, train, test, fold, meta_spec=None):
                             lr=lr, images=images, images_per_s=images / train_s,
                             seconds=time.time() - t0))
         print_epoch(accelerator, fold, args.epochs, history[-1])
+        log_epoch(accelerator, history[-1], len(sampler))
         save_checkpoint(ckpt, raw_model, optimizer, scheduler, accelerator, history, args)
     # the last epoch's model predicts with TTA: picking an epoch on the validation fold
     # would inflate the CV
@@ -819,6 +831,7 @@ def train_fold(args, accelerator, train, test, fold, meta_spec=None):
                   augmentations=[str(m) for m in augment.random])
     write_outputs(args, accelerator, fold, val.assign(pred=oof, fold=fold),
                   test.assign(target=test_pred), result, raw_model)
+    end_fold_tracking(args, accelerator, fold, result, len(sampler))
     return result
 
 
@@ -1969,6 +1982,7 @@ def explain(args, accelerator, runs=None, new=None):
                               cases, probs.cpu().numpy())
         target = fold_file(args, fold, "_explain.png")
         save_figure(figure, target)
+        track_images(accelerator, f"{args.name}_fold{fold}", {"explain": target})
         accelerator.print(f"wrote {target}: Grad-CAM of {len(cases)} images")
 
 
@@ -2013,6 +2027,111 @@ def explain_grid(images, cams, cases, probs):
         for ax in axes[row]:
             ax.axis("off")
     return figure
+
+
+# ----------------------------------------------------------------------------------------------
+# Trackers: --log-with, through accelerate (init_trackers, log), on the main process only
+
+# The trackers whose log_images we feed, and how each reads an array of images: accelerate's
+# trackers take images in different shapes (one image, a list, a batch), and some take none.
+IMAGE_KWARGS = {"tensorboard": {"dataformats": "NHWC"}, "wandb": {}}
+
+
+def tracker_names(args):
+    """--log-with's trackers as accelerate's log_with (None without it), `all` as accelerate
+    reads it: every installed one. A tracker that is not installed is refused here, before
+    training: accelerate would drop it with no more than a debug line."""
+    if not args.log_with:
+        return None
+    installed = [str(t) for t in get_available_trackers()]
+    if "all" in args.log_with and not installed:
+        raise DataError("--log-with all: none of accelerate's trackers is installed: "
+                        "pip install tensorboard (offline: tensorboard --logdir OUT/logs)")
+    for name in args.log_with:
+        if name != "all" and name not in installed:
+            raise DataError(f"--log-with {name}: not installed (or not a version accelerate "
+                            f"{ACCELERATE_VERSION} can use): pip install {name}")
+    return installed if "all" in args.log_with else list(dict.fromkeys(args.log_with))
+
+
+def tracker_config(settings):
+    """Settings as a tracker's config: TensorBoard's hparams take numbers, text, booleans and
+    None (left out), so a list (--external's folders) goes in as its JSON."""
+    plain = (bool, int, float, str, type(None))
+    return {k: v if isinstance(v, plain) else json.dumps(v) for k, v in settings.items()}
+
+
+def start_tracking(accelerator, run, step=None, settings=None):
+    """Open tracker run `run` (TensorBoard's in OUT/logs/run). From `step` on, TensorBoard's reader
+    drops what an earlier, interrupted process logged to the run (purge_step): a resumed fold
+    logs each step once."""
+    init_kwargs = {} if step is None else {"tensorboard": {"purge_step": step}}
+    config = None if settings is None else tracker_config(settings)
+    accelerator.init_trackers(run, config, init_kwargs)
+
+
+def end_tracking(accelerator):
+    """Close the open tracker runs. Not accelerator.end_training: it also ends the process group,
+    which the next fold trains in."""
+    for tracker in accelerator.trackers:
+        tracker.finish()
+    accelerator.trackers.clear()
+
+
+def log_images(accelerator, pngs, step=None):
+    """PNG files, {tag: path}, as images to the trackers that take them."""
+    for tracker in accelerator.trackers:
+        if tracker.name in IMAGE_KWARGS:
+            images = {}
+            for tag, path in pngs.items():
+                with Image.open(path) as im:
+                    images[tag] = np.asarray(im.convert("RGB"))[None]
+            tracker.log_images(images, step, **IMAGE_KWARGS[tracker.name])
+
+
+def track_images(accelerator, run, pngs):
+    """PNG files as images to tracker run `run`, opened again and closed."""
+    start_tracking(accelerator, run)
+    log_images(accelerator, pngs)
+    end_tracking(accelerator)
+
+
+def track_fold(args, accelerator, fold, step):
+    """Open the fold's tracker run, {name}_fold{k}, with its settings, from global step `step`
+    (epoch * steps per epoch + step: a resumed fold goes on where its last finished epoch
+    ended)."""
+    settings = dict(run_key(args, accelerator), name=args.name, fold=fold)
+    start_tracking(accelerator, f"{args.name}_fold{fold}", step, settings)
+
+
+def log_epoch(accelerator, h, steps_per_epoch):
+    """An epoch's figures at its last step, below the next epoch's first step, where a resumed
+    fold's run starts (and TensorBoard's reader purges)."""
+    accelerator.log({"train/epoch_loss": h["loss"], "train/lr": h["lr"],
+                     "train/images_per_s": h["images_per_s"], "val/auc": h["val_auc"]},
+                    step=h["epoch"] * steps_per_epoch - 1)
+
+
+def end_fold_tracking(args, accelerator, fold, result, steps_per_epoch):
+    """The fold's OOF AUC with and without TTA and its plots at its last step; its run closes."""
+    step = args.epochs * steps_per_epoch - 1
+    accelerator.log({"oof/auc": result["oof_auc"], "oof/auc_no_tta": result["oof_auc_no_tta"]},
+                    step=step)
+    log_images(accelerator, {"curves": fold_file(args, fold, "_curves.png"),
+                             "roc": fold_file(args, fold, "_roc.png")}, step)
+    end_tracking(accelerator)
+
+
+def log_lr_find(args, accelerator, curve, png):
+    """--lr-find's curve as tracker run {name}_lr_find: loss, smoothed loss and lr by step."""
+    settings = {k: v for k, v in vars(args).items() if k.startswith("lr_find_")}
+    start_tracking(accelerator, f"{args.name}_lr_find", 0,
+                   dict(run_key(args, accelerator), name=args.name, fold=args.fold[0], **settings))
+    for row in curve.itertuples():
+        accelerator.log({"lr_find/loss": row.loss, "lr_find/smoothed": row.smoothed,
+                         "lr_find/lr": row.lr}, step=int(row.step))
+    log_images(accelerator, {"lr_find": png}, int(curve["step"].iloc[-1]))
+    end_tracking(accelerator)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2454,6 +2573,7 @@ def lr_find(args, accelerator):
     title = (f"{args.name}: LR range test, fold {fold}, {args.size} px, batch {args.batch_size}"
              f"{batches}\n{len(curve)} steps up to {last:.1e} ({ended}): {reading['verdict']}")
     plot_lr_find(f"{stem}.png", curve, reading, title)
+    log_lr_find(args, accelerator, curve, f"{stem}.png")
     print(f"lr-find: {verdict_line(reading)}; {len(curve)} steps up to {last:.1e} ({ended}), "
           f"{time.time() - start:.0f} s; wrote {stem}.csv and {stem}.png")
 
@@ -2472,7 +2592,9 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, lambda signum, frame: stop(128 + signum))
     args = get_args(argv)
     try:
-        accelerator = Accelerator(cpu=args.cpu, mixed_precision=args.mixed_precision)
+        accelerator = Accelerator(cpu=args.cpu, mixed_precision=args.mixed_precision,
+                                  log_with=tracker_names(args),
+                                  project_dir=Path(args.out) / "logs")
         tool = next((TOOLS[t] for t in TOOLS if getattr(args, t)), train_folds)
         tool(args, accelerator)
     except (DataError, FloatingPointError) as e:

@@ -1725,7 +1725,7 @@ def test_lr_find_demo_run_writes_band_and_prints_a_one_line_verdict(tiny_data, t
     assert 10 <= len(curve) <= 30 and np.allclose(np.diff(np.log(curve["lr"])), np.log(1e7) / 29)
     assert (curve["band_low"] < curve["smoothed"]).all() and (curve["smoothed"] < curve["band_high"]).all()
     verdict = said.removeprefix("lr-find: ").split(":")[0]
-    assert verdict in ("valley", "flat", "still falling") and f"steps up to" in said
+    assert verdict in ("valley", "flat", "still falling") and "steps up to" in said
     if verdict != "flat":
         lr_max = float(said.split("--lr-max ")[1].split(",")[0])
         assert curve["lr"].min() <= lr_max <= curve["lr"].max()
@@ -1957,3 +1957,106 @@ def test_help_names_the_skipped_list_as_written(capsys):
         melanoma.get_args(["--help"])
     out = capsys.readouterr().out
     assert "{name}_predict_skipped.tsv" in out and "_predict_skipped.csv" not in out
+
+
+# ----------------------------------------------------------------------------------------------
+# --log-with: experiment trackers through accelerate, read back with TensorBoard's own reader
+
+def tensorboard_run(folder):
+    """A TensorBoard run folder as TensorBoard reads it (every event kept, purges applied)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    run = EventAccumulator(str(folder), size_guidance={"scalars": 0, "images": 0})
+    run.Reload()
+    return run
+
+
+def scalars(run, tag):
+    return [e.step for e in run.Scalars(tag)], np.array([e.value for e in run.Scalars(tag)])
+
+
+def check_fold_run(run, info, batch):
+    """The fold's tracker run holds each step's loss once, each epoch's figures at its last step, and
+    the OOF AUCs and plots at the last step: the figures of the fold's JSON."""
+    epochs = info["epochs"]
+    per_epoch = -(-epochs[0]["images"] // batch)
+    last = len(epochs) * per_epoch - 1
+    steps, loss = scalars(run, "train/loss")
+    assert steps == list(range(last + 1))
+    for e, h in enumerate(epochs):  # the epoch's loss is the mean of its steps' losses, over images
+        sizes = [len(b) for b in np.array_split(np.arange(h["images"]), per_epoch)]
+        assert np.average(loss[e * per_epoch:(e + 1) * per_epoch], weights=sizes) == pytest.approx(h["loss"], rel=1e-5)
+    for tag, key in (("val/auc", "val_auc"), ("train/lr", "lr"), ("train/images_per_s", "images_per_s"),
+                     ("train/epoch_loss", "loss")):
+        steps, values = scalars(run, tag)
+        assert steps == [(e + 1) * per_epoch - 1 for e in range(len(epochs))]
+        assert values == pytest.approx([h[key] for h in epochs], rel=1e-5)
+    assert scalars(run, "oof/auc") == ([last], pytest.approx([info["oof_auc"]]))
+    assert scalars(run, "oof/auc_no_tta") == ([last], pytest.approx([info["oof_auc_no_tta"]]))
+    assert [(e.step, e.width > 200) for tag in ("curves", "roc") for e in run.Images(tag)] == [(last, True)] * 2
+    return loss
+
+
+def test_log_with_tensorboard_logs_the_fold_and_a_resumed_fold_repeats_no_step(tiny_data, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    save = melanoma.save_checkpoint
+
+    def keep_the_first_epochs_checkpoint(path, *a):
+        save(path, *a)
+        if not (tmp_path / "epoch1.pt").exists():
+            shutil.copy(path, tmp_path / "epoch1.pt")
+
+    monkeypatch.setattr(melanoma, "save_checkpoint", keep_the_first_epochs_checkpoint)
+    args = [str(a) for a in train_args(tiny_data, out, "--name", "t", "--log-with", "tensorboard")]
+    melanoma.main(args)
+    info = json.loads((out / "t_fold0.json").read_text())
+    loss = check_fold_run(tensorboard_run(out / "logs" / "t_fold0"), info, 16)
+    # a run killed at the worst moment: epoch 2 logged to its end, but only epoch 1's checkpoint saved
+    (out / "t_fold0.json").unlink()
+    shutil.copy(tmp_path / "epoch1.pt", out / "t_fold0_last.pt")
+    melanoma.main(args + ["--resume"])
+    info = json.loads((out / "t_fold0.json").read_text())
+    assert check_fold_run(tensorboard_run(out / "logs" / "t_fold0"), info, 16) == pytest.approx(loss, abs=1e-6)
+    hparams = list((out / "logs" / "t_fold0").glob("*/hparams.yml"))
+    assert hparams and "lr_max: 0.003" in hparams[0].read_text() and "fold: 0" in hparams[0].read_text()
+
+
+def test_log_with_lr_find_logs_its_curve_and_explain_its_grids(tiny_data, trained_run, tmp_path):
+    out = tmp_path / "out"
+    melanoma.main([str(a) for a in train_args(tiny_data, out, "--lr-find", "--lr-find-steps", "20", "--name", "t",
+                                              "--log-with", "tensorboard")])
+    assert sorted(p.name for p in out.iterdir()) == ["logs", "t_lr_find.csv", "t_lr_find.png"]
+    curve = pd.read_csv(out / "t_lr_find.csv")
+    run = tensorboard_run(out / "logs" / "t_lr_find")
+    for column in ("loss", "smoothed", "lr"):
+        steps, values = scalars(run, f"lr_find/{column}")
+        assert steps == curve["step"].tolist() and values == pytest.approx(curve[column].to_numpy(), rel=1e-5)
+    assert [e.step for e in run.Images("lr_find")] == [curve["step"].iloc[-1]]
+    shutil.copytree(trained_run, out, dirs_exist_ok=True)
+    melanoma.main(["--explain", "1", "--name", "tiny", "--out", str(out), "--num-workers", "0",
+                   "--log-with", "tensorboard"])
+    grid = tensorboard_run(out / "logs" / "tiny_fold0").Images("explain")
+    with Image.open(out / "tiny_fold0_explain.png") as im:
+        assert [(e.width, e.height) for e in grid] == [im.size]
+
+
+def test_log_with_a_tracker_that_is_not_installed_is_refused_before_training(tiny_data, tmp_path, capsys):
+    import importlib.util
+    from accelerate.utils import LoggerType
+    absent = [t for t in LoggerType.list()[1:] if importlib.util.find_spec(t) is None]
+    if not absent:
+        pytest.skip("every tracker accelerate knows is installed")
+    refused_run(train_args(tiny_data, tmp_path / "out", "--log-with", "tensorboard", absent[0]), capsys,
+                f"--log-with {absent[0]}: not installed", f"pip install {absent[0]}")
+    refused_run(train_args(tiny_data, tmp_path / "out", "--log-with", "tensorbored"), capsys, "--log-with",
+                "invalid choice: 'tensorbored'")
+    assert not (tmp_path / "out").exists()
+
+
+def test_log_with_all_is_every_installed_tracker_and_refused_if_none(tiny_data, tmp_path, capsys, monkeypatch):
+    names = melanoma.tracker_names(melanoma.get_args(["--log-with", "all"]))
+    assert "tensorboard" in names and names == [str(t) for t in melanoma.get_available_trackers()]
+    assert melanoma.tracker_names(melanoma.get_args([])) is None
+    assert melanoma.tracker_config({"a": [1, "b"], "b": None, "c": 2.5}) == {"a": '[1, "b"]', "b": None, "c": 2.5}
+    monkeypatch.setattr(melanoma, "get_available_trackers", lambda: [])
+    refused_run(train_args(tiny_data, tmp_path / "out", "--log-with", "all"), capsys, "--log-with all",
+                "pip install tensorboard")
