@@ -913,7 +913,7 @@ def digest(path, stamp):
 def file_key(path):
     """A file flag counts by its content; a missing file by its path (reading it says why)."""
     return digest(path, (os.stat(path).st_size, os.stat(path).st_mtime_ns)) \
-        if os.path.isfile(path) else path
+        if os.path.isfile(path) else str(path)
 
 
 def run_name(value):
@@ -1128,7 +1128,8 @@ def check_image(path):
     if kind == "PNG" and b"IEND" not in tail:
         raise DataError(f"image {path}: not a complete PNG (truncated)")
     # an end marker counts only after the first scan: an embedded thumbnail has one of its own
-    end = tail.rfind(b"\xff\xd9") + max(0, size - 1024)
+    end = tail.rfind(b"\xff\xd9")
+    end = end + max(0, size - 1024) if end >= 0 else -1
     if kind == "JPEG" and (scan is None or end < scan) and \
             not jpeg_reaches_end(Path(path).read_bytes()):
         raise DataError(f"image {path}: not a complete JPEG (truncated)")
