@@ -16,6 +16,7 @@ features + one Linear layer, AdamW (weight decay 0.1) with OneCycle 5e-6 -> 2e-4
     python melanoma.py --demo --lr-find                          # LR range test: --lr-min/--lr-max
     python melanoma.py --demo --augs augs.yaml --hair 0.3 --name hair   # other augmentations
     python melanoma.py --demo --size 96 --init-from demo --name demo96  # from smaller weights
+    python melanoma.py --demo --target diagnosis --name diag     # the 1st place's classes
     python melanoma.py --runs                                    # the experiments, best first
     python melanoma.py --demo --log-with tensorboard             # tensorboard --logdir preds/logs
 
@@ -30,9 +31,10 @@ banner is what serves it: input checks, resume, metadata and external data, hair
 plots and the ledger, using a trained model, the tools, and main().
 
 Measured on 2 CPU cores (README.md has the details): the demo trains and predicts fold 0 in about
-10 s after a 7 s start (OOF AUC 0.90; 5-fold CV 0.85); a 6000x4000 JPEG loads at 512 px in 0.05 s
-against 0.30 s for a plain decode and resize; 15-pass TTA decoding once runs 5.7x faster than
-re-reading at 256 px, 2.0x at 512 px. GPU figures: not measured yet.
+10 s after a 7 s start (OOF AUC 0.90; 5-fold CV 0.85, and 0.86 with --target diagnosis, a
+difference within the noise); a 6000x4000 JPEG loads at 512 px in 0.05 s against 0.30 s for a
+plain decode and resize; 15-pass TTA decoding once runs 5.7x faster than re-reading at 256 px,
+2.0x at 512 px. GPU figures: not measured yet.
 """
 import argparse
 import contextlib
@@ -169,6 +171,11 @@ def get_parser():
                    help="dropout before the head, [0, 1)")
     g.add_argument("--msd", type=bounded(int, 1, 32), default=1,
                    help="multi-sample dropout: the head averaged over this many dropout masks")
+    g.add_argument("--target", choices=["melanoma", "diagnosis"], default="melanoma",
+                   help="what the head learns: melanoma, one logit and binary cross-entropy (the "
+                   "recipe), or diagnosis, one output per diagnosis class of the training data "
+                   "(needs a diagnosis column; the 1st place's 9 classes with ISIC 2019), softmax "
+                   "and cross-entropy; either way every score is P(melanoma)")
     g.add_argument("--init-from", metavar="RUN", type=text, help="start each fold from the same "
                    "fold's weights of an earlier run: a run name in --out, or a path prefix "
                    "(other/preds/NAME), read as {RUN}_fold{k}.safetensors")
@@ -302,6 +309,8 @@ def read_data(args, say=print):
     train = read_images_csv(train_csv, train_dir, ["image_name", "target"], "train file",
                             args.meta)
     check_targets(train, train_csv)
+    if args.target == "diagnosis":
+        check_diagnoses(train, train_csv)
     folds = read_folds(args.folds)
     train = train.drop(columns=["fold"], errors="ignore")
     train = train.merge(folds[["image_name", "fold"]], on="image_name", how="left")
@@ -518,15 +527,25 @@ def seeded(*key):
         yield
 
 
-def predict_batch(model, augment, x, tta, key, meta=None):
+def melanoma_logit(output, melanoma=0):
+    """The log-odds of melanoma per image, whose sigmoid is P(melanoma): the one logit, or over
+    several outputs the melanoma class's (index `melanoma`) less the logsumexp of the others'."""
+    output = output.float()
+    if output.shape[1] == 1:
+        return output.squeeze(1)
+    others = torch.cat([output[:, :melanoma], output[:, melanoma + 1:]], 1)
+    return output[:, melanoma] - torch.logsumexp(others, 1)
+
+
+def predict_batch(model, augment, x, tta, key, meta=None, melanoma=0):
     """Melanoma probability per image: one plain pass (tta=0) or the mean of `tta` augmented
-    views of the same decoded batch."""
+    views of the same decoded batch. `melanoma`: the melanoma class's output."""
     if tta == 0:
-        return torch.sigmoid(model(augment(x, random=False), meta).float().squeeze(1))
+        return torch.sigmoid(melanoma_logit(model(augment(x, random=False), meta), melanoma))
     total = 0
     for view in range(tta):
         with seeded(*key, view):
-            total = total + torch.sigmoid(model(augment(x), meta).float().squeeze(1))
+            total = total + torch.sigmoid(melanoma_logit(model(augment(x), meta), melanoma))
     return total / tta
 
 
@@ -535,11 +554,11 @@ def predict_batch(model, augment, x, tta, key, meta=None):
 
 class Net(torch.nn.Module):
     """A timm backbone's pooled features, joined by the metadata MLP's when there is metadata,
-    then dropout and the head: one Linear layer (the recipe) or a small MLP; one logit.
-    Multi-sample dropout (msd > 1) averages the head over that many dropout masks in training;
-    in eval dropout is off and one pass is the same."""
+    then dropout and the head: one Linear layer (the recipe) or a small MLP; `outputs` logits
+    (one for the melanoma target). Multi-sample dropout (msd > 1) averages the head over that
+    many dropout masks in training; in eval dropout is off and one pass is the same."""
 
-    def __init__(self, backbone, n_meta=0, head="linear", dropout=0.0, msd=1):
+    def __init__(self, backbone, n_meta=0, head="linear", dropout=0.0, msd=1, outputs=1):
         super().__init__()
         self.backbone = backbone
         width = backbone.num_features
@@ -554,17 +573,18 @@ class Net(torch.nn.Module):
             width += 32
         self.dropout = torch.nn.Dropout(dropout)
         if head == "linear":
-            self.head = torch.nn.Linear(width, 1)
+            self.head = torch.nn.Linear(width, outputs)
         else:
             self.head = torch.nn.Sequential(torch.nn.Linear(width, 256), torch.nn.SiLU(),
-                                            torch.nn.Dropout(dropout), torch.nn.Linear(256, 1))
+                                            torch.nn.Dropout(dropout),
+                                            torch.nn.Linear(256, outputs))
         self.msd = msd
 
     def forward(self, x, meta=None):
         return self.logit(self.backbone.forward_features(x), meta)
 
     def logit(self, feature_map, meta=None):
-        """The logit from the backbone's last feature map, where Grad-CAM looks."""
+        """The logits from the backbone's last feature map, where Grad-CAM looks."""
         features = self.backbone.forward_head(feature_map, pre_logits=True)
         if self.meta is not None:
             features = torch.cat([features, self.meta(meta)], dim=1)
@@ -574,7 +594,7 @@ class Net(torch.nn.Module):
 
 
 def create_model(name, pretrained=True, weights=None, n_meta=0, head="linear", dropout=0.0,
-                 msd=1, flag="--weights"):
+                 msd=1, outputs=1, flag="--weights", say=print):
     """Net on timm's `name`, weights from timm (a download) or a file (given by `flag`, which
     errors name): our own saved weights, or a bare timm model's, whose classifier is dropped."""
     if not timm.is_model(name):
@@ -587,9 +607,9 @@ def create_model(name, pretrained=True, weights=None, n_meta=0, head="linear", d
         raise DataError(f"--model {name}: could not get pretrained weights ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:200]}). Offline, pass --weights FILE, or "
                         "--no-pretrained to train from scratch")
-    model = Net(backbone, n_meta, head, dropout, msd)
+    model = Net(backbone, n_meta, head, dropout, msd, outputs)
     if weights:
-        load_weights(model, read_weights(weights, flag), f"{flag} {weights}", name)
+        load_weights(model, read_weights(weights, flag), f"{flag} {weights}", name, say)
     return model
 
 
@@ -616,9 +636,9 @@ def make_loader(dataset, accelerator, args, batch_sampler=None):
     return accelerator.prepare(loader)
 
 
-def predict(model, augment, loader, accelerator, tta, seed, desc, meta=None):
+def predict(model, augment, loader, accelerator, tta, seed, desc, meta=None, melanoma=0):
     """Probabilities for every row of loader's dataset, each exactly once, on every process;
-    `meta`: the rows' metadata features, or None."""
+    `meta`: the rows' metadata features, or None; `melanoma`: the melanoma class's output."""
     model.eval()
     rows = []
     probs = []
@@ -626,7 +646,8 @@ def predict(model, augment, loader, accelerator, tta, seed, desc, meta=None):
         bar = progress(loader, desc, accelerator.is_main_process)
         for b, (x, idx) in enumerate(bar):
             m = None if meta is None else meta[idx.cpu()].to(x.device)
-            p = predict_batch(model, augment, x, tta, (seed, TTA, accelerator.process_index, b), m)
+            p = predict_batch(model, augment, x, tta, (seed, TTA, accelerator.process_index, b), m,
+                              melanoma)
             idx, p = accelerator.gather_for_metrics((idx, p))
             rows.append(idx.cpu())
             probs.append(p.cpu())
@@ -656,26 +677,28 @@ def split_fold(train, fold, frac, seed):
     return trn, val
 
 
-def build_model(args, accelerator, fold=None, n_meta=0):
-    """The model on the device, from --init-from's weights for `fold`, --weights, timm's or
-    fresh ones, and its augmentation."""
+def build_model(args, accelerator, fold=None, n_meta=0, classes=None):
+    """The model on the device, one output per class of `classes` (one logit without), from
+    --init-from's weights for `fold`, --weights, timm's or fresh ones, and its augmentation."""
     seed_all(args.seed, INIT)
-    shape = (n_meta, args.head, args.dropout, args.msd)
+    shape = dict(n_meta=n_meta, head=args.head, dropout=args.dropout, msd=args.msd,
+                 outputs=len(classes) if classes else 1, say=accelerator.print)
     if args.init_from and fold is not None:
-        raw_model = create_model(args.model, False, init_file(args, fold), *shape, "--init-from")
+        raw_model = create_model(args.model, False, init_file(args, fold), flag="--init-from",
+                                 **shape)
     else:
-        raw_model = create_model(args.model, args.pretrained, args.weights, *shape)
+        raw_model = create_model(args.model, args.pretrained, args.weights, **shape)
     raw_model = raw_model.to(accelerator.device, memory_format=torch.channels_last)
     cfg = raw_model.backbone.pretrained_cfg
     augment = Augment(cfg["mean"], cfg["std"], args.cutout, augmentations(args))
     return raw_model, augment.to(accelerator.device)
 
 
-def build_training(args, accelerator, steps_per_epoch, fold=None, n_meta=0):
+def build_training(args, accelerator, steps_per_epoch, fold=None, n_meta=0, classes=None):
     """The model, its augmentation, AdamW and the OneCycle schedule over all epochs. `raw_model`
     is the plain module whose weights are saved and loaded; `model` is the same module as
     accelerate (and torch.compile) wrapped it, for the forward passes."""
-    raw_model, augment = build_model(args, accelerator, fold, n_meta)
+    raw_model, augment = build_model(args, accelerator, fold, n_meta, classes)
     optimizer = torch.optim.AdamW(raw_model.parameters(), lr=args.lr_max, weight_decay=args.wd)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=args.lr_max, div_factor=args.lr_max / args.lr_min,
@@ -686,12 +709,17 @@ def build_training(args, accelerator, steps_per_epoch, fold=None, n_meta=0):
 
 
 def batch_loss(model, augment, x, y, accelerator, meta=None):
-    """The loss of a batch (and its metadata, or None), augmented on the device."""
+    """The loss of a batch (and its metadata, or None), augmented on the device: binary
+    cross-entropy on one logit (y: the targets, float), cross-entropy over several (y: the class
+    indices)."""
     x = x.to(accelerator.device, non_blocking=True)
     y = y.to(accelerator.device, non_blocking=True)
     if meta is not None:
         meta = meta.to(accelerator.device, non_blocking=True)
-    return F.binary_cross_entropy_with_logits(model(augment(x), meta).float().squeeze(1), y)
+    output = model(augment(x), meta).float()
+    if output.shape[1] == 1:
+        return F.binary_cross_entropy_with_logits(output.squeeze(1), y)
+    return F.cross_entropy(output, y)
 
 
 def train_step(model, augment, x, y, optimizer, scheduler, accelerator, meta=None):
@@ -728,6 +756,14 @@ def train_one_epoch(model, augment, loader, optimizer, scheduler, accelerator, t
     total = accelerator.reduce(torch.tensor([loss_sum, seen], device=accelerator.device), "sum")
     loss_sum, seen = total.tolist()
     return loss_sum / seen, int(seen), lr
+
+
+def print_fold(accelerator, fold, trn, val, test, sampler, classes):
+    accelerator.print(f"fold {fold}: {len(trn)} training images ({int(trn['target'].sum())} "
+                      f"melanomas, {int(trn['external'].sum())} external; "
+                      f"{sampler.n} per epoch), {len(val)} validation, {len(test)} test, "
+                      f"{accelerator.num_processes} process(es) on {accelerator.device}"
+                      f"{class_counts(trn, classes)}")
 
 
 def print_epoch(accelerator, fold, epochs, h):
@@ -786,18 +822,17 @@ def train_fold(args, accelerator, train, test, fold, meta_spec=None):
     train_loader = make_loader(dataset(trn["path"]), accelerator, args, sampler)
     val_loader = make_loader(dataset(val["path"]), accelerator, args)
     trn_meta, val_meta, test_meta = (meta_tensor(df) for df in (trn, val, test))
+    # what the head learns: the melanoma target, or the classes of all the training rows
+    classes = target_classes(train, args)
+    targets, mel = loss_targets(trn, classes), melanoma_output(classes)
     # the model and what trains it; continue after the last finished epoch with --resume
     n_meta = 0 if trn_meta is None else trn_meta.shape[1]
-    raw_model, model, augment, optimizer, scheduler = build_training(args, accelerator,
-                                                                     len(sampler), fold, n_meta)
+    raw_model, model, augment, optimizer, scheduler = build_training(
+        args, accelerator, len(sampler), fold, n_meta, classes)
     ckpt = fold_file(args, fold, "_last.pt")
     history = load_checkpoint(ckpt, raw_model, optimizer, scheduler, accelerator, args)
     track_fold(args, accelerator, fold, len(history) * len(sampler))
-    accelerator.print(f"fold {fold}: {len(trn)} training images ({int(trn['target'].sum())} "
-                      f"melanomas, {int(trn['external'].sum())} external; "
-                      f"{sampler.n} per epoch), {len(val)} validation, {len(test)} test, "
-                      f"{accelerator.num_processes} process(es) on {accelerator.device}")
-    targets = torch.tensor(trn["target"].to_numpy(), dtype=torch.float32)
+    print_fold(accelerator, fold, trn, val, test, sampler, classes)
     for epoch in range(len(history), args.epochs):
         # train on the epoch's fresh sample, score the validation fold (one plain pass), save
         seed_all(args.seed, AUGMENT, epoch, accelerator.process_index)
@@ -807,7 +842,7 @@ def train_fold(args, accelerator, train, test, fold, meta_spec=None):
                                            accelerator, targets, epoch, args.epochs, trn_meta)
         train_s = time.time() - t0
         val_pred = predict(model, augment, val_loader, accelerator, 0, args.seed, "validate",
-                           val_meta)
+                           val_meta, mel)
         history.append(dict(epoch=epoch + 1, loss=loss, val_auc=roc_auc(val["target"], val_pred),
                             lr=lr, images=images, images_per_s=images / train_s,
                             seconds=time.time() - t0))
@@ -817,18 +852,18 @@ def train_fold(args, accelerator, train, test, fold, meta_spec=None):
     # the last epoch's model predicts with TTA: picking an epoch on the validation fold
     # would inflate the CV
     oof = predict(model, augment, val_loader, accelerator, args.tta, args.seed,
-                  f"OOF TTA x{args.tta}", val_meta)
+                  f"OOF TTA x{args.tta}", val_meta, mel)
     test_pred = np.zeros(0)
     if len(test):
         test_loader = make_loader(dataset(test["path"]), accelerator, args)
         test_pred = predict(model, augment, test_loader, accelerator, args.tta, args.seed + 1,
-                            f"test TTA x{args.tta}", test_meta)
+                            f"test TTA x{args.tta}", test_meta, mel)
     # outputs and a row in the ledger, then the checkpoint goes: the fold is finished
     result = dict(fold=fold, oof_auc=roc_auc(val["target"], oof),
                   oof_auc_no_tta=history[-1]["val_auc"], n_train=len(trn), n_val=len(val),
                   n_external=int(trn["external"].sum()), n_test=len(test), meta=meta_spec,
-                  wall_s=time.time() - start, epochs=history, augs=aug_entries(args),
-                  augmentations=[str(m) for m in augment.random])
+                  classes=classes, wall_s=time.time() - start, epochs=history,
+                  augs=aug_entries(args), augmentations=[str(m) for m in augment.random])
     write_outputs(args, accelerator, fold, val.assign(pred=oof, fold=fold),
                   test.assign(target=test_pred), result, raw_model)
     end_fold_tracking(args, accelerator, fold, result, len(sampler))
@@ -1165,13 +1200,14 @@ def read_weights(path, flag="--weights"):
     return sd
 
 
-def load_weights(model, sd, what, name):
-    """Load what fits: every backbone tensor must; the head and metadata MLP may be new."""
+def load_weights(model, sd, what, name, say=print):
+    """Load what fits: every backbone tensor must; the head and metadata MLP may be new, and
+    what has another width starts afresh, as one line through `say` tells."""
     if not any(k.startswith("backbone.") for k in sd):  # a bare timm model's state dict
         classifier = model.backbone.default_cfg.get("classifier", "~") + "."
         sd = {f"backbone.{k}": v for k, v in sd.items() if not k.startswith(classifier)}
     own = model.state_dict()
-    # a head of another width (other metadata, another head) is left to train anew
+    # a head of another width (other metadata, another head or --target) is left to train anew
     resized = {k for k in sd if k in own and sd[k].shape != own[k].shape}
     missing, unexpected = model.load_state_dict(
         {k: v for k, v in sd.items() if k not in resized}, strict=False)
@@ -1179,6 +1215,11 @@ def load_weights(model, sd, what, name):
     if unexpected or lost:
         raise DataError(f"{what}: does not fit --model {name} "
                         f"(missing {lost[:3]}, unexpected {list(unexpected)[:3]})")
+    if resized:
+        shapes = ", ".join(f"{k} {list(sd[k].shape)} there, {list(own[k].shape)} here"
+                           for k in sorted(resized))
+        say(f"{what}: the body loads; {shapes}: of another width (another --target, --head or "
+            "--meta), so these start afresh")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1307,9 +1348,13 @@ def check_same_recipe(args, key):
 
 
 def differences(saved, key, labels=("saved", "now")):
-    """The settings of `key` that `saved` holds otherwise, as '--flag old (saved) vs new (now)'."""
-    return [f"--{k.replace('_', '-')} {saved.get(k)!r} ({labels[0]}) vs {v!r} ({labels[1]})"
-            for k, v in key.items() if saved.get(k) != v]
+    """The settings of `key` that `saved` holds otherwise, as '--flag old (saved) vs new (now)'.
+    A setting that `saved` lacks, from a run older than its flag, counts as the flag's default:
+    a new flag's default is the behaviour from before it."""
+    defaults = {a.dest: a.default for a in setting_actions()}
+    old = {k: saved.get(k, defaults.get(k)) for k in key}
+    return [f"--{k.replace('_', '-')} {old[k]!r} ({labels[0]}) vs {v!r} ({labels[1]})"
+            for k, v in key.items() if old[k] != v]
 
 
 def read_result(path, key):
@@ -1403,26 +1448,30 @@ def check_init_from(args):
 
 
 # ----------------------------------------------------------------------------------------------
-# Metadata, external data and the image cache
+# Metadata, external data, the diagnosis target and the image cache
 
 # The columns --meta reads from train.csv, test.csv and external data.
 META_COLUMNS = ["patient_id", "sex", "age_approx", "anatom_site_general_challenge"]
-# ISIC 2019's diagnoses; only MEL is a melanoma.
-DIAGNOSES_2019 = ("MEL", "NV", "BCC", "BKL", "AK", "SCC", "VASC", "DF")
+# ISIC 2019's diagnoses, the classes of --target diagnosis in this order; only MEL is a melanoma.
+DIAGNOSES_2019 = ("MEL", "NV", "BCC", "BKL", "AK", "SCC", "VASC", "DF", "UNK")
+# The competition's diagnoses as ISIC 2019's classes, as the 1st place merged them.
+COMPETITION_DIAGNOSES = {
+    "melanoma": "MEL", "nevus": "NV", "seborrheic keratosis": "BKL", "lichenoid keratosis": "BKL",
+    "solar lentigo": "BKL", "lentigo NOS": "BKL", "unknown": "UNK", "cafe-au-lait macule": "UNK",
+    "atypical melanocytic proliferation": "UNK"}
 
 
 def read_external(folder, meta):
     """ISIC 2019 in a competition layout: train.csv with image_name and diagnosis (2019's
-    codes); target 1 for MEL. Fold -1: these images train every fold and validate none."""
+    codes), each row's class in `code`; target 1 for MEL. Fold -1: these images train every fold
+    and validate none."""
     dirs = layout_of(folder)
     if dirs is None:
         raise DataError(f"--external {folder}: no train.csv with train/ (or jpeg/train/) there")
     csv = Path(folder) / "train.csv"
     df = read_images_csv(csv, dirs[0], ["image_name", "diagnosis"], "external file", meta)
-    codes = df["diagnosis"].astype(str).str.strip().str.upper()
-    refuse_rows(f"external file {csv}", ~codes.isin(DIAGNOSES_2019), df["diagnosis"],
-                f"diagnosis {{value!r}} is not one of ISIC 2019's {', '.join(DIAGNOSES_2019)}")
-    df["target"] = (codes == "MEL").astype(int)
+    df["code"] = diagnosis_codes(df["diagnosis"], f"external file {csv}")
+    df["target"] = (df["code"] == "MEL").astype(int)
     df["fold"] = -1
     df["external"] = True
     return df
@@ -1440,6 +1489,66 @@ def add_external(train, known_names, args, say):
             f"{int(seen.sum())} dropped, already among the training images")
         train = pd.concat([train, extra[~seen]], ignore_index=True)
     return train
+
+
+# The diagnosis target (--target diagnosis): the 1st place's classes, scored by P(melanoma)
+
+def diagnosis_codes(values, where):
+    """ISIC 2019's class of each diagnosis, in any case: the competition's names mapped
+    (COMPETITION_DIAGNOSES), 2019's codes as they are. Another value is refused by its row."""
+    text = values.astype(str).str.strip()
+    names = {name.lower(): code for name, code in COMPETITION_DIAGNOSES.items()}
+    codes = text.str.lower().map(names).fillna(text.str.upper())
+    refuse_rows(where, ~codes.isin(DIAGNOSES_2019), values,
+                f"diagnosis {{value!r}} is none of ISIC 2019's {', '.join(DIAGNOSES_2019)} nor "
+                f"the competition's {', '.join(COMPETITION_DIAGNOSES)}")
+    return codes
+
+
+def check_diagnoses(train, path):
+    """--target diagnosis: each competition row's class (column `code`) from its diagnosis,
+    which must agree with its target: 1 for a melanoma, 0 for anything else."""
+    where = f"train file {path}"
+    if "diagnosis" not in train.columns:
+        raise DataError(f"{where}: --target diagnosis needs a diagnosis column; there is none")
+    train["code"] = diagnosis_codes(train["diagnosis"], where)
+    said = "target " + train["target"].astype(str) + ", diagnosis " + train["diagnosis"].map(repr)
+    refuse_rows(where, (train["code"] == "MEL") != (train["target"] == 1), said,
+                "{value}: they disagree (a melanoma has target 1, any other diagnosis 0)")
+
+
+def target_classes(train, args):
+    """With --target diagnosis, the head's classes: those of the training rows of every fold and
+    the external ones, in ISIC 2019's order, so that every fold's model has the same outputs.
+    None for the melanoma target (one logit)."""
+    if args.target != "diagnosis":
+        return None
+    present = set(train["code"])
+    return [c for c in DIAGNOSES_2019 if c in present]
+
+
+def melanoma_output(classes):
+    """The index of the melanoma output: the one logit's, or MEL's among the classes."""
+    return classes.index("MEL") if classes else 0
+
+
+def loss_targets(rows, classes):
+    """What the loss compares each row's output with: its class's index among `classes`, or
+    without classes its target (float, for binary cross-entropy)."""
+    if classes is None:
+        return torch.tensor(rows["target"].to_numpy(), dtype=torch.float32)
+    return torch.tensor(rows["code"].map(classes.index).to_numpy(), dtype=torch.long)
+
+
+def class_counts(rows, classes):
+    """The training rows per class, as the end of a fold's first line ('' without classes). A
+    class with no image there keeps its output, which the loss only ever pushes down."""
+    if not classes:
+        return ""
+    counts = rows["code"].value_counts()
+    absent = [c for c in classes if not counts.get(c)]
+    note = f" ({', '.join(absent)}: no image here, only pushed down)" if absent else ""
+    return "; classes " + ", ".join(f"{c} {counts.get(c, 0)}" for c in classes) + note
 
 
 def add_meta(args, train, test):
@@ -1690,6 +1799,11 @@ def save_figure(fig, path):
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
 
 
+def loss_name(classes):
+    """The training loss, as the plots name it."""
+    return f"cross-entropy, {len(classes)} classes" if classes else "BCE"
+
+
 def plot_curves(path, result, stem):
     """Training loss and validation AUC per epoch, and the learning rate below."""
     history = result["epochs"]
@@ -1705,7 +1819,7 @@ def plot_curves(path, result, stem):
     tta = result["args"]["tta"]
     lines += auc.plot(epochs[-1:], [result["oof_auc"]], "*", ms=14, color="C3",
                       label=f"OOF AUC with TTA x{tta}: {result['oof_auc']:.4f}")
-    top.set_ylabel("training loss (BCE)")
+    top.set_ylabel(f"training loss ({loss_name(result.get('classes'))})")
     auc.set_ylabel("AUC")
     top.legend(handles=lines, loc="lower center", bbox_to_anchor=(0.5, 1), ncols=3, fontsize=8,
                frameon=False)
@@ -1734,7 +1848,7 @@ def plot_roc(path, oof, result, stem):
     save_figure(fig, path)
 
 
-def plot_lr_find(path, curve, reading, title):
+def plot_lr_find(path, curve, reading, title, loss="BCE"):
     """Loss against learning rate (log axis): the steps, the smoothed loss and its noise band, the
     class mix's entropy, and each rule's pick (read_lr_curve's reading)."""
     fig = Figure(figsize=(7, 4.8), layout="constrained")
@@ -1759,7 +1873,7 @@ def plot_lr_find(path, curve, reading, title):
     low, high = curve["band_low"].min(), curve["smoothed"].max()
     ax.set_ylim(low - 0.2 * (high - low), high + 0.2 * (high - low))
     ax.set_xlabel("learning rate (log scale)")
-    ax.set_ylabel("training loss (BCE)")
+    ax.set_ylabel(f"training loss ({loss})")
     ax.legend(fontsize=8, loc="best")
     ax.set_title(title, fontsize=10)
     save_figure(fig, path)
@@ -1819,6 +1933,8 @@ def load_run(out, name):
             info = json.loads(path.with_suffix(".json").read_text())
             if not (isinstance(info["args"], dict) and isinstance(info["run"], dict)):
                 raise TypeError("its args or run is not an object")
+            if info.get("classes") is not None and "MEL" not in info["classes"]:
+                raise ValueError("its classes have no melanoma (MEL)")
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise DataError(f"{path.with_suffix('.json')}: the run's JSON is missing or "
                             f"unreadable ({one_line(e)})")
@@ -1834,10 +1950,13 @@ def load_run(out, name):
 
 def load_trained(info, path, accelerator):
     """A finished fold's model on the device, with its saved weights, and the augmentation it
-    trained with (its TTA views), as its JSON records them."""
+    trained with (its TTA views), as its JSON records them (a run older than --target has no
+    classes: one logit)."""
     a = SimpleNamespace(**info["args"])
     n_meta = meta_width(info["meta"]) if info.get("meta") else 0
-    raw_model = create_model(a.model, False, None, n_meta, a.head, a.dropout, a.msd)
+    classes = info.get("classes")
+    raw_model = create_model(a.model, False, None, n_meta, a.head, a.dropout, a.msd,
+                             len(classes) if classes else 1)
     try:
         raw_model.load_state_dict(load_file(path))
     except Exception as e:  # safetensors' own error for a damaged file, torch's for a misfit
@@ -1898,7 +2017,7 @@ def predict_with(info, path, rows, args, accelerator, desc):
     loader_args = SimpleNamespace(num_workers=args.num_workers, batch_size=a.batch_size)
     loader = make_loader(Images(rows["path"], a.size, args.cache), accelerator, loader_args)
     return predict(model, augment, loader, accelerator, args.tta, a.seed + 1, desc,
-                   meta_tensor(rows))
+                   meta_tensor(rows), melanoma_output(info.get("classes")))
 
 
 def predict_images(args, accelerator):
@@ -1936,14 +2055,17 @@ def predict_images(args, accelerator):
                                                         if c.startswith("fold")}))
 
 
-def grad_cam(model, augment, x, meta=None):
+def grad_cam(model, augment, x, meta=None, melanoma=0):
     """(probabilities, Grad-CAM maps in [0, 1] at the images' size): the backbone's last feature
-    maps weighted by the mean gradient of the logit over each, summed, ReLU, upsampled."""
+    maps weighted by the mean gradient of the melanoma log-odds over each, summed, ReLU,
+    upsampled. The log-odds (melanoma_logit) is the logit of one output; over several it is the
+    melanoma logit against the others', whose gradient, unlike log P(melanoma)'s, does not
+    vanish on a confident melanoma."""
     model.eval()
     with torch.no_grad():  # the gradient is needed from the feature maps on, not before
         feature_map = model.backbone.forward_features(augment(x, random=False))
     feature_map.requires_grad_()
-    logits = model.logit(feature_map, meta).squeeze(1)
+    logits = melanoma_logit(model.logit(feature_map, meta), melanoma)
     grads, = torch.autograd.grad(logits.sum(), feature_map)
     cam = F.relu((grads.mean(dim=(2, 3), keepdim=True) * feature_map).sum(1, keepdim=True))
     cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
@@ -1978,7 +2100,8 @@ def explain(args, accelerator, runs=None, new=None):
         x = torch.stack([torch.from_numpy(load_image(p, size)).permute(2, 0, 1)
                          for p in cases["path"]]).to(accelerator.device)
         meta = meta_tensor(cases)
-        probs, cams = grad_cam(model, augment, x, None if meta is None else meta.to(x.device))
+        probs, cams = grad_cam(model, augment, x, None if meta is None else meta.to(x.device),
+                               melanoma_output(info.get("classes")))
         figure = explain_grid(x.permute(0, 2, 3, 1).cpu().numpy(), cams.cpu().numpy(),
                               cases, probs.cpu().numpy())
         target = fold_file(args, fold, "_explain.png")
@@ -2220,7 +2343,8 @@ def draw_lesion(h, w, malignant, r):
 
 def make_demo_data(root, n_patients=150, n_test=60, seed=0, shape=(96, 128)):
     """A synthetic dataset in the official layout (train.csv, test.csv, jpeg/{train,test}) with
-    2-8 images per patient, about 6 % melanomas, and its own folds.csv."""
+    2-8 images per patient, about 6 % melanomas, benign images of several diagnoses, and its own
+    folds.csv."""
     root = Path(root)
     r = np.random.default_rng(seed)
     sites = ["torso", "lower extremity", "head/neck"]
@@ -2234,7 +2358,7 @@ def make_demo_data(root, n_patients=150, n_test=60, seed=0, shape=(96, 128)):
                              target=int(r.random() < 0.06)))
     train = pd.DataFrame(rows)
     train.loc[r.choice(len(train), 5, replace=False), "target"] = 1
-    train["diagnosis"] = np.where(train["target"] == 1, "melanoma", "nevus")
+    train["diagnosis"] = demo_diagnoses(train["target"], seed)
     train["benign_malignant"] = np.where(train["target"] == 1, "malignant", "benign")
     test = pd.DataFrame(dict(image_name=[f"ISIC_{9000000 + i}" for i in range(n_test)],
                              patient_id=[f"IP_{9000000 + i // 3}" for i in range(n_test)]))
@@ -2256,13 +2380,25 @@ def make_demo_data(root, n_patients=150, n_test=60, seed=0, shape=(96, 128)):
     return root
 
 
+def demo_diagnoses(targets, seed=0):
+    """The demo's diagnoses: melanoma for target 1, and for the others benign diagnoses of the
+    competition, drawn apart from the images' generator, so that the images and every other
+    column are the same as without them. An image shows only its target, not its diagnosis."""
+    benign = {"unknown": 0.5, "nevus": 0.3, "seborrheic keratosis": 0.08, "lentigo NOS": 0.05,
+              "lichenoid keratosis": 0.04, "solar lentigo": 0.03}
+    drawn = np.random.default_rng([seed, 2021]).choice(list(benign), len(targets),
+                                                        p=list(benign.values()))
+    return np.where(np.asarray(targets) == 1, "melanoma", drawn)
+
+
 def make_demo_external(root, duplicates, seed=0, shape=(96, 128), n=150):
     """Synthetic external data in ISIC 2019's resized layout (train.csv with 2019 diagnosis
     codes, train/*.jpg): about 18 % MEL, and `duplicates`, names also in the competition's."""
     r = np.random.default_rng([seed, 2019])
     names = list(duplicates) + [f"ISIC_{1000000 + i:07d}" for i in range(n - len(duplicates))]
     malignant = r.random(n) < 0.18
-    benign = r.choice([c for c in DIAGNOSES_2019 if c != "MEL"], n)
+    # ISIC 2019's training images are of 8 classes: UNK is only in its test set
+    benign = r.choice([c for c in DIAGNOSES_2019 if c not in ("MEL", "UNK")], n)
     df = pd.DataFrame(dict(image_name=names, patient_id=[f"EX_{i // 2:05d}" for i in range(n)],
                            sex=r.choice(["male", "female"], n),
                            age_approx=r.integers(4, 18, n) * 5.0,
@@ -2463,10 +2599,13 @@ def noise_band(loss):
     return smoothed.to_numpy(), (noise / np.sqrt(window.count())).to_numpy(), noise.to_numpy()
 
 
-def class_mix_entropy(p):
-    """The loss (nats) of a model that has learnt only the share p of melanomas in its batches,
-    not the images: a curve that never gets below it has learnt nothing else."""
-    return float(-(p * math.log(p) + (1 - p) * math.log(1 - p))) if 0 < p < 1 else 0.0
+def class_mix_entropy(labels):
+    """The loss (nats) of a model that has learnt only the mix of classes in its batches (the
+    class of each image of an epoch's sample: `labels`), not the images: a curve that never gets
+    below it has learnt nothing else."""
+    shares = np.bincount(np.asarray(labels, int)) / len(labels)
+    shares = shares[shares > 0]
+    return float(-(shares * np.log(shares)).sum())
 
 
 def lowest_lr(curve):
@@ -2556,8 +2695,10 @@ def lr_find(args, accelerator):
     sampler = make_sampler(trn, args, accelerator)  # the epochs' samples, as in training
     loader = make_loader(Images(trn["path"], args.size, args.cache), accelerator, args, sampler)
     meta = meta_tensor(trn)
-    raw_model, augment = build_model(args, accelerator, fold, 0 if meta is None else meta.shape[1])
-    targets = torch.tensor(trn["target"].to_numpy(), dtype=torch.float32)
+    classes = target_classes(train, args)
+    raw_model, augment = build_model(args, accelerator, fold, 0 if meta is None else meta.shape[1],
+                                     classes)
+    targets = loss_targets(trn, classes)
     start = time.time()
     curve = lr_range_test(raw_model, augment, endless(loader, sampler, args, accelerator), targets,
                           accelerator, args, meta)
@@ -2565,7 +2706,8 @@ def lr_find(args, accelerator):
         raise DataError(f"--lr-find: the loss diverged after {len(curve)} step(s), starting at "
                         f"--lr-find-start {args.lr_find_start:.1e}: lower it")
     diverged = len(curve) < args.lr_find_steps
-    reading = read_lr_curve(curve, class_mix_entropy(sampler.targets.sum() / sampler.n), diverged)
+    sample = epoch_indices(sampler.targets, sampler.per_epoch, args.seed, 0, sampler.pools)
+    reading = read_lr_curve(curve, class_mix_entropy(targets.long()[sample]), diverged)
     curve = curve.assign(**{k: reading[k] for k in ("smoothed", "band_low", "band_high")})
     write_csv(curve, f"{stem}.csv")
     last = curve["lr"].iloc[-1]
@@ -2573,7 +2715,7 @@ def lr_find(args, accelerator):
     batches = f" x {args.lr_find_batches} per step" if args.lr_find_batches > 1 else ""
     title = (f"{args.name}: LR range test, fold {fold}, {args.size} px, batch {args.batch_size}"
              f"{batches}\n{len(curve)} steps up to {last:.1e} ({ended}): {reading['verdict']}")
-    plot_lr_find(f"{stem}.png", curve, reading, title)
+    plot_lr_find(f"{stem}.png", curve, reading, title, loss_name(classes))
     log_lr_find(args, accelerator, curve, f"{stem}.png")
     print(f"lr-find: {verdict_line(reading)}; {len(curve)} steps up to {last:.1e} ({ended}), "
           f"{time.time() - start:.0f} s; wrote {stem}.csv and {stem}.png")

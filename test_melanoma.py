@@ -700,6 +700,7 @@ def fake_checkpoint(data, out, saved, fold=0):
     (["--mixed-precision", "bf16"], [], ["--mixed-precision 'bf16' (saved) vs 'no' (now)"]),
     (["--lr-max", "1e-3"], [], ["--lr-max 0.001 (saved) vs 0.003 (now)"]),
     (["--size", "48", "--cutout"], [], ["--size 48 (saved) vs 32 (now)", "--cutout True (saved) vs False (now)"]),
+    (["--target", "diagnosis"], [], ["--target 'diagnosis' (saved) vs 'melanoma' (now)"]),
 ])
 def test_resume_names_each_setting_that_differs(tiny_data, tmp_path, capsys, saved, now, names):
     ckpt = fake_checkpoint(tiny_data, tmp_path, saved)
@@ -1680,7 +1681,7 @@ def test_lr_range_verdict_names_the_issues_flat_curve_flat_and_reads_no_rate():
     decades = np.array([0.679, 0.678, 0.671, 0.660, 0.707, 0.675, 0.813])
     for seed in range(5):
         r = melanoma.read_lr_curve(lr_curve(lambda x: decades[np.clip((x + 7).astype(int), 0, 6)], 0.12, seed),
-                                   entropy=melanoma.class_mix_entropy(0.32))
+                                   entropy=melanoma.class_mix_entropy([1] * 32 + [0] * 68))
         assert r["verdict"] == "flat" and r["lr_max"] is None and r["lr_min"] is None and r["fall"] is None
         line = melanoma.verdict_line(r)
         assert line.startswith("flat: ") and "suggested" not in line and "\n" not in line
@@ -1689,8 +1690,9 @@ def test_lr_range_verdict_names_the_issues_flat_curve_flat_and_reads_no_rate():
 
 def test_lr_range_verdict_a_fall_only_to_the_class_mix_entropy_is_flat():
     curve = lr_curve(lambda x: falls_at(x, -3, depth=0.05) + np.exp((x + 0.5) / 0.25), 0.03)  # 0.69 -> 0.64
-    assert melanoma.class_mix_entropy(0.5) == pytest.approx(np.log(2))
-    assert melanoma.class_mix_entropy(0.32) == pytest.approx(0.627, abs=1e-3)
+    assert melanoma.class_mix_entropy([0, 1]) == pytest.approx(np.log(2))
+    assert melanoma.class_mix_entropy([1] * 32 + [0] * 68) == pytest.approx(0.627, abs=1e-3)
+    assert melanoma.class_mix_entropy([0, 1, 2, 3, 3, 2]) == pytest.approx(-(np.log(1 / 6) + 2 * np.log(1 / 3)) / 3)
     assert melanoma.read_lr_curve(curve)["verdict"] == "valley"  # it falls clearly from its start ...
     assert melanoma.read_lr_curve(curve, entropy=0.64)["verdict"] == "flat"  # ... to the class mix's loss, no lower
 
@@ -2060,3 +2062,157 @@ def test_log_with_all_is_every_installed_tracker_and_refused_if_none(tiny_data, 
     monkeypatch.setattr(melanoma, "get_available_trackers", lambda: [])
     refused_run(train_args(tiny_data, tmp_path / "out", "--log-with", "all"), capsys, "--log-with all",
                 "pip install tensorboard")
+
+
+# ----------------------------------------------------------------------------------------------
+# --target diagnosis: the 1st place's classes, P(melanoma) downstream (issue 19)
+
+def test_diagnosis_codes_map_the_competitions_names_and_pass_2019s_codes():
+    values = pd.Series(["melanoma", " Nevus", "lentigo NOS", "solar lentigo", "seborrheic keratosis",
+                        "lichenoid keratosis", "cafe-au-lait macule", "atypical melanocytic proliferation", "unknown",
+                        "bcc", "UNK", "DF"])
+    assert melanoma.diagnosis_codes(values, "t").tolist() == ["MEL", "NV", "BKL", "BKL", "BKL", "BKL", "UNK", "UNK",
+                                                              "UNK", "BCC", "UNK", "DF"]
+    with pytest.raises(melanoma.DataError) as e:
+        melanoma.diagnosis_codes(pd.Series(["nevus", "angioma", "wart"]), "train file x.csv")
+    assert all(s in str(e.value) for s in ("x.csv: row 3", "'angioma'", "MEL, NV", "UNK", "lentigo NOS"))
+
+
+@needs_shared
+def test_every_real_diagnosis_maps_and_agrees_with_its_target():
+    train = pd.read_csv(SHARED / "train.csv", dtype=str, keep_default_na=False)
+    melanoma.check_targets(train, "train.csv")
+    melanoma.check_diagnoses(train, "train.csv")
+    assert train["code"].value_counts().to_dict() == {"UNK": 27126, "NV": 5193, "MEL": 584, "BKL": 223}
+    assert melanoma.target_classes(train, SimpleNamespace(target="diagnosis")) == ["MEL", "NV", "BKL", "UNK"]
+
+
+def test_melanoma_logit_is_the_log_odds_of_the_softmax_and_the_loss_follows_the_width():
+    torch.manual_seed(0)
+    logits = torch.randn(5, 4) * 3
+    for mel in range(4):
+        p = torch.sigmoid(melanoma.melanoma_logit(logits, mel))
+        assert torch.allclose(p, torch.softmax(logits, 1)[:, mel], atol=1e-6)
+    two = logits[:, :2]
+    assert torch.allclose(melanoma.melanoma_logit(two, 0), two[:, 0] - two[:, 1])  # 2 classes: the binary logit
+    assert torch.equal(melanoma.melanoma_logit(logits[:, :1]), logits[:, 0])
+    cpu = SimpleNamespace(device=torch.device("cpu"))
+    x = torch.zeros(5, 3, 2, 2)
+    y = torch.tensor([0, 3, 1, 2, 0])
+    loss = melanoma.batch_loss(lambda x, meta: logits, lambda x: x, x, y, cpu)
+    assert loss == pytest.approx(float(torch.nn.functional.cross_entropy(logits, y)))
+    yb = torch.tensor([1.0, 0, 0, 1, 0])
+    loss = melanoma.batch_loss(lambda x, meta: logits[:, :1], lambda x: x, x, yb, cpu)
+    assert loss == pytest.approx(float(torch.nn.functional.binary_cross_entropy_with_logits(logits[:, 0], yb)))
+
+
+def test_grad_cam_of_several_outputs_explains_the_melanoma_output():
+    model = melanoma.Net(DarkSpot(), outputs=3)
+    with torch.no_grad():
+        model.head.weight.copy_(torch.tensor([[4.0], [0.0], [-4.0]]))  # output 0 rises with darkness
+        model.head.bias.zero_()
+    image = torch.full((1, 3, 64, 64), 230, dtype=torch.uint8)
+    image[:, :, 40:56, 8:24] = 20
+    augment = melanoma.Augment((0, 0, 0), (1, 1, 1))
+    probs, cam = melanoma.grad_cam(model, augment, image, melanoma=0)
+    peak = divmod(int(cam[0].argmax()), 64)
+    assert 40 <= peak[0] < 56 and 8 <= peak[1] < 24
+    with torch.no_grad():
+        softmax = torch.softmax(model(augment(image, random=False)), 1)
+    assert float(probs[0]) == pytest.approx(float(softmax[0, 0]), abs=1e-6)
+    probs, cam = melanoma.grad_cam(model, augment, image, melanoma=2)  # falls with darkness: nothing for it
+    assert float(probs[0]) == pytest.approx(float(softmax[0, 2]), abs=1e-6) and float(cam.max()) == 0
+
+
+def test_demo_diagnoses_agree_with_targets_and_spread_over_benign_classes(tiny_data):
+    train = pd.read_csv(tiny_data / "train.csv")
+    assert ((train["diagnosis"] == "melanoma") == (train["target"] == 1)).all()
+    benign = train.loc[train["target"] == 0, "diagnosis"]
+    assert benign.nunique() >= 4 and set(benign) <= set(melanoma.COMPETITION_DIAGNOSES)
+    again = melanoma.demo_diagnoses(train["target"], seed=0)
+    assert (again == train["diagnosis"]).all()  # the seed's own stream, not the images'
+
+
+def test_diagnosis_end_to_end_with_external_meta_mlp_msd_predict_and_explain(tiny_data, tmp_path, capsys):
+    out = tmp_path / "out"
+    melanoma.main([str(a) for a in train_args(tiny_data, out, "--target", "diagnosis", "--external",
+                                              tiny_data / "isic2019", "--meta", "--head", "mlp", "--dropout", "0.2",
+                                              "--msd", "2", "--epochs", "1", "--name", "dx")])
+    log = capsys.readouterr().out
+    info = json.loads((out / "dx_fold0.json").read_text())
+    nine = ["MEL", "NV", "BCC", "BKL", "AK", "SCC", "VASC", "DF", "UNK"]
+    assert info["classes"] == nine and info["run"]["target"] == "diagnosis" and "classes MEL " in log
+    from safetensors.torch import load_file
+    assert load_file(out / "dx_fold0.safetensors")["head.3.weight"].shape == (9, 256)
+    oof = pd.read_csv(out / "dx_fold0_oof.csv")
+    assert oof["pred"].between(0, 1).all() and 0 <= info["oof_auc"] <= 1
+    assert "--target diagnosis" in pd.read_csv(out / "runs.csv")["settings"].iloc[-1]
+    melanoma.main(["--predict", str(tiny_data / "test.csv"), "--name", "dx", "--out", str(out), "--tta", "2",
+                   "--num-workers", "0", "--explain", "1"])
+    ours = pd.read_csv(out / "dx_predict.csv")["fold0"].to_numpy()
+    assert np.array_equal(ours, pd.read_csv(out / "dx_fold0_test.csv")["target"].to_numpy())  # P(melanoma), exactly
+    assert is_png(out / "dx_fold0_explain.png", 100)
+    info["classes"] = ["NV", "BKL"]
+    (out / "dx_fold0.json").write_text(json.dumps(info))
+    refused_run(["--predict", tiny_data / "test.csv", "--name", "dx", "--out", out], capsys, "dx_fold0.json",
+                "no melanoma (MEL)")
+
+
+def test_diagnosis_from_binary_weights_says_the_head_starts_afresh_and_is_another_setting(tiny_data, trained_run,
+                                                                                          tmp_path, capsys):
+    out = Path(shutil.copytree(trained_run, tmp_path / "out"))
+    common = train_args(tiny_data, out, "--epochs", "1", "--tta", "0", "--target", "diagnosis")
+    melanoma.main([str(a) for a in common + ["--init-from", "tiny", "--name", "dx"]])
+    log = capsys.readouterr().out
+    assert "tiny_fold0.safetensors: the body loads; head.bias [1] there, [4] here" in log and "start afresh" in log
+    assert json.loads((out / "dx_fold0.json").read_text())["classes"] == ["MEL", "NV", "BKL", "UNK"]
+    refused_run(common + ["--name", "tiny"], capsys, "tiny_fold0.json", "finished with other settings",
+                "--target 'melanoma' (saved) vs 'diagnosis' (now)")
+
+
+def test_runs_from_before_target_are_read_as_melanoma_runs(tiny_data, trained_run, tmp_path, capsys):
+    out = Path(shutil.copytree(trained_run, tmp_path / "out"))
+    path = out / "tiny_fold0.json"
+    info = json.loads(path.read_text())
+    for part in (info["args"], info["run"], info):
+        part.pop("target", None)
+    info.pop("classes")
+    path.write_text(json.dumps(info))
+    melanoma.main([str(a) for a in train_args(tiny_data, out, "--epochs", "1", "--tta", "0", "--name", "tiny")])
+    assert "finished already with these settings" in capsys.readouterr().out
+    melanoma.main(["--predict", str(tiny_data / "test.csv"), "--name", "tiny", "--out", str(out), "--tta", "0",
+                   "--num-workers", "0"])
+    ours = pd.read_csv(out / "tiny_predict.csv")["fold0"].to_numpy()
+    assert np.array_equal(ours, pd.read_csv(out / "tiny_fold0_test.csv")["target"].to_numpy())
+
+
+def test_diagnosis_lr_find_trains_the_class_head(tiny_data, tmp_path, capsys, monkeypatch):
+    built = []
+    build_model = melanoma.build_model
+    monkeypatch.setattr(melanoma, "build_model", lambda *a, **kw: built.append(build_model(*a, **kw)) or built[-1])
+    melanoma.main([str(a) for a in train_args(tiny_data, tmp_path, "--lr-find", "--lr-find-steps", "10",
+                                              "--lr-find-end", "1e-2", "--name", "dx", "--target", "diagnosis")])
+    assert built[0][0].head.out_features == 4 and "lr-find: " in capsys.readouterr().out
+    assert len(pd.read_csv(tmp_path / "dx_lr_find.csv")) == 10
+
+
+def test_binary_runs_never_read_the_diagnosis(data):
+    break_csv(data, "train.csv", lambda df: df.assign(diagnosis="angioma"))
+    args = melanoma.get_args(["--data-dir", str(data), "--folds", str(data / "folds.csv")])
+    train, _ = melanoma.read_data(args, lambda *a: None)
+    assert "code" not in train.columns
+
+
+@pytest.mark.parametrize("breakage, names", [
+    (lambda df: df.assign(diagnosis=["nevus", "angioma"] + list(df["diagnosis"][2:])),
+     ["train.csv", "row 3", "'angioma'", "MEL, NV", "lentigo NOS"]),
+    (lambda df: df.drop(columns="diagnosis"), ["train.csv", "--target diagnosis needs a diagnosis column"]),
+    (lambda df: df.assign(target=[0, 0, 1] + list(df["target"][3:]), diagnosis=["nevus"] * 3 + list(df["diagnosis"][3:])),
+     ["train.csv", "row 4", "target 1, diagnosis 'nevus'", "disagree"]),
+    (lambda df: df.assign(target=[0, 0, 0] + list(df["target"][3:]), diagnosis=["nevus", "nevus", "melanoma"]
+                          + list(df["diagnosis"][3:])), ["train.csv", "row 4", "target 0, diagnosis 'melanoma'"]),
+])
+def test_diagnosis_bad_input_is_one_line_before_training(data, tmp_path, capsys, breakage, names):
+    break_csv(data, "train.csv", breakage)
+    refused_run(train_args(data, tmp_path / "out", "--target", "diagnosis"), capsys, *names)
+    assert not (tmp_path / "out").exists()
