@@ -1207,19 +1207,21 @@ def load_weights(model, sd, what, name, say=print):
         classifier = model.backbone.default_cfg.get("classifier", "~") + "."
         sd = {f"backbone.{k}": v for k, v in sd.items() if not k.startswith(classifier)}
     own = model.state_dict()
-    # a head of another width (other metadata, another head or --target) is left to train anew
+    # a head of another shape (other metadata, another --head or --target) is left to train anew
     resized = {k for k in sd if k in own and sd[k].shape != own[k].shape}
     missing, unexpected = model.load_state_dict(
         {k: v for k, v in sd.items() if k not in resized}, strict=False)
     lost = [k for k in list(missing) + sorted(resized) if k.startswith("backbone.")]
-    if unexpected or lost:
+    foreign = [k for k in unexpected if k.startswith("backbone.")]
+    if foreign or lost:
         raise DataError(f"{what}: does not fit --model {name} "
-                        f"(missing {lost[:3]}, unexpected {list(unexpected)[:3]})")
-    if resized:
-        shapes = ", ".join(f"{k} {list(sd[k].shape)} there, {list(own[k].shape)} here"
-                           for k in sorted(resized))
-        say(f"{what}: the body loads; {shapes}: of another width (another --target, --head or "
-            "--meta), so these start afresh")
+                        f"(missing {lost[:3]}, unexpected {foreign[:3]})")
+    afresh = [f"{k} {list(sd[k].shape)} there, {list(own[k].shape)} here" for k in sorted(resized)]
+    afresh += [f"{k} there only" for k in unexpected if not k.startswith("backbone.")]
+    if afresh:
+        say(f"{what}: the body loads; {', '.join(afresh[:4])}{', ...' if len(afresh) > 4 else ''}"
+            ": its head is another (another --head, --target or --meta), so the head's layers "
+            "start afresh")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1862,6 +1862,15 @@ def test_init_from_weights_that_do_not_fit_a_later_fold_are_refused_before_the_f
     assert not list(out.glob("big*"))
 
 
+def test_init_from_a_linear_head_with_head_mlp_names_the_head_and_trains(tiny_data, trained_run, tmp_path, capsys):
+    out = Path(shutil.copytree(trained_run, tmp_path / "out"))
+    melanoma.main([str(a) for a in train_args(tiny_data, out, "--epochs", "1", "--tta", "0", "--head", "mlp",
+                                              "--init-from", "tiny", "--name", "mlp")])
+    log = capsys.readouterr().out
+    assert "the body loads; " in log and "head.weight there only" in log and "another --head" in log
+    assert (out / "mlp_fold0.json").is_file()
+
+
 def test_a_full_disk_is_one_line_and_leaves_the_fold_unfinished(tiny_data, tmp_path, capsys, monkeypatch):
     def full(*a, **k):
         raise OSError(28, "No space left on device")
