@@ -42,8 +42,8 @@ PROBABILITY_METHODS = ("mean", "weighted", "stack")  # rank takes any scores
 NAME = re.compile(r"^(?P<name>.+)_fold(?P<fold>\d+)_(?P<kind>oof|test)\.csv$")
 RUN_JSON = re.compile(r"^.+_fold\d+\.json$")
 # Every file name melanoma.py writes in its output folder: --out must never replace one.
-MELANOMA_OUTPUT = re.compile(r"^(runs\.csv|.+_fold\d+(_\w+)?\.\w+|.+_(predict|predict_skipped|lr_find)"
-                             r"\.(csv|tsv|png))$")
+MELANOMA_OUTPUT = re.compile(r"^(runs\.csv|logs|folds\.csv|train\.csv|test\.csv|.+_fold\d+(_\w+)?\.\w+"
+                             r"|.+_(predict|predict_skipped|lr_find)\.(csv|tsv|png))$")
 OOF_COLUMNS = ["image_name", "target", "pred", "fold"]
 # melanoma.py's ledger of runs, a row per finished fold in its output folder: `preds/*.csv`
 # matches it, yet it holds no predictions. Recognised by its name and header.
@@ -635,8 +635,9 @@ def atomic_write_all(writes):
             os.chmod(temps[path], new_file_mode())
         for path, tmp in temps.items():
             os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # a full disk: ENOSPC, or torch's failed writer
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+    except Exception as e:  # a full disk: ENOSPC, torch's or safetensors' failed writer
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else \
+            (str(e).splitlines() or [type(e).__name__])[0]
         raise DataError(f"{path}: cannot write it ({reason}); nothing was replaced") from None
     finally:
         for tmp in temps.values():
@@ -678,8 +679,8 @@ def read_ledger(path):
     check_whole_numbers(runs, "fold", f"ledger {path}")
     for c in ("oof_auc", "oof_auc_no_tta", "wall_s"):
         values = pd.to_numeric(runs[c], errors="coerce")
-        refuse_rows(f"ledger {path}", values.isna() & (runs[c] != ""), runs[c],
-                    f"{c} must be a number, got {{value!r}}")
+        refuse_rows(f"ledger {path}", ~np.isfinite(values) & (runs[c] != ""), runs[c],
+                    f"{c} must be a finite number, got {{value!r}}")
         runs[c] = values
     where = f"ledger {path}"
     check_names(runs, where, "name", unique=False)

@@ -81,7 +81,7 @@ from tqdm import tqdm
 
 # torch-free helpers shared with ensemble.py, which stays free of torch so that it starts at once
 from ensemble import LEDGER, LEDGER_FILE, ArgumentParser, DataError, atomic_write, check_names, \
-    check_whole_numbers, finite, print_runs, read_csv, refuse_rows
+    check_whole_numbers, finite, print_runs, read_csv, read_ledger, refuse_rows
 
 # Where the data is looked for without --data-dir: a folder in the working folder, then the
 # competition as Kaggle notebooks mount it.
@@ -227,9 +227,9 @@ def get_parser():
                    help="measure loading, augmentation, step and TTA speed")
     g.add_argument("--lr-find", action="store_true", help="LR range test on the first --fold: "
                    "writes {name}_lr_find.csv and .png in --out, prints --lr-min and --lr-max")
-    g.add_argument("--lr-find-start", type=bounded(float, 0, low_open=True), default=1e-7,
+    g.add_argument("--lr-find-start", type=bounded(float, 1e-12), default=1e-7,
                    metavar="LR", help="--lr-find's first learning rate")
-    g.add_argument("--lr-find-end", type=bounded(float, 0, low_open=True), default=1.0,
+    g.add_argument("--lr-find-end", type=bounded(float, 1e-12, 1e3), default=1.0,
                    metavar="LR", help="--lr-find's last learning rate (the rate rises "
                    "exponentially)")
     g.add_argument("--lr-find-steps", type=bounded(int, 10, 10**5), default=200, metavar="N",
@@ -791,6 +791,7 @@ def write_outputs(args, accelerator, fold, oof, test, result, raw_model):
                   mixed_precision=accelerator.mixed_precision, args=vars(args),
                   run=run_key(args, accelerator))
     if accelerator.is_main_process:
+        fold_file(args, fold, ".json").unlink(missing_ok=True)  # unfinished while outputs change
         write_csv(oof[["image_name", "target", "pred", "fold"]], fold_file(args, fold, "_oof.csv"))
         if len(test):
             write_csv(test[["image_name", "target"]], fold_file(args, fold, "_test.csv"))
@@ -863,6 +864,7 @@ def train_fold(args, accelerator, train, test, fold, meta_spec=None):
                   oof_auc_no_tta=history[-1]["val_auc"], n_train=len(trn), n_val=len(val),
                   n_external=int(trn["external"].sum()), n_test=len(test), meta=meta_spec,
                   classes=classes, wall_s=time.time() - start, epochs=history,
+                  init=file_key(init_file(args, fold)) if args.init_from else None,
                   augs=aug_entries(args), augmentations=[str(m) for m in augment.random])
     write_outputs(args, accelerator, fold, val.assign(pred=oof, fold=fold),
                   test.assign(target=test_pred), result, raw_model)
@@ -1300,6 +1302,7 @@ def check_fold_outputs(args, accelerator):
         ckpt = fold_file(args, fold, "_last.pt")
         if done.exists() and not args.overwrite:
             finished[fold] = read_result(done, key)
+            check_finished(args, fold, finished[fold])
         elif not ckpt.exists():
             if args.resume:
                 accelerator.print(f"fold {fold}: --resume found no checkpoint ({ckpt}): "
@@ -1317,6 +1320,20 @@ FOLD_OUTPUTS = ("_oof.csv", "_test.csv", ".json", ".safetensors", "_last.pt", "_
                 "_roc.png")
 
 
+def check_finished(args, fold, result):
+    """A finished fold is reused whole: its outputs present, and started from the same weights
+    (--init-from counts by its file's content, the fold's own)."""
+    for suffix in (".safetensors", "_oof.csv"):
+        if not fold_file(args, fold, suffix).is_file():
+            raise DataError(f"{fold_file(args, fold, suffix)}: missing from a finished fold "
+                            "(its JSON is there); --overwrite retrains the fold")
+    init = file_key(init_file(args, fold)) if args.init_from else None
+    if result.get("init", init) != init:
+        raise DataError(f"{fold_file(args, fold, '.json')}: this fold finished from other "
+                        f"--init-from weights ({init_file(args, fold).name} changed since): "
+                        "give the new run its own --name, or --overwrite to retrain it")
+
+
 def check_output_files(paths):
     for path in paths:
         if Path(path).is_dir():
@@ -1332,6 +1349,8 @@ def check_ledger(path):
             open(path, "a").close()
         except OSError as e:
             raise DataError(f"{path}: cannot append to the ledger ({e.strerror or e})")
+        if path.stat().st_size:
+            read_ledger(path)  # a damaged ledger would take the row into its damage
 
 
 def check_same_recipe(args, key):
@@ -1446,7 +1465,8 @@ def check_init_from(args):
         if not path.is_file():
             raise DataError(f"--init-from {args.init_from}: no {path} (fold {fold}'s weights; a "
                             "plain run name is looked for in --out)")
-        load_weights(model, read_weights(path, "--init-from"), f"--init-from {path}", args.model)
+        load_weights(model, read_weights(path, "--init-from"), f"--init-from {path}", args.model,
+                     say=lambda line: None)  # the head is said when the fold trains
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1655,8 +1675,9 @@ class Hair(torch.nn.Module):
 
     def __init__(self, p=0.5, most=6, width=(0.002, 0.005), segments=12):
         super().__init__()
-        if not 0 <= p <= 1 or int(most) < 1 or not 0 < width[0] <= width[1]:
-            raise ValueError(f"need 0 <= p <= 1, most >= 1, 0 < width, got {p}, {most}, {width}")
+        if not 0 <= p <= 1 or not 1 <= int(most) <= 64 or not 0 < width[0] <= width[1] <= 0.5:
+            raise ValueError("need 0 <= p <= 1, 1 <= most <= 64, 0 < width <= 0.5, got "
+                             f"{p}, {most}, {width}")
         self.p = float(p)
         self.most = int(most)
         self.width = tuple(map(float, width))  # half the strand's thickness, share of the side
@@ -1777,12 +1798,16 @@ def check_augs(args):
             shape = tuple(y.shape) if torch.is_tensor(y) else type(y).__name__
             raise DataError(f"{where_i} turns a batch {tuple(x.shape)} into {shape}: it must "
                             "keep the shape")
+        if not torch.isfinite(y).all():
+            raise DataError(f"{where_i} makes values that are not finite (NaN or infinite)")
 
 
 def check_aug_entry(entry, where):
     """An entry names a 2D augmentation of kornia.augmentation or one of OWN_AUGS."""
     if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
         raise DataError(f"{where}: needs a name (- name: RandomAffine), got {entry!r}")
+    if finite(entry) != entry:  # finite() turns NaN and infinities into None
+        raise DataError(f"{where} ({entry['name']}): an argument is not a finite number")
     name = entry["name"]
     cls = OWN_AUGS.get(name, getattr(K, name, None))
     if not (isinstance(cls, type) and issubclass(cls, (K.AugmentationBase2D, Hair))):
@@ -1923,14 +1948,17 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 def load_run(out, name):
     """The finished folds of run `name` in `out`: {fold: (its JSON, its weights file)}. They
     must be one model: trained with the same settings."""
-    pattern = re.compile(rf"^{re.escape(name)}_fold(\d+)\.safetensors$")
-    files = sorted(p for p in Path(out).glob(f"{glob.escape(name)}_fold*.safetensors")
-                   if pattern.match(p.name))
+    pattern = re.compile(rf"^{re.escape(name)}_fold(\d+)\.(json|safetensors)$")
+    files = sorted({p.with_suffix(".safetensors") for p in Path(out).glob(f"{glob.escape(name)}_fold*")
+                    if pattern.match(p.name)})
     if not files:
         raise DataError(f"--name {name}: no weights in {out} (looked for "
                         f"{Path(out) / name}_fold{{k}}.safetensors)")
     runs = {}
     for path in files:
+        if not path.is_file():
+            raise DataError(f"{path.with_suffix('.json')}: a finished fold without its weights "
+                            f"({path.name}); retrain the fold or move its JSON away")
         try:
             info = json.loads(path.with_suffix(".json").read_text())
             if not (isinstance(info["args"], dict) and isinstance(info["run"], dict)):
@@ -2177,6 +2205,11 @@ def tracker_names(args):
         if name != "all" and name not in installed:
             raise DataError(f"--log-with {name}: not installed (or not a version accelerate "
                             f"{ACCELERATE_VERSION} can use): pip install {name}")
+    logs = Path(args.out) / "logs"
+    check_writable(logs, "--log-with's logs")
+    for run in [f"{args.name}_fold{k}" for k in args.fold] + [f"{args.name}_lr_find"]:
+        if (logs / run).exists() and not (logs / run).is_dir():
+            raise DataError(f"--log-with: {logs / run} is a file where a run's log folder goes")
     return installed if "all" in args.log_with else list(dict.fromkeys(args.log_with))
 
 
@@ -2705,8 +2738,9 @@ def lr_find(args, accelerator):
     curve = lr_range_test(raw_model, augment, endless(loader, sampler, args, accelerator), targets,
                           accelerator, args, meta)
     if len(curve) < 10:
-        raise DataError(f"--lr-find: the loss diverged after {len(curve)} step(s), starting at "
-                        f"--lr-find-start {args.lr_find_start:.1e}: lower it")
+        raise DataError(f"--lr-find: the loss diverged after {len(curve)} step(s), at a rate of "
+                        f"{curve['lr'].iloc[-1] if len(curve) else args.lr_find_start:.1e}: lower "
+                        "--lr-find-start, or --lr-find-end for a slower rise")
     diverged = len(curve) < args.lr_find_steps
     sample = epoch_indices(sampler.targets, sampler.per_epoch, args.seed, 0, sampler.pools)
     reading = read_lr_curve(curve, class_mix_entropy(targets.long()[sample]), diverged)

@@ -1243,7 +1243,7 @@ def test_workbench_ledger_groups_names_ranks_by_concatenated_oof_and_takes_concu
     ("", ["ledger", "runs.csv", "cannot read it as CSV"]),
     (",".join(melanoma.LEDGER) + "\n", ["runs.csv", "no rows"]),
     ("date,name\nx,y\n", ["runs.csv", "missing column(s) fold"]),
-    (",".join(melanoma.LEDGER) + "\nd,a,0,high,0.5,1,,o\n", ["runs.csv", "row 2", "oof_auc must be a number"]),
+    (",".join(melanoma.LEDGER) + "\nd,a,0,high,0.5,1,,o\n", ["runs.csv", "row 2", "oof_auc must be a finite number"]),
 ])
 def test_workbench_bad_ledger_is_one_line(tmp_path, capsys, content, names):
     if content is not None:
@@ -1528,6 +1528,8 @@ A = ["a_fold0_oof.csv", "a_fold0_test.csv"]
     (lambda d: [*A, "--out", "preds/m_predict.csv"], "m_predict.csv is the name of a file melanoma.py writes"),
     (lambda d: [*A, "--out", "m_lr_find.csv"], "the name of a file melanoma.py writes"),
     (lambda d: [*A, "--out", "m_fold0_explain.csv"], "the name of a file melanoma.py writes"),
+    (lambda d: [*A, "--out", "folds.csv"], "the name of a file melanoma.py writes"),
+    (lambda d: [*A, "--out", "preds/logs"], "the name of a file melanoma.py writes"),
 ])
 def test_ensemble_bad_flags_outputs_and_folds_are_one_line_errors(tmp_path, argv, message):
     write_model(tmp_path, "a", {0: (Y, [.1, .9, .2, .7, .3, .4])}, [0.2, 0.4])
@@ -1875,10 +1877,13 @@ def test_a_full_disk_is_one_line_and_leaves_the_fold_unfinished(tiny_data, tmp_p
     def full(*a, **k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(melanoma, "save_file", full)
     out = tmp_path / "out"
-    refused_run(train_args(out.parent and tiny_data, out, "--epochs", "1", "--tta", "0"), capsys,
+    args = train_args(tiny_data, out, "--epochs", "1", "--tta", "0")
+    melanoma.main([str(a) for a in args])
+    monkeypatch.setattr(melanoma, "save_file", full)
+    refused_run(args + ["--tta", "1", "--overwrite"], capsys,
                 "safetensors: cannot write it (No space left on device)", "not finished")
+    # the old JSON went first: the fold, half replaced, is not taken for finished
     assert not list(out.glob("*.json")) and not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp"))
 
 
@@ -2225,3 +2230,69 @@ def test_diagnosis_bad_input_is_one_line_before_training(data, tmp_path, capsys,
     break_csv(data, "train.csv", breakage)
     refused_run(train_args(data, tmp_path / "out", "--target", "diagnosis"), capsys, *names)
     assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# What the hostile review of this change found
+
+def test_meta_init_from_a_meta_run_trains(tiny_data, tmp_path, capsys):
+    out = tmp_path / "out"
+    base = [str(a) for a in train_args(tiny_data, out, "--meta", "--epochs", "1", "--tta", "0")]
+    melanoma.main(base + ["--name", "m"])
+    melanoma.main(base + ["--name", "mm", "--init-from", "m"])
+    assert (out / "mm_fold0.json").is_file() and "another --head" not in capsys.readouterr().out
+
+
+def test_a_damaged_ledger_is_refused_before_training(tiny_data, tmp_path, capsys):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "runs.csv").write_text(",".join(melanoma.LEDGER) + '\n2026,a,0,0.5,0.5,1,"--size 32,o\n')
+    refused_run(train_args(tiny_data, tmp_path / "out"), capsys, "runs.csv", "cannot read it as CSV")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["runs.csv"]
+
+
+def test_a_file_where_a_log_folder_goes_is_refused_up_front(tiny_data, tmp_path, capsys):
+    (tmp_path / "out" / "logs").mkdir(parents=True)
+    (tmp_path / "out" / "logs" / "x_fold1").write_text("")
+    refused_run(train_args(tiny_data, tmp_path / "out", "--name", "x", "--fold", "0", "1", "--log-with",
+                           "tensorboard"), capsys, "x_fold1", "a file where a run's log folder goes")
+    assert not list((tmp_path / "out").glob("x_fold0*"))
+
+
+def test_finished_folds_are_reused_only_whole_and_from_the_same_init_weights(tiny_data, trained_run, tmp_path,
+                                                                            capsys):
+    out = Path(shutil.copytree(trained_run, tmp_path / "out"))
+    args = train_args(tiny_data, out, "--epochs", "1", "--tta", "0", "--name", "b", "--init-from", "tiny")
+    melanoma.main([str(a) for a in args])
+    weights = melanoma.load_file(out / "tiny_fold0.safetensors")
+    melanoma.save_file({k: v + 1 for k, v in weights.items()}, out / "tiny_fold0.safetensors")
+    refused_run(args, capsys, "b_fold0.json", "other --init-from weights")
+    melanoma.save_file(weights, out / "tiny_fold0.safetensors")
+    melanoma.main([str(a) for a in args])
+    assert "finished already" in capsys.readouterr().out
+    (out / "b_fold0_oof.csv").unlink()
+    refused_run(args, capsys, "b_fold0_oof.csv", "missing from a finished fold")
+    (out / "b_fold0.safetensors").unlink()
+    refused_run(["--predict", tiny_data / "test.csv", "--name", "b", "--out", out], capsys, "b_fold0.json",
+                "without its weights")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("- name: Hair\n  most: 1000000\n", "bad arguments"),
+    ("- name: RandomHorizontalFlip\n  p: .nan\n", "not a finite number"),
+    ("- name: Normalize\n  mean: [0, 0, 0]\n  std: [0, 0, 0]\n", "not finite"),
+])
+def test_augs_that_would_hang_or_make_nan_are_refused_up_front(tiny_data, tmp_path, capsys, text, message):
+    (tmp_path / "augs.yaml").write_text(text)
+    start = time.time()
+    refused_run(train_args(tiny_data, tmp_path / "out", "--augs", tmp_path / "augs.yaml"), capsys, message)
+    assert time.time() - start < 30 and not (tmp_path / "out").exists()
+
+
+def test_lr_find_rates_have_the_training_rates_floor(tiny_data, tmp_path, capsys):
+    refused_run(train_args(tiny_data, tmp_path / "out", "--lr-find", "--lr-find-start", "1e-300"), capsys,
+                "--lr-find-start: must be at least 1e-12")
+
+
+def test_runs_refuses_an_infinite_auc(tmp_path, capsys):
+    (tmp_path / "runs.csv").write_text(",".join(melanoma.LEDGER) + "\n2026-01-01,a,0,inf,0.5,1,,o\n")
+    refused_run(["--runs", tmp_path], capsys, "row 2", "oof_auc must be a finite number, got 'inf'")
