@@ -229,7 +229,7 @@ def get_parser():
                    "writes {name}_lr_find.csv and .png in --out, prints --lr-min and --lr-max")
     g.add_argument("--lr-find-start", type=bounded(float, 1e-12), default=1e-7,
                    metavar="LR", help="--lr-find's first learning rate")
-    g.add_argument("--lr-find-end", type=bounded(float, 1e-12, 1e3), default=1.0,
+    g.add_argument("--lr-find-end", type=bounded(float, 1e-12, 1e9), default=1.0,
                    metavar="LR", help="--lr-find's last learning rate (the rate rises "
                    "exponentially)")
     g.add_argument("--lr-find-steps", type=bounded(int, 10, 10**5), default=200, metavar="N",
