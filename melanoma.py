@@ -216,9 +216,9 @@ def get_parser():
                    f"{', '.join(LoggerType.list())}; all: every one installed) that training, "
                    "--lr-find and --explain log to, a tracker run per fold "
                    "({name}_fold{k}); TensorBoard's in {out}/logs")
-    g = flag_group(p, "tools (one at a time; --explain also goes with --predict)", setting=False)
     g.add_argument("--demo", action="store_true", help="make a small synthetic dataset once and "
                    f"train on it with CPU-sized defaults: {DEMO}")
+    g = flag_group(p, "tools (one at a time; --explain also goes with --predict)", setting=False)
     g.add_argument("--make-folds", metavar="TRAIN_CSV", type=INPUT_FILE,
                    help="write patient-grouped folds of TRAIN_CSV to --out")
     g.add_argument("--n-folds", type=bounded(int, 2, 100), default=5,
@@ -1147,8 +1147,11 @@ def check_image(path):
         raise DataError(f"image {path}: more than {Image.MAX_IMAGE_PIXELS} pixels, refused as a "
                         "possible decompression bomb")
     except (OSError, SyntaxError, ValueError) as e:
-        with open(path, "rb") as f:
-            head = f.read(3)
+        try:
+            with open(path, "rb") as f:
+                head = f.read(3)
+        except OSError as unreadable:  # a broken or looping link, a file without read access
+            raise DataError(f"image {path}: {unreadable.strerror or unreadable}")
         reason = ("empty file" if not head else "not a complete JPEG (truncated)"
                   if head == b"\xff\xd8\xff" else f"not an image ({e})")
         raise DataError(f"image {path}: {reason}")
@@ -2007,7 +2010,7 @@ def images_to_predict(path, data_dir, meta):
             raise DataError(f"--predict {path}: the model was trained with --meta: pass a CSV "
                             f"with image_name and {', '.join(META_COLUMNS)}")
         files = sorted(p for p in path.rglob("*")
-                       if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+                       if p.suffix.lower() in IMAGE_SUFFIXES)  # a broken link is reported
         if not files:
             raise DataError(f"--predict {path}: no images ({', '.join(IMAGE_SUFFIXES)}) in it")
         return pd.DataFrame(dict(image_name=[p.relative_to(path).as_posix() for p in files],

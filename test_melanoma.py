@@ -2296,3 +2296,19 @@ def test_lr_find_rates_have_the_training_rates_floor(tiny_data, tmp_path, capsys
 def test_runs_refuses_an_infinite_auc(tmp_path, capsys):
     (tmp_path / "runs.csv").write_text(",".join(melanoma.LEDGER) + "\n2026-01-01,a,0,inf,0.5,1,,o\n")
     refused_run(["--runs", tmp_path], capsys, "row 2", "oof_auc must be a finite number, got 'inf'")
+
+
+def test_predict_reports_broken_links_and_folders_named_like_images(tiny_data, trained_run, tmp_path, capsys):
+    out = Path(shutil.copytree(trained_run, tmp_path / "out"))
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    smooth_image(64, 48).save(photos / "good.jpg")
+    (photos / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    (photos / "loop.jpg").symlink_to(photos / "loop.jpg")
+    (photos / "dir.jpg").mkdir()
+    refused_run(["--predict", photos, "--name", "tiny", "--out", out, "--tta", "0"], capsys, "3 image(s) cannot be used")
+    melanoma.main(["--predict", str(photos), "--name", "tiny", "--out", str(out), "--tta", "0", "--skip-bad",
+                   "--num-workers", "0"])
+    assert pd.read_csv(out / "tiny_predict.csv")["image_name"].tolist() == ["good.jpg"]
+    assert sorted(pd.read_csv(out / "tiny_predict_skipped.tsv", sep="\t")["image_name"]) == ["dir.jpg", "gone.jpg",
+                                                                                             "loop.jpg"]
