@@ -42,8 +42,9 @@ PROBABILITY_METHODS = ("mean", "weighted", "stack")  # rank takes any scores
 NAME = re.compile(r"^(?P<name>.+)_fold(?P<fold>\d+)_(?P<kind>oof|test)\.csv$")
 RUN_JSON = re.compile(r"^.+_fold\d+\.json$")
 # Every file name melanoma.py writes in its output folder: --out must never replace one.
-MELANOMA_OUTPUT = re.compile(r"^(runs\.csv|logs|folds\.csv|train\.csv|test\.csv|.+_fold\d+(_\w+)?\.\w+"
-                             r"|.+_(predict|predict_skipped|lr_find)\.(csv|tsv|png))$")
+MELANOMA_OUTPUT = re.compile(r"^(runs\.csv|logs|folds\.csv|train\.csv|test\.csv"
+                             r"|.+_fold\d+(_\w+)?\.\w+|.+_(predict|predict_skipped|lr_find)"
+                             r"\.(csv|tsv|png))$")
 OOF_COLUMNS = ["image_name", "target", "pred", "fold"]
 # melanoma.py's ledger of runs, a row per finished fold in its output folder: `preds/*.csv`
 # matches it, yet it holds no predictions. Recognised by its name and header.

@@ -1356,17 +1356,24 @@ def check_ledger(path):
             read_ledger(path)  # a damaged ledger would take the row into its damage
 
 
+def run_folds(out, name):
+    """{fold: {out}/{name}_fold{k}} for every fold of run `name` with a JSON or weights there."""
+    pattern = re.compile(rf"^{re.escape(name)}_fold(\d+)\.(json|safetensors)$")
+    found = (pattern.match(p.name) for p in Path(out).glob(f"{glob.escape(name)}_fold*"))
+    return {int(m[1]): Path(out) / f"{name}_fold{m[1]}" for m in sorted(
+        filter(None, found), key=lambda m: int(m[1]))}
+
+
 def check_same_recipe(args, key):
     """One --name is one model: the folds finished under it must share the settings `key`,
     else --runs, ensemble.py and --predict would average different recipes as one."""
-    pattern = re.compile(rf"^{re.escape(args.name)}_fold(\d+)\.json$")
-    for path in sorted(Path(args.out).glob(f"{glob.escape(args.name)}_fold*.json")):
-        match = pattern.match(path.name)
-        if not match or int(match[1]) in args.fold:
+    for fold, stem in run_folds(args.out, args.name).items():
+        path = stem.with_suffix(".json")
+        if fold in args.fold or not path.is_file():
             continue  # a requested fold is reused only with the same settings, or retrained
         changed = differences(read_result(path, None).get("run") or {}, key)
         if changed:
-            raise DataError(f"--name {args.name}: fold {match[1]} ({path.name}) was trained "
+            raise DataError(f"--name {args.name}: fold {fold} ({path.name}) was trained "
                             f"with other settings ({'; '.join(changed)}); one --name is one "
                             "model: give this run its own --name")
 
@@ -1951,14 +1958,13 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 def load_run(out, name):
     """The finished folds of run `name` in `out`: {fold: (its JSON, its weights file)}. They
     must be one model: trained with the same settings."""
-    pattern = re.compile(rf"^{re.escape(name)}_fold(\d+)\.(json|safetensors)$")
-    files = sorted({p.with_suffix(".safetensors") for p in Path(out).glob(f"{glob.escape(name)}_fold*")
-                    if pattern.match(p.name)})
-    if not files:
+    folds = run_folds(out, name)
+    if not folds:
         raise DataError(f"--name {name}: no weights in {out} (looked for "
                         f"{Path(out) / name}_fold{{k}}.safetensors)")
     runs = {}
-    for path in files:
+    for fold, stem in folds.items():
+        path = stem.with_suffix(".safetensors")
         if not path.is_file():
             raise DataError(f"{path.with_suffix('.json')}: a finished fold without its weights "
                             f"({path.name}); retrain the fold or move its JSON away")
@@ -1971,7 +1977,7 @@ def load_run(out, name):
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise DataError(f"{path.with_suffix('.json')}: the run's JSON is missing or "
                             f"unreadable ({one_line(e)})")
-        runs[int(pattern.match(path.name)[1])] = (info, path)
+        runs[fold] = (info, path)
     (first, first_path), *_ = runs.values()
     for info, path in runs.values():
         differ = differences(first["run"], info["run"], (first_path.name, path.name))
@@ -2262,6 +2268,8 @@ def track_fold(args, accelerator, fold, step):
     """Open the fold's tracker run, {name}_fold{k}, with its settings, from global step `step`
     (epoch * steps per epoch + step: a resumed fold goes on where its last finished epoch
     ended)."""
+    if not accelerator.log_with:
+        return
     settings = dict(run_key(args, accelerator), name=args.name, fold=fold)
     start_tracking(accelerator, f"{args.name}_fold{fold}", step, settings)
 
@@ -2286,6 +2294,8 @@ def end_fold_tracking(args, accelerator, fold, result, steps_per_epoch):
 
 def log_lr_find(args, accelerator, curve, png):
     """--lr-find's curve as tracker run {name}_lr_find: loss, smoothed loss and lr by step."""
+    if not accelerator.log_with:
+        return
     settings = {k: v for k, v in vars(args).items() if k.startswith("lr_find_")}
     start_tracking(accelerator, f"{args.name}_lr_find", 0,
                    dict(run_key(args, accelerator), name=args.name, fold=args.fold[0], **settings))
