@@ -22,6 +22,8 @@ ISIC 2020 OOF predictions takes about 0.6 s on one CPU core; the heat map adds 1
 measured on a busy 2-core machine).
 """
 import argparse
+import csv
+import fcntl
 import functools
 import io
 import json
@@ -71,26 +73,22 @@ def get_args(argv=None):
     p.add_argument("--method", choices=METHODS, default="mean",
                    help="how the submission is blended; all but rank take probabilities in [0, 1] "
                         "(default: %(default)s)")
-    p.add_argument("--out", default="submission.csv",
+    p.add_argument("--out", type=text, default="submission.csv",
                    help="submission CSV (not .json); the report goes beside it as {stem}.json "
                         "(default: %(default)s)")
-    p.add_argument("--folds",
+    p.add_argument("--folds", type=text,
                    help="image_name,patient_id CSV for the patient bootstrap (default: the folds "
                         "file that the runs recorded in the {name}_fold{k}.json beside their "
                         "prediction files, if they agree, else ./folds.csv if present; without "
                         "patient ids the bootstrap is over images)")
-    p.add_argument("--bootstrap", type=int, default=1000,
+    p.add_argument("--bootstrap", type=bounded(int, 0, 10**6), default=1000,
                    help="bootstrap resamples for the 95 %% intervals, 0 for none "
                         "(default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--seed", type=bounded(int, 0), default=0,
                    help="seed of the bootstrap (default: %(default)s)")
     args = p.parse_args(argv)
-    if args.bootstrap < 0:
-        raise DataError(f"--bootstrap {args.bootstrap}: the number of resamples must be 0 or more")
-    if args.seed < 0:
-        raise DataError(f"--seed {args.seed}: must be 0 or more")
-    if not args.out.strip() or args.out.endswith(("/", os.sep)):
-        raise DataError(f"--out {args.out!r}: give a file path for the submission")
+    if args.out.endswith(("/", os.sep)):
+        p.error(f"--out {args.out!r}: give a file path for the submission")
     return args
 
 
@@ -102,27 +100,17 @@ def output_paths(out):
 
 
 def check_outputs(out, inputs):
-    """Refuse an --out that cannot be written, or whose outputs would overwrite an input or each
-    other, before anything is read."""
+    """Refuse an --out that cannot be written, or whose outputs would overwrite an input, each
+    other or a file of melanoma.py, before anything is read."""
     paths = output_paths(out)
     if paths[0].suffix.lower() == ".json":
         raise DataError(f"--out {out}: the report goes beside the submission as {{stem}}.json and "
                         "would overwrite it; give a .csv path")
-    for p in paths:
-        if p.is_dir():
-            raise DataError(f"--out {out}: {p} is a folder")
-    folder = paths[0].absolute().parent
-    while not folder.exists():
-        folder = folder.parent
-    if not folder.is_dir():
-        raise DataError(f"--out {out}: {folder} is a file, not a folder")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise DataError(f"--out {out}: cannot write in {folder}")
     given = {Path(f).resolve(): f for f in inputs}
     for p in paths:
+        check_writable(p, "--out", folder=False)
         if p.resolve() in given:
             raise DataError(f"--out {out}: would overwrite the input {given[p.resolve()]}")
-    for p in paths:
         if MELANOMA_OUTPUT.match(p.name):
             raise DataError(f"--out {out}: {p.name} is the name of a file melanoma.py writes (its "
                             "ledger, a run's fold, prediction or LR-finder outputs), which the "
@@ -673,7 +661,77 @@ def without_ledger(files):
 
 
 # ------------------------------------------------------------------------------------------------
-# melanoma.py --runs: the ledger's experiments compared
+# Shared with melanoma.py: flag bounds and output locations
+
+def bounded(kind, low=-math.inf, high=math.inf, low_open=False, high_open=False):
+    """An argparse type: a finite `kind` (int or float) in [low, high], either end open."""
+    def parse(value):
+        try:
+            number = kind(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {value!r}")
+        if not math.isfinite(number):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {value}")
+        if number < low or low_open and number == low:
+            least = {0: "positive" if low_open else "0 or more"}.get(low, f"at least {low}")
+            raise argparse.ArgumentTypeError(f"must be {least}, got {value}")
+        if number > high or high_open and number == high:
+            raise argparse.ArgumentTypeError(f"must be {'below' if high_open else 'at most'} "
+                                             f"{high}, got {value}")
+        return number
+    return parse
+
+
+def text(value):
+    """An argparse type that refuses an empty value: an unset shell variable."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("empty; give a value")
+    return value
+
+
+def check_writable(path, flag, folder=True):
+    """Refuse an output location before anything is written: a file where a folder is
+    expected (or the reverse), or a place where files cannot be created."""
+    path = Path(path)
+    if path.exists() and path.is_dir() != folder:
+        raise DataError(f"{flag} {path}: a {'file' if folder else 'folder'}, "
+                        f"not a {'folder' if folder else 'file'}")
+    nearest = path if folder else path.parent
+    while not nearest.exists() and nearest != nearest.parent:
+        nearest = nearest.parent
+    if not nearest.is_dir():
+        raise DataError(f"{flag} {path}: {nearest} is a file, not a folder")
+    try:  # os.access says yes on a read-only mount
+        with tempfile.TemporaryFile(dir=nearest):
+            pass
+    except OSError as e:
+        raise DataError(f"{flag} {path}: cannot write in {nearest} ({e.strerror or e})")
+
+
+# ------------------------------------------------------------------------------------------------
+# melanoma.py's ledger: a row per finished fold, and --runs, its experiments compared
+
+def append_run(path, row):
+    """Append `row` to the ledger, with a header in a new file. Folds that finish at the same
+    moment each append: a lock around the size check and the write keeps the header single and
+    the lines whole; a rewrite through atomic_write would lose a row written in between."""
+    buf = io.StringIO()
+    csv.DictWriter(buf, LEDGER, lineterminator="\n").writerow(row)
+    try:
+        ledger = open(path, "a+b")
+    except OSError as e:
+        raise DataError(f"{path}: cannot append to the ledger ({e.strerror or e})")
+    with ledger as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # released when the file is closed, after the flush
+        end = f.seek(0, os.SEEK_END)
+        if end == 0:
+            f.write((",".join(LEDGER) + "\n").encode())
+        else:
+            f.seek(end - 1)
+            if f.read(1) != b"\n":  # an edited ledger: the row must not be glued on
+                f.write(b"\n")
+        f.write(buf.getvalue().encode())
+
 
 def read_ledger(path):
     runs = read_csv(path, LEDGER, "ledger")

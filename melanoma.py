@@ -36,29 +36,8 @@ difference within the noise); a 6000x4000 JPEG loads at 512 px in 0.05 s against
 plain decode and resize; 15-pass TTA decoding once runs 5.7x faster than re-reading at 256 px,
 2.0x at 512 px. GPU figures: not measured yet.
 """
-import argparse
-import contextlib
-import copy
-import csv
-import difflib
-import fcntl
-import functools
-import glob
-import hashlib
-import io
-import itertools
-import json
-import math
-import os
-import pickle
-import re
-import resource
-import shlex
-import signal
-import sys
-import tempfile
-import time
-import warnings
+import argparse, contextlib, copy, difflib, functools, glob, hashlib, itertools, json, math, os
+import pickle, re, resource, shlex, signal, sys, tempfile, time, warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -80,8 +59,9 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from tqdm import tqdm
 
 # torch-free helpers shared with ensemble.py, which stays free of torch so that it starts at once
-from ensemble import LEDGER, LEDGER_FILE, ArgumentParser, DataError, atomic_write, check_names, \
-    check_whole_numbers, finite, print_runs, read_csv, read_ledger, refuse_rows
+from ensemble import LEDGER_FILE, ArgumentParser, DataError, append_run, atomic_write, bounded, \
+    check_names, check_whole_numbers, check_writable, finite, print_runs, read_csv, read_ledger, \
+    refuse_rows, text
 
 # Where the data is looked for without --data-dir: a folder in the working folder, then the
 # competition as Kaggle notebooks mount it.
@@ -311,7 +291,8 @@ def read_data(args, say=print):
     check_targets(train, train_csv)
     if args.target == "diagnosis":
         check_diagnoses(train, train_csv)
-    folds = read_folds(args.folds)
+    folds = read_csv(args.folds, ["image_name", "fold"], "folds file")
+    check_whole_numbers(folds, "fold", f"folds file {args.folds}")
     train = train.drop(columns=["fold"], errors="ignore")
     train = train.merge(folds[["image_name", "fold"]], on="image_name", how="left")
     missing = train["fold"].isna()
@@ -902,35 +883,9 @@ def train_folds(args, accelerator):
 # ----------------------------------------------------------------------------------------------
 # Input checks: flags when parsed, files when first read, outputs before the first epoch
 
-def bounded(kind, low=-math.inf, high=math.inf, low_open=False, high_open=False):
-    """An argparse type: a finite `kind` (int or float) in [low, high], either end open."""
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {text!r}")
-        if not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-        if value < low or low_open and value == low:
-            least = {0: "positive" if low_open else "0 or more"}.get(low, f"at least {low}")
-            raise argparse.ArgumentTypeError(f"must be {least}, got {text}")
-        if value > high or high_open and value == high:
-            raise argparse.ArgumentTypeError(f"must be {'below' if high_open else 'at most'} "
-                                             f"{high}, got {text}")
-        return value
-    return parse
-
-
-def text(value):
-    """An argparse type for a value that must not be empty (an unset shell variable)."""
-    if not value.strip():
-        raise argparse.ArgumentTypeError("empty; give a value")
-    return value
-
-
 def path_type(resolve=True, key=None):
-    """An argparse type for a path: not empty; absolute if `resolve`, so that the run's JSON
-    serves from any folder. `key` gives what the path counts as in a run's settings."""
+    """An argparse type for a path, absolute if `resolve`: a run's JSON then serves from any
+    folder. `key`: what the path counts as in a run's settings."""
     def parse(value):
         return str(Path(text(value)).resolve()) if resolve else text(value)
     parse.key = key
@@ -939,7 +894,8 @@ def path_type(resolve=True, key=None):
 
 @functools.cache
 def digest(path, stamp):
-    """The SHA-256 of a file's bytes; `stamp` (size, mtime) makes an edited file a new key."""
+    """A file's SHA-256; `stamp` (size, mtime) is in the cache's key, so an edited file is read
+    again."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -948,14 +904,17 @@ def digest(path, stamp):
 
 
 def file_key(path):
-    """A file flag counts by its content; a missing file by its path (reading it says why)."""
-    return digest(path, (os.stat(path).st_size, os.stat(path).st_mtime_ns)) \
-        if os.path.isfile(path) else str(path)
+    """A file flag counts by its content: by its path an edited file would pass for the same; a
+    missing file counts by its path (reading it says why)."""
+    if not os.path.isfile(path):
+        return str(path)
+    st = os.stat(path)
+    return digest(path, (st.st_size, st.st_mtime_ns))
 
 
 def run_name(value):
-    """--name: a plain file-name part on one line (it names files, and lines of the ledger)."""
-    if (not value.strip() or set(value) & {"/", "\\", "\0", "\n", "\r"} or value.startswith(".")
+    """--name names files and lines of the ledger: a plain file-name part on one line."""
+    if (not value.strip() or set(value) & set("/\\\0\n\r") or value.startswith(".")
             or len(value) > 150):
         raise argparse.ArgumentTypeError("must be a plain file-name part of at most 150 "
                                          f"characters on one line, got {value[:160]!r}")
@@ -971,67 +930,47 @@ OUTPUT = path_type(resolve=False)
 
 def check_flags(p, args):
     """The checks that relate two flags; each flag's own bounds are in its type."""
-    if args.lr_min > args.lr_max:
-        p.error(f"need --lr-min <= --lr-max, got --lr-min {args.lr_min} --lr-max {args.lr_max}")
-    if args.external_neg_ratio is not None and not args.external:
-        p.error("--external-neg-ratio needs --external")
-    if args.msd > 1 and args.dropout == 0:
-        p.error("--msd averages over dropout masks: it needs --dropout above 0")
-    if args.resume and args.overwrite:
-        p.error("--resume continues a checkpoint and --overwrite discards it: pass one")
-    if len(set(args.fold)) < len(args.fold):
-        p.error(f"--fold lists a fold twice: {' '.join(map(str, args.fold))}")
-    if args.skip_bad and not args.predict:
-        p.error("--skip-bad goes with --predict")
-    if args.weights and args.init_from:
-        p.error("--weights and --init-from both set the starting weights: pass one")
-    if args.lr_find_start >= args.lr_find_end:
-        p.error("need --lr-find-start < --lr-find-end, got "
-                f"{args.lr_find_start} and {args.lr_find_end}")
-    tools = [t for t in TOOLS if getattr(args, t)]
-    if len(tools) > 1 and tools != ["predict", "explain"]:
-        p.error(f"--{tools[0].replace('_', '-')} and --{tools[1].replace('_', '-')} are two "
-                "tools: pass one")
+    tools = [f"--{t.replace('_', '-')}" for t in TOOLS if getattr(args, t)]
+    for wrong, message in (
+            (args.lr_min > args.lr_max, f"need --lr-min <= --lr-max, got --lr-min {args.lr_min} "
+             f"--lr-max {args.lr_max}"),
+            (args.external_neg_ratio is not None and not args.external,
+             "--external-neg-ratio needs --external"),
+            (args.msd > 1 and args.dropout == 0,
+             "--msd averages over dropout masks: it needs --dropout above 0"),
+            (args.resume and args.overwrite,
+             "--resume continues a checkpoint and --overwrite discards it: pass one"),
+            (len(set(args.fold)) < len(args.fold),
+             f"--fold lists a fold twice: {' '.join(map(str, args.fold))}"),
+            (args.skip_bad and not args.predict, "--skip-bad goes with --predict"),
+            (args.weights and args.init_from,
+             "--weights and --init-from both set the starting weights: pass one"),
+            (args.lr_find_start >= args.lr_find_end, "need --lr-find-start < --lr-find-end, got "
+             f"{args.lr_find_start} and {args.lr_find_end}"),
+            (len(tools) > 1 and tools != ["--predict", "--explain"],
+             f"{' and '.join(tools[:2])} are two tools: pass one")):
+        if wrong:
+            p.error(message)
 
 
 def one_line(e):
-    """An error's message on one line; one raised in a loader process carries its traceback,
-    whose last line is the message."""
+    """An error raised in a loader process carries its traceback: its last line is the
+    message."""
     lines = str(e).strip().splitlines() or [type(e).__name__]
-    if lines[0].startswith("Caught DataError") or lines[0].startswith("Traceback"):
+    if lines[0].startswith(("Caught DataError", "Traceback")):
         return lines[-1].split("DataError: ")[-1]
     return " ".join(line.strip() for line in lines)
 
 
-def check_writable(path, flag, folder=True):
-    """Refuse an output location before anything is written: a file where a folder is
-    expected (or the reverse), or a place where files cannot be created."""
-    path = Path(path)
-    if path.exists() and path.is_dir() != folder:
-        raise DataError(f"{flag} {path}: a {'file' if folder else 'folder'}, "
-                        f"not a {'folder' if folder else 'file'}")
-    nearest = path if folder else path.parent
-    while not nearest.exists() and nearest != nearest.parent:
-        nearest = nearest.parent
-    if not nearest.is_dir():
-        raise DataError(f"{flag} {path}: {nearest} is a file, not a folder")
-    try:
-        with tempfile.TemporaryFile(dir=nearest):
-            pass
-    except OSError as e:
-        raise DataError(f"{flag} {path}: cannot write in {nearest} ({e.strerror or e})")
-
-
 def check_targets(df, path):
-    """Make `target` int, or name the first row whose target is not 0 or 1."""
     target = pd.to_numeric(df["target"], errors="coerce")
     refuse_rows(path, ~target.isin([0, 1]), df["target"], "target must be 0 or 1, got {value!r}")
     df["target"] = target.astype(int)
 
 
 def locate_data(args, say=print):
-    """Settle --data-dir and --folds, whose defaults depend on what is on disk: the first
-    default location with a competition layout, and the folds file in it or beside this file."""
+    """--data-dir's and --folds' defaults depend on what is on disk: the first default location
+    with a competition layout, and the folds file in it, else the one beside this file."""
     if args.data_dir is None:
         found = [d for d in DATA_LOCATIONS if layout_of(d)]
         if not found:
@@ -1049,31 +988,21 @@ def locate_data(args, say=print):
         args.folds = str((beside if beside.is_file() else ours).resolve())
 
 
-def check_demo_folder(folder):
-    """The demo writes its data only into a new or empty folder, never among a user's files."""
-    folder = Path(folder)
-    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
-        raise DataError(f"--demo --data-dir {folder}: not an empty folder and no demo data "
-                        "(train.csv) in it; the demo makes its data only in a new or empty folder")
-
-
-def read_folds(path):
-    folds = read_csv(path, ["image_name", "fold"], "folds file")
-    check_whole_numbers(folds, "fold", f"folds file {path}")
-    return folds
-
-
 def read_inputs(args, accelerator):
-    """The data of a training run (made first with --demo), every input and output location
-    checked before the first epoch: (training rows, test rows)."""
+    """(training rows, test rows), every input and output location checked before the first
+    epoch; --demo makes its data first."""
     if accelerator.device.type == "cpu" and accelerator.mixed_precision == "fp16":
         raise DataError("--mixed-precision fp16 needs a GPU; on the CPU use bf16 or no")
     # the demo's dataset is made once, by the main process, before the others read it
     with accelerator.main_process_first():
-        if args.demo and not (Path(args.data_dir) / "train.csv").exists():
-            check_demo_folder(args.data_dir)
-            print(f"making the demo dataset in {args.data_dir}/ (once)")
-            make_demo_data(args.data_dir, seed=args.seed)
+        folder = Path(args.data_dir or "")
+        if args.demo and not (folder / "train.csv").exists():
+            if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+                raise DataError(f"--demo --data-dir {folder}: not an empty folder and no demo "
+                                "data (train.csv) in it; the demo makes its data only in a new "
+                                "or empty folder, never among a user's files")
+            print(f"making the demo dataset in {folder}/ (once)")
+            make_demo_data(folder, seed=args.seed)
     locate_data(args, accelerator.print)
     check_writable(args.out, "--out")
     if args.cache:
@@ -1116,8 +1045,8 @@ def jpeg_reaches_end(data):
 
 
 def jpeg_scan_start(f):
-    """Where a JPEG file's first scan starts, found by walking the segment headers from the
-    start (their lengths skip embedded thumbnails); None if the file ends before it."""
+    """Where a JPEG file's first scan starts, or None; the segment headers' lengths skip
+    embedded thumbnails, whose own end markers would pass a cut-short file."""
     pos = 2
     while True:
         f.seek(pos)
@@ -1130,17 +1059,16 @@ def jpeg_scan_start(f):
 
 
 def check_image(path):
-    """Refuse an image that is missing, empty, not an image, implausibly large (a
-    decompression bomb) or, for a JPEG, cut short. Cheap: the header, and the tail of the file
-    (the whole file only when the end marker is not in its last kilobyte)."""
+    """Refuse a missing, empty, implausibly large (a decompression bomb) or cut-short image
+    before training rather than in its middle. Cheap: the header and the file's last kilobyte;
+    the whole file only when the end marker is not there."""
     if os.path.isdir(path):
         raise DataError(f"image {path}: a folder, not an image")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
-                width, height = im.size
-                kind = im.format
+                (width, height), kind = im.size, im.format
     except FileNotFoundError as e:
         raise DataError(f"image {path}: {e.strerror}")
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -1165,27 +1093,24 @@ def check_image(path):
         scan = jpeg_scan_start(f) if kind == "JPEG" else 0
         f.seek(max(0, size - 1024))
         tail = f.read()
-    if kind == "PNG" and b"IEND" not in tail:
-        raise DataError(f"image {path}: not a complete PNG (truncated)")
-    # an end marker counts only after the first scan: an embedded thumbnail has one of its own
     end = tail.rfind(b"\xff\xd9")
     end = end + max(0, size - 1024) if end >= 0 else -1
-    if kind == "JPEG" and (scan is None or end < scan) and \
-            not jpeg_reaches_end(Path(path).read_bytes()):
-        raise DataError(f"image {path}: not a complete JPEG (truncated)")
+    if kind == "PNG" and b"IEND" not in tail or kind == "JPEG" and (scan is None or end < scan) \
+            and not jpeg_reaches_end(Path(path).read_bytes()):
+        raise DataError(f"image {path}: not a complete {kind} (truncated)")
 
 
 def check_images(paths, show=True):
-    """Every image checked before training, so that a bad one stops the run at once."""
     for path in progress(paths, "checking images", show and len(paths) >= 2000):
         check_image(path)
 
 
 def read_weights(path, flag="--weights"):
-    """State dict from .safetensors, or a torch file that holds only tensors (no pickled code)."""
+    """A state dict from .safetensors, or from a torch file that holds only tensors: a pickle
+    could run code."""
     if not Path(path).is_file():
-        reason = "a folder, not a file" if Path(path).is_dir() else "no such file"
-        raise DataError(f"{flag} {path}: {reason}")
+        raise DataError(f"{flag} {path}: "
+                        f"{'a folder, not a file' if Path(path).is_dir() else 'no such file'}")
     try:
         if str(path).endswith(".safetensors"):
             sd = load_file(path)
@@ -1206,13 +1131,12 @@ def read_weights(path, flag="--weights"):
 
 
 def load_weights(model, sd, what, name, say=print):
-    """Load what fits: every backbone tensor must; the head and metadata MLP may be new, and
-    what has another width starts afresh, as one line through `say` tells."""
+    """Load what fits: every backbone tensor must; a head or metadata MLP of another shape
+    (another --head, --target or --meta) starts afresh, as one line through `say` tells."""
     if not any(k.startswith("backbone.") for k in sd):  # a bare timm model's state dict
         classifier = model.backbone.default_cfg.get("classifier", "~") + "."
         sd = {f"backbone.{k}": v for k, v in sd.items() if not k.startswith(classifier)}
     own = model.state_dict()
-    # a head of another shape (other metadata, another --head or --target) is left to train anew
     resized = {k for k in sd if k in own and sd[k].shape != own[k].shape}
     missing, unexpected = model.load_state_dict(
         {k: v for k, v in sd.items() if k not in resized}, strict=False)
@@ -1920,33 +1844,6 @@ def ledger_row(args, result):
     return dict(date=time.strftime("%Y-%m-%d %H:%M:%S"), name=args.name, fold=result["fold"],
                 oof_auc=result["oof_auc"], oof_auc_no_tta=result["oof_auc_no_tta"],
                 wall_s=round(result["wall_s"], 1), settings=args.settings, out=args.out)
-
-
-def append_run(path, row):
-    """Append `row` to the ledger at `path`, with a header in a new file. Runs that finish at
-    the same moment each append: an exclusive lock around the size check and the write keeps
-    the header single and the lines whole (O_APPEND alone would let two new-file writers both
-    write a header); a rewrite through atomic_write would lose a row written in between."""
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, LEDGER, lineterminator="\n")
-    writer.writerow(row)
-    try:
-        ledger = open(path, "a", newline="")
-    except OSError as e:
-        raise DataError(f"{path}: cannot append to the ledger ({e.strerror or e})")
-    with ledger as f:
-        fcntl.flock(f, fcntl.LOCK_EX)  # released when the file is closed, after the flush
-        if os.fstat(f.fileno()).st_size == 0:
-            f.write(",".join(LEDGER) + "\n")
-        elif not last_byte_is_newline(path):  # an edited ledger: the row must not be glued on
-            f.write("\n")
-        f.write(buf.getvalue())
-
-
-def last_byte_is_newline(path):
-    with open(path, "rb") as f:
-        f.seek(-1, os.SEEK_END)
-        return f.read(1) == b"\n"
 
 
 # ----------------------------------------------------------------------------------------------

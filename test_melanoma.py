@@ -20,6 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
+import ensemble
 import melanoma
 
 ROOT = Path(__file__).resolve().parent
@@ -1241,9 +1242,9 @@ def test_workbench_ledger_groups_names_ranks_by_concatenated_oof_and_takes_concu
 @pytest.mark.parametrize("content, names", [
     (None, ["ledger", "runs.csv", "no such file"]),
     ("", ["ledger", "runs.csv", "cannot read it as CSV"]),
-    (",".join(melanoma.LEDGER) + "\n", ["runs.csv", "no rows"]),
+    (",".join(ensemble.LEDGER) + "\n", ["runs.csv", "no rows"]),
     ("date,name\nx,y\n", ["runs.csv", "missing column(s) fold"]),
-    (",".join(melanoma.LEDGER) + "\nd,a,0,high,0.5,1,,o\n", ["runs.csv", "row 2", "oof_auc must be a finite number"]),
+    (",".join(ensemble.LEDGER) + "\nd,a,0,high,0.5,1,,o\n", ["runs.csv", "row 2", "oof_auc must be a finite number"]),
 ])
 def test_workbench_bad_ledger_is_one_line(tmp_path, capsys, content, names):
     if content is not None:
@@ -1298,7 +1299,6 @@ def test_help_shows_the_default_data_locations(capsys):
 # ----------------------------------------------------------------------------------------------
 # ensemble.py
 
-import ensemble  # noqa: E402
 
 
 def write_model(d, name, folds, test, rows=None):
@@ -1503,10 +1503,10 @@ A = ["a_fold0_oof.csv", "a_fold0_test.csv"]
 
 @pytest.mark.parametrize("argv, message", [
     (lambda d: [*A, "a_fold0_oof.csv"], "a_fold0_oof.csv and a_fold0_oof.csv: the same file name twice"),
-    (lambda d: [*A, "--bootstrap", "-1"], "--bootstrap -1: the number of resamples must be 0 or more"),
+    (lambda d: [*A, "--bootstrap", "-1"], "argument --bootstrap: must be 0 or more, got -1"),
     (lambda d: ["absent_fold0_oof.csv", "--out", "sub.json"], "--out sub.json: the report goes beside"),
-    (lambda d: [*A, "--out", made(d / "o")], "o is a folder"),
-    (lambda d: [*A, "--out", made(d / "sub.json") / ".." / "sub.csv"], "sub.json is a folder"),
+    (lambda d: [*A, "--out", made(d / "o")], "o: a folder, not a file"),
+    (lambda d: [*A, "--out", made(d / "sub.json") / ".." / "sub.csv"], "sub.json: a folder, not a file"),
     (lambda d: [*A, "--out", made(d / "f", "") / "out" / "sub.csv"], "f is a file, not a folder"),
     (lambda d: [*A, "--out", "a_fold0_test.csv"], "--out a_fold0_test.csv: would overwrite the input a_fold0_test.csv"),
     (lambda d: [*A, "--folds", made(d / "f").name], "folds file f: is a folder"),
@@ -1517,8 +1517,8 @@ A = ["a_fold0_oof.csv", "a_fold0_test.csv"]
     (lambda d: [*A, "--folds", made(d / "f.csv", "image_name,patient_id\n img0,p0\n")],
      "f.csv: row 2: image_name ' img0' has surrounding spaces"),
     (lambda d: [*A, "--folds", made(d / "f.csv", 'image_name,patient_id\n"img0,p0\n')], "f.csv: cannot read it as CSV"),
-    (lambda d: [*A, "--seed", "-1"], "--seed -1: must be 0 or more"),
-    (lambda d: [*A, "--out", ""], "--out '': give a file path"),
+    (lambda d: [*A, "--seed", "-1"], "argument --seed: must be 0 or more, got -1"),
+    (lambda d: [*A, "--out", ""], "argument --out: empty; give a value"),
     (lambda d: [*A, "--folds", made(d / "f.csv", "image_name,patient_id\nimg0,p0\n"), "--out", "f.csv"],
      "would overwrite the input"),
     (lambda d: [*A, "--out", "a_fold1.csv"], "--out a_fold1.csv: a_fold1.csv is the name of a file melanoma.py writes"),
@@ -1758,7 +1758,7 @@ def test_lr_find_with_meta_tests_the_model_with_the_metadata_branch(tiny_data, t
 
 def test_a_ledger_without_its_final_newline_gets_its_next_row_on_a_line_of_its_own(tmp_path):
     path = tmp_path / "runs.csv"
-    path.write_text(",".join(melanoma.LEDGER) + "\n2026-01-01 00:00:00,a,0,0.8,0.7,1.0,--size 48,o")  # no newline
+    path.write_text(",".join(ensemble.LEDGER) + "\n2026-01-01 00:00:00,a,0,0.8,0.7,1.0,--size 48,o")  # no newline
     melanoma.append_run(path, dict(date="2026-01-02 00:00:00", name="b", fold=1, oof_auc=0.9, oof_auc_no_tta=0.8,
                                    wall_s=2.0, settings="", out="o"))
     assert ensemble.read_ledger(path)["name"].tolist() == ["a", "b"]
@@ -1771,8 +1771,8 @@ def test_a_ledger_that_cannot_take_a_row_is_refused_before_training(tiny_data, t
 
 
 @pytest.mark.parametrize("content, names", [
-    (",".join(melanoma.LEDGER) + "\n2026-01-01 00:00:00,a,0,0.8,0.7,1.0,--size 4", ["row 2", "out is empty"]),
-    (",".join(melanoma.LEDGER) + '\n2026-01-01 00:00:00,a,0,0.8,0.7,1.0,"--name \'x",o\n', ["row 2", "unbalanced quote"]),
+    (",".join(ensemble.LEDGER) + "\n2026-01-01 00:00:00,a,0,0.8,0.7,1.0,--size 4", ["row 2", "out is empty"]),
+    (",".join(ensemble.LEDGER) + '\n2026-01-01 00:00:00,a,0,0.8,0.7,1.0,"--name \'x",o\n', ["row 2", "unbalanced quote"]),
 ])
 def test_runs_refuses_a_ledger_cut_mid_row_or_with_an_unbalanced_quote(tmp_path, capsys, content, names):
     (tmp_path / "runs.csv").write_text(content)
@@ -2245,7 +2245,7 @@ def test_meta_init_from_a_meta_run_trains(tiny_data, tmp_path, capsys):
 
 def test_a_damaged_ledger_is_refused_before_training(tiny_data, tmp_path, capsys):
     (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "runs.csv").write_text(",".join(melanoma.LEDGER) + '\n2026,a,0,0.5,0.5,1,"--size 32,o\n')
+    (tmp_path / "out" / "runs.csv").write_text(",".join(ensemble.LEDGER) + '\n2026,a,0,0.5,0.5,1,"--size 32,o\n')
     refused_run(train_args(tiny_data, tmp_path / "out"), capsys, "runs.csv", "cannot read it as CSV")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["runs.csv"]
 
@@ -2294,7 +2294,7 @@ def test_lr_find_rates_have_the_training_rates_floor(tiny_data, tmp_path, capsys
 
 
 def test_runs_refuses_an_infinite_auc(tmp_path, capsys):
-    (tmp_path / "runs.csv").write_text(",".join(melanoma.LEDGER) + "\n2026-01-01,a,0,inf,0.5,1,,o\n")
+    (tmp_path / "runs.csv").write_text(",".join(ensemble.LEDGER) + "\n2026-01-01,a,0,inf,0.5,1,,o\n")
     refused_run(["--runs", tmp_path], capsys, "row 2", "oof_auc must be a finite number, got 'inf'")
 
 
