@@ -1100,9 +1100,20 @@ def check_image(path):
         raise DataError(f"image {path}: not a complete {kind} (truncated)")
 
 
-def check_images(paths, show=True):
+def check_images(paths, show=True, skip_bad=None):
+    """{path: why} of the images that cannot be used, all checked so that all are named at once;
+    they stop the run unless --predict's --skip-bad (None: training, which has no such flag)."""
+    bad = {}
     for path in progress(paths, "checking images", show and len(paths) >= 2000):
-        check_image(path)
+        try:
+            check_image(path)
+        except DataError as e:
+            bad[path] = str(e)
+    if bad and not skip_bad or len(bad) == len(paths):
+        hint = "; --skip-bad predicts the rest" if skip_bad is False else ""
+        raise DataError(f"{len(bad)} image(s) cannot be used (of {len(paths)}), e.g. "
+                        f"{'; '.join(list(bad.values())[:3])}{hint}")
+    return bad
 
 
 def read_weights(path, flag="--weights"):
@@ -1853,27 +1864,26 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
 def load_run(out, name):
-    """The finished folds of run `name` in `out`: {fold: (its JSON, its weights file)}. They
-    must be one model: trained with the same settings."""
+    """{fold: (its JSON, its weights file)} of run `name` in `out`; its folds are averaged as one
+    model, so they must have been trained with the same settings."""
     folds = run_folds(out, name)
     if not folds:
         raise DataError(f"--name {name}: no weights in {out} (looked for "
                         f"{Path(out) / name}_fold{{k}}.safetensors)")
     runs = {}
     for fold, stem in folds.items():
-        path = stem.with_suffix(".safetensors")
+        path, record = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
         if not path.is_file():
-            raise DataError(f"{path.with_suffix('.json')}: a finished fold without its weights "
-                            f"({path.name}); retrain the fold or move its JSON away")
+            raise DataError(f"{record}: a finished fold without its weights ({path.name}); "
+                            "retrain the fold or move its JSON away")
         try:
-            info = json.loads(path.with_suffix(".json").read_text())
+            info = json.loads(record.read_text())
             if not (isinstance(info["args"], dict) and isinstance(info["run"], dict)):
                 raise TypeError("its args or run is not an object")
             if info.get("classes") is not None and "MEL" not in info["classes"]:
                 raise ValueError("its classes have no melanoma (MEL)")
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise DataError(f"{path.with_suffix('.json')}: the run's JSON is missing or "
-                            f"unreadable ({one_line(e)})")
+            raise DataError(f"{record}: the run's JSON is missing or unreadable ({one_line(e)})")
         runs[fold] = (info, path)
     (first, first_path), *_ = runs.values()
     for info, path in runs.values():
@@ -1885,14 +1895,12 @@ def load_run(out, name):
 
 
 def load_trained(info, path, accelerator):
-    """A finished fold's model on the device, with its saved weights, and the augmentation it
-    trained with (its TTA views), as its JSON records them (a run older than --target has no
-    classes: one logit)."""
+    """A finished fold's model on the device, and the augmentation it trained with (its TTA
+    views) as its JSON records it: the --augs file may have been edited since."""
     a = SimpleNamespace(**info["args"])
-    n_meta = meta_width(info["meta"]) if info.get("meta") else 0
-    classes = info.get("classes")
-    raw_model = create_model(a.model, False, None, n_meta, a.head, a.dropout, a.msd,
-                             len(classes) if classes else 1)
+    classes = info.get("classes")  # a run older than --target has none: one logit
+    raw_model = create_model(a.model, False, None, meta_width(info["meta"]) if info.get("meta")
+                             else 0, a.head, a.dropout, a.msd, len(classes) if classes else 1)
     try:
         raw_model.load_state_dict(load_file(path))
     except Exception as e:  # safetensors' own error for a damaged file, torch's for a misfit
@@ -1900,8 +1908,7 @@ def load_trained(info, path, accelerator):
     raw_model = raw_model.to(accelerator.device, memory_format=torch.channels_last)
     cfg = raw_model.backbone.pretrained_cfg
     stack = build_augs(info["augs"]) if "augs" in info else augmentations(a)
-    augment = Augment(cfg["mean"], cfg["std"], a.cutout, stack)
-    return raw_model, augment.to(accelerator.device)
+    return raw_model, Augment(cfg["mean"], cfg["std"], a.cutout, stack).to(accelerator.device)
 
 
 def images_to_predict(path, data_dir, meta):
@@ -1912,52 +1919,23 @@ def images_to_predict(path, data_dir, meta):
         if meta:
             raise DataError(f"--predict {path}: the model was trained with --meta: pass a CSV "
                             f"with image_name and {', '.join(META_COLUMNS)}")
-        files = sorted(p for p in path.rglob("*")
-                       if p.suffix.lower() in IMAGE_SUFFIXES)  # a broken link is reported
+        # a broken link or a folder named like an image is kept: checking it reports it
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise DataError(f"--predict {path}: no images ({', '.join(IMAGE_SUFFIXES)}) in it")
         return pd.DataFrame(dict(image_name=[p.relative_to(path).as_posix() for p in files],
                                  path=[str(p) for p in files]))
     root = Path(data_dir) if data_dir else path.parent
     first = read_csv(path, ["image_name"], "--predict file")["image_name"].iloc[0]
-    folders = [root, root / "jpeg" / "test", root / "test", root / "jpeg" / "train",
-               root / "train"]
+    folders = [root / sub for sub in ("", "jpeg/test", "test", "jpeg/train", "train")]
     folder = next((d for d in folders if (d / f"{first}.jpg").is_file()), root)
     return read_images_csv(path, folder, ["image_name"], "--predict file", meta)
 
 
-def readable_rows(rows, skip_bad):
-    """(the rows whose image passes check_image, {path: reason} of the others). Unreadable images
-    are refused all together, unless --skip-bad."""
-    reasons = {}
-    for path in progress(rows["path"], "checking images", len(rows) >= 2000):
-        try:  # every image is tried, so that the user sees all the bad ones at once
-            check_image(path)
-        except DataError as e:
-            reasons[path] = str(e)
-    if reasons and not skip_bad:
-        raise DataError(f"{len(reasons)} image(s) cannot be used, e.g. "
-                        f"{'; '.join(list(reasons.values())[:3])}; --skip-bad predicts the rest")
-    if len(reasons) == len(rows):
-        raise DataError(f"none of the {len(rows)} image(s) can be used, e.g. "
-                        f"{list(reasons.values())[0]}")
-    return rows[~rows["path"].isin(reasons)].reset_index(drop=True), reasons
-
-
-def predict_with(info, path, rows, args, accelerator, desc):
-    """One fold's probabilities for `rows`, with its TTA seeds and batches as in training, so
-    that the competition's test images get the numbers of the run's own _test.csv."""
-    a = SimpleNamespace(**info["args"])
-    raw_model, augment = load_trained(info, path, accelerator)
-    model = accelerator.prepare_model(raw_model, evaluation_mode=True)
-    loader_args = SimpleNamespace(num_workers=args.num_workers, batch_size=a.batch_size)
-    loader = make_loader(Images(rows["path"], a.size, args.cache), accelerator, loader_args)
-    return predict(model, augment, loader, accelerator, args.tta, a.seed + 1, desc,
-                   meta_tensor(rows), melanoma_output(info.get("classes")))
-
-
 def predict_images(args, accelerator):
-    """--predict PATH: every fold of run --name scores the images; the folds are averaged."""
+    """--predict PATH: every fold of run --name scores the images, with its TTA seeds and batches
+    as in training (the competition's test images get the numbers of the run's _test.csv); the
+    folds are averaged."""
     start = time.time()
     runs = load_run(args.out, args.name)
     spec = next(iter(runs.values()))[0].get("meta")
@@ -1966,15 +1944,20 @@ def predict_images(args, accelerator):
     check_writable(args.out, "--out")
     check_output_files([out, skipped] + [fold_file(args, k, "_explain.png")
                                          for k in runs if args.explain])
-    rows = images_to_predict(args.predict, args.data_dir, spec is not None)
-    every = rows
-    rows, bad = readable_rows(rows, args.skip_bad)
-    if spec:
-        rows = with_meta(rows, spec)
+    every = images_to_predict(args.predict, args.data_dir, spec is not None)
+    bad = check_images(every["path"], skip_bad=args.skip_bad)
+    rows = every[~every["path"].isin(bad)].reset_index(drop=True)
+    rows = with_meta(rows, spec) if spec else rows
     scores = rows[["image_name"]].copy()
     for fold, (info, path) in runs.items():
-        scores[f"fold{fold}"] = predict_with(info, path, rows, args, accelerator,
-                                             f"fold {fold} TTA x{args.tta}")
+        a = SimpleNamespace(**info["args"])
+        raw_model, augment = load_trained(info, path, accelerator)
+        model = accelerator.prepare_model(raw_model, evaluation_mode=True)
+        loader = make_loader(Images(rows["path"], a.size, args.cache), accelerator,
+                             SimpleNamespace(num_workers=args.num_workers, batch_size=a.batch_size))
+        scores[f"fold{fold}"] = predict(model, augment, loader, accelerator, args.tta, a.seed + 1,
+                                        f"fold {fold} TTA x{args.tta}", meta_tensor(rows),
+                                        melanoma_output(info.get("classes")))
     scores["target"] = scores[[f"fold{k}" for k in runs]].mean(axis=1)
     if accelerator.is_main_process:
         write_csv(scores, out)
@@ -1987,16 +1970,13 @@ def predict_images(args, accelerator):
     accelerator.print(f"wrote {out}: {len(scores)} images, {len(runs)} fold(s) averaged "
                       f"(target = their mean), TTA x{args.tta}, {time.time() - start:.0f} s")
     if args.explain:
-        explain(args, accelerator, runs, rows.assign(**{c: scores[c] for c in scores
-                                                        if c.startswith("fold")}))
+        explain(args, accelerator, runs, rows.join(scores.filter(like="fold")))
 
 
 def grad_cam(model, augment, x, meta=None, melanoma=0):
-    """(probabilities, Grad-CAM maps in [0, 1] at the images' size): the backbone's last feature
-    maps weighted by the mean gradient of the melanoma log-odds over each, summed, ReLU,
-    upsampled. The log-odds (melanoma_logit) is the logit of one output; over several it is the
-    melanoma logit against the others', whose gradient, unlike log P(melanoma)'s, does not
-    vanish on a confident melanoma."""
+    """(probabilities, Grad-CAM maps in [0, 1] at the images' size). The gradient is that of the
+    melanoma log-odds (melanoma_logit): over several outputs, unlike log P(melanoma)'s, it does
+    not vanish on a confident melanoma."""
     model.eval()
     with torch.no_grad():  # the gradient is needed from the feature maps on, not before
         feature_map = model.backbone.forward_features(augment(x, random=False))
@@ -2009,18 +1989,8 @@ def grad_cam(model, augment, x, meta=None, melanoma=0):
     return torch.sigmoid(logits).detach(), cam.detach()
 
 
-def training_rows(info):
-    """The run's training images (image_name, target, path, and metadata with --meta)."""
-    a = info["args"]
-    train_dir = find_layout(a["data_dir"])[0]
-    rows = read_images_csv(Path(a["data_dir"]) / "train.csv", train_dir,
-                           ["image_name", "target"], "train file", bool(info.get("meta")))
-    check_targets(rows, Path(a["data_dir"]) / "train.csv")
-    return with_meta(rows, info["meta"]) if info.get("meta") else rows
-
-
 def explain(args, accelerator, runs=None, new=None):
-    """--explain N: one PNG grid per fold, {name}_fold{k}_explain.png: Grad-CAM of the N most
+    """--explain N: a PNG grid per fold, {name}_fold{k}_explain.png: Grad-CAM of the N most
     confident false positives and false negatives of its OOF predictions, and of the N new
     images it scores highest (with --predict)."""
     if runs is None:  # --explain alone; with --predict, that checked the outputs
@@ -2032,38 +2002,50 @@ def explain(args, accelerator, runs=None, new=None):
     for fold, (info, path) in runs.items():
         cases = explain_cases(args, fold, info, new)
         model, augment = load_trained(info, path, accelerator)
-        size = info["args"]["size"]
-        x = torch.stack([torch.from_numpy(load_image(p, size)).permute(2, 0, 1)
+        x = torch.stack([torch.from_numpy(load_image(p, info["args"]["size"])).permute(2, 0, 1)
                          for p in cases["path"]]).to(accelerator.device)
         meta = meta_tensor(cases)
         probs, cams = grad_cam(model, augment, x, None if meta is None else meta.to(x.device),
                                melanoma_output(info.get("classes")))
-        figure = explain_grid(x.permute(0, 2, 3, 1).cpu().numpy(), cams.cpu().numpy(),
-                              cases, probs.cpu().numpy())
+        figure = Figure(figsize=(5, 2.6 * len(cases)), layout="constrained")
+        axes = figure.subplots(len(cases), 2, squeeze=False)
+        for row, image, cam, case, p in zip(axes, x.permute(0, 2, 3, 1).cpu().numpy(),
+                                            cams.cpu().numpy(), cases.itertuples(), probs.tolist()):
+            target = "?" if pd.isna(case.target) else int(case.target)
+            row[0].imshow(image)
+            row[0].set_title(f"{case.case}\n{case.image_name}", fontsize=8)
+            row[1].imshow(image)
+            row[1].imshow(cam, cmap="jet", alpha=0.45, vmin=0, vmax=1)
+            row[1].set_title(f"target {target}, p = {p:.3f}", fontsize=8)
+            row[0].axis("off")
+            row[1].axis("off")
         target = fold_file(args, fold, "_explain.png")
         save_figure(figure, target)
-        track_images(accelerator, f"{args.name}_fold{fold}", {"explain": target})
+        start_tracking(accelerator, f"{args.name}_fold{fold}")
+        end_tracking(accelerator, {"explain": target})
         accelerator.print(f"wrote {target}: Grad-CAM of {len(cases)} images")
 
 
 def explain_cases(args, fold, info, new):
     """The images a fold's grid shows: its worst OOF mistakes, and the new images it scores
     highest."""
-    n = args.explain
-    cases = []
+    n, cases = args.explain, []
     oof_file = fold_file(args, fold, "_oof.csv")
     if oof_file.is_file():
         oof = read_csv(oof_file, ["image_name", "pred"], "OOF file")
-        rows = training_rows(info).set_index("image_name")
+        train_csv = Path(info["args"]["data_dir"]) / "train.csv"
+        rows = read_images_csv(train_csv, find_layout(info["args"]["data_dir"])[0],
+                               ["image_name", "target"], "train file", bool(info.get("meta")))
+        check_targets(rows, train_csv)
+        rows = (with_meta(rows, info["meta"]) if info.get("meta") else rows).set_index("image_name")
         unknown = oof["image_name"][~oof["image_name"].isin(rows.index)]
         if len(unknown):
             raise DataError(f"{oof_file}: {len(unknown)} image(s) not in the run's train.csv "
-                            f"({info['args']['data_dir']}), e.g. {unknown.iloc[0]}")
+                            f"({train_csv}), e.g. {unknown.iloc[0]}")
         scores = pd.to_numeric(oof["pred"], errors="coerce").to_numpy()
         rows = rows.loc[oof["image_name"]].reset_index().assign(score=scores)
-        fp = rows[rows["target"] == 0].nlargest(n, "score").assign(case="false positive")
-        fn = rows[rows["target"] == 1].nsmallest(n, "score").assign(case="false negative")
-        cases += [fp, fn]
+        cases += [rows[rows["target"] == 0].nlargest(n, "score").assign(case="false positive"),
+                  rows[rows["target"] == 1].nsmallest(n, "score").assign(case="false negative")]
     if new is not None:
         top = new.assign(score=new[f"fold{fold}"]).nlargest(n, "score")
         cases.append(top.assign(case="new, highest scored", target=np.nan))
@@ -2073,34 +2055,16 @@ def explain_cases(args, fold, info, new):
     return pd.concat(cases, ignore_index=True)
 
 
-def explain_grid(images, cams, cases, probs):
-    """A figure with one row per case: the image, and the image under its heat map."""
-    figure = Figure(figsize=(5, 2.6 * len(cases)), layout="constrained")
-    axes = figure.subplots(len(cases), 2, squeeze=False)
-    for row, (image, cam, case, prob) in enumerate(zip(images, cams, cases.itertuples(), probs)):
-        target = "?" if pd.isna(case.target) else int(case.target)
-        axes[row, 0].imshow(image)
-        axes[row, 0].set_title(f"{case.case}\n{case.image_name}", fontsize=8)
-        axes[row, 1].imshow(image)
-        axes[row, 1].imshow(cam, cmap="jet", alpha=0.45, vmin=0, vmax=1)
-        axes[row, 1].set_title(f"target {target}, p = {prob:.3f}", fontsize=8)
-        for ax in axes[row]:
-            ax.axis("off")
-    return figure
-
-
 # ----------------------------------------------------------------------------------------------
 # Trackers: --log-with, through accelerate (init_trackers, log), on the main process only
 
-# The trackers whose log_images we feed, and how each reads an array of images: accelerate's
-# trackers take images in different shapes (one image, a list, a batch), and some take none.
+# How the trackers whose log_images we feed take a batch of images; the others take none.
 IMAGE_KWARGS = {"tensorboard": {"dataformats": "NHWC"}, "wandb": {}}
 
 
 def tracker_names(args):
-    """--log-with's trackers as accelerate's log_with (None without it), `all` as accelerate
-    reads it: every installed one. A tracker that is not installed is refused here, before
-    training: accelerate would drop it with no more than a debug line."""
+    """--log-with as accelerate's log_with, checked before training: accelerate drops a tracker
+    that is not installed with no more than a debug line."""
     if not args.log_with:
         return None
     installed = [str(t) for t in get_available_trackers()]
@@ -2120,31 +2084,22 @@ def tracker_names(args):
 
 
 def tracker_config(settings):
-    """Settings as a tracker's config: TensorBoard's hparams take numbers, text, booleans and
-    None (left out), so a list (--external's folders) goes in as its JSON."""
+    """TensorBoard's hparams take numbers, text, booleans and None: a list (--external's folders)
+    goes in as its JSON."""
     plain = (bool, int, float, str, type(None))
     return {k: v if isinstance(v, plain) else json.dumps(v) for k, v in settings.items()}
 
 
 def start_tracking(accelerator, run, step=None, settings=None):
-    """Open tracker run `run` (TensorBoard's in OUT/logs/run). From `step` on, TensorBoard's reader
-    drops what an earlier, interrupted process logged to the run (purge_step): a resumed fold
-    logs each step once."""
-    init_kwargs = {} if step is None else {"tensorboard": {"purge_step": step}}
-    config = None if settings is None else tracker_config(settings)
-    accelerator.init_trackers(run, config, init_kwargs)
+    """Open tracker run `run`. From `step` on, TensorBoard's reader drops what an interrupted
+    process logged to it (purge_step): a resumed fold logs each step once."""
+    accelerator.init_trackers(run, None if settings is None else tracker_config(settings),
+                              {} if step is None else {"tensorboard": {"purge_step": step}})
 
 
-def end_tracking(accelerator):
-    """Close the open tracker runs. Not accelerator.end_training: it also ends the process group,
-    which the next fold trains in."""
-    for tracker in accelerator.trackers:
-        tracker.finish()
-    accelerator.trackers.clear()
-
-
-def log_images(accelerator, pngs, step=None):
-    """PNG files, {tag: path}, as images to the trackers that take them."""
+def end_tracking(accelerator, pngs, step=None):
+    """Log PNG files ({tag: path}) to the trackers that take images, and close the runs; not
+    with accelerator.end_training, which also ends the process group the next fold trains in."""
     for tracker in accelerator.trackers:
         if tracker.name in IMAGE_KWARGS:
             images = {}
@@ -2152,45 +2107,35 @@ def log_images(accelerator, pngs, step=None):
                 with Image.open(path) as im:
                     images[tag] = np.asarray(im.convert("RGB"))[None]
             tracker.log_images(images, step, **IMAGE_KWARGS[tracker.name])
-
-
-def track_images(accelerator, run, pngs):
-    """PNG files as images to tracker run `run`, opened again and closed."""
-    start_tracking(accelerator, run)
-    log_images(accelerator, pngs)
-    end_tracking(accelerator)
+        tracker.finish()
+    accelerator.trackers.clear()
 
 
 def track_fold(args, accelerator, fold, step):
-    """Open the fold's tracker run, {name}_fold{k}, with its settings, from global step `step`
-    (epoch * steps per epoch + step: a resumed fold goes on where its last finished epoch
-    ended)."""
-    if not accelerator.log_with:
-        return
-    settings = dict(run_key(args, accelerator), name=args.name, fold=fold)
-    start_tracking(accelerator, f"{args.name}_fold{fold}", step, settings)
+    """Open the fold's run from global step `step`: a resumed fold goes on after its last
+    finished epoch."""
+    if accelerator.log_with:  # else the run key would hash files for nothing
+        start_tracking(accelerator, f"{args.name}_fold{fold}", step,
+                       dict(run_key(args, accelerator), name=args.name, fold=fold))
 
 
 def log_epoch(accelerator, h, steps_per_epoch):
-    """An epoch's figures at its last step, below the next epoch's first step, where a resumed
-    fold's run starts (and TensorBoard's reader purges)."""
+    """An epoch's figures at its last step, before the step where a resumed fold's run starts
+    (and TensorBoard's reader purges)."""
     accelerator.log({"train/epoch_loss": h["loss"], "train/lr": h["lr"],
                      "train/images_per_s": h["images_per_s"], "val/auc": h["val_auc"]},
                     step=h["epoch"] * steps_per_epoch - 1)
 
 
 def end_fold_tracking(args, accelerator, fold, result, steps_per_epoch):
-    """The fold's OOF AUC with and without TTA and its plots at its last step; its run closes."""
     step = args.epochs * steps_per_epoch - 1
     accelerator.log({"oof/auc": result["oof_auc"], "oof/auc_no_tta": result["oof_auc_no_tta"]},
                     step=step)
-    log_images(accelerator, {"curves": fold_file(args, fold, "_curves.png"),
-                             "roc": fold_file(args, fold, "_roc.png")}, step)
-    end_tracking(accelerator)
+    end_tracking(accelerator, {"curves": fold_file(args, fold, "_curves.png"),
+                               "roc": fold_file(args, fold, "_roc.png")}, step)
 
 
 def log_lr_find(args, accelerator, curve, png):
-    """--lr-find's curve as tracker run {name}_lr_find: loss, smoothed loss and lr by step."""
     if not accelerator.log_with:
         return
     settings = {k: v for k, v in vars(args).items() if k.startswith("lr_find_")}
@@ -2199,8 +2144,7 @@ def log_lr_find(args, accelerator, curve, png):
     for row in curve.itertuples():
         accelerator.log({"lr_find/loss": row.loss, "lr_find/smoothed": row.smoothed,
                          "lr_find/lr": row.lr}, step=int(row.step))
-    log_images(accelerator, {"lr_find": png}, int(curve["step"].iloc[-1]))
-    end_tracking(accelerator)
+    end_tracking(accelerator, {"lr_find": png}, int(curve["step"].iloc[-1]))
 
 
 # ----------------------------------------------------------------------------------------------
