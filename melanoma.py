@@ -995,14 +995,8 @@ def read_inputs(args, accelerator):
         raise DataError("--mixed-precision fp16 needs a GPU; on the CPU use bf16 or no")
     # the demo's dataset is made once, by the main process, before the others read it
     with accelerator.main_process_first():
-        folder = Path(args.data_dir or "")
-        if args.demo and not (folder / "train.csv").exists():
-            if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
-                raise DataError(f"--demo --data-dir {folder}: not an empty folder and no demo "
-                                "data (train.csv) in it; the demo makes its data only in a new "
-                                "or empty folder, never among a user's files")
-            print(f"making the demo dataset in {folder}/ (once)")
-            make_demo_data(folder, seed=args.seed)
+        if args.demo and not (Path(args.data_dir) / "train.csv").exists():
+            make_demo_data(args.data_dir, seed=args.seed)
     locate_data(args, accelerator.print)
     check_writable(args.out, "--out")
     if args.cache:
@@ -2151,7 +2145,7 @@ def log_lr_find(args, accelerator, curve, png):
 # Tools: folds, demo data, benchmark, LR range test
 
 def write_folds(args, accelerator):
-    """--make-folds: patient-grouped folds of a train.csv, and a line on what each fold holds."""
+    """--make-folds, with a line on what each fold holds."""
     check_writable(args.out, "--out", folder=False)
     if Path(args.out).exists() and not args.overwrite:
         raise DataError(f"--out {args.out}: exists; pass --overwrite to replace it")
@@ -2160,9 +2154,8 @@ def write_folds(args, accelerator):
     write_csv(folds, args.out)
     counts = folds[folds["fold"] >= 0].groupby("fold")["target"].agg(["size", "sum"])
     per_fold = ", ".join(f"{k}: {n} images/{m} melanomas" for k, (n, m) in counts.iterrows())
-    left_out = int((folds["fold"] < 0).sum())
     print(f"wrote {args.out}: {len(folds)} images, {folds['patient_id'].nunique()} patients, "
-          f"{left_out} left out (fold -1); per fold {per_fold}")
+          f"{int((folds['fold'] < 0).sum())} left out (fold -1); per fold {per_fold}")
 
 
 # The published 5-fold split of the resized datasets' patient-grouped tfrecord groups.
@@ -2173,17 +2166,13 @@ TFRECORD_FOLDS = {2: 0, 4: 0, 5: 0, 1: 1, 10: 1, 13: 1, 0: 2, 9: 2, 12: 2, 3: 3,
 def make_folds(df, n_folds=5, seed=0, path="train.csv"):
     """Patient-grouped, stratified folds: image_name, patient_id, target, fold (-1: never used).
 
-    With a `tfrecord` column (the ISIC 2020 resized datasets): 5 folds are the groups
-    {2,4,5} {1,10,13} {0,9,12} {3,8,11} {6,7,14}, the split the winners reported CV on, and
-    any other tfrecord t >= 0 goes to fold t % 5; other counts put tfrecord t in fold
-    t % n_folds; a negative tfrecord (-1: duplicate images) gets fold -1.
-    Without one: patients with melanomas are dealt, most melanomas first, to the fold with the
-    fewest melanomas, then the others, largest first, to the fold with the fewest images
-    (ties broken by a shuffle from `seed`).
+    With a `tfrecord` column (the ISIC 2020 resized datasets), 5 folds are TFRECORD_FOLDS, the
+    split the winners reported CV on (another t >= 0 goes to fold t % 5); other counts put t in
+    fold t % n_folds; a negative tfrecord (-1: duplicate images) gets fold -1. Without one,
+    patients with melanomas are dealt, most melanomas first, to the fold with the fewest
+    melanomas, then the others, largest first, to the fold with the fewest images (ties broken by
+    a shuffle from `seed`).
     """
-    for c in ("image_name", "patient_id", "target"):
-        if c not in df.columns:
-            raise DataError(f"{path}: missing column {c}")
     df = df.copy()
     check_targets(df, path)
     check_names(df, path)
@@ -2200,8 +2189,7 @@ def make_folds(df, n_folds=5, seed=0, path="train.csv"):
         raise DataError(f"{path}: {n_folds} folds but only {len(patients)} patients")
     patients = patients.iloc[np.random.default_rng(seed).permutation(len(patients))]
     patients = patients.sort_values(["sum", "size"], ascending=False, kind="stable")
-    pos = np.zeros(n_folds)  # melanomas per fold so far
-    size = np.zeros(n_folds)  # images per fold so far
+    pos, size = np.zeros(n_folds), np.zeros(n_folds)  # melanomas and images per fold so far
     fold_of = {}
     for pid, (n_pos, n) in zip(patients.index, patients.to_numpy()):
         k = int(np.lexsort((size, pos))[0]) if n_pos else int(np.argmin(size))
@@ -2230,11 +2218,21 @@ def draw_lesion(h, w, malignant, r):
     return np.clip(np.where(inside, lesion, skin), 0, 255).astype(np.uint8)
 
 
+def save_lesions(folder, names, malignant, r, shape):
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, t in zip(names, malignant):
+        Image.fromarray(draw_lesion(*shape, bool(t), r)).save(folder / f"{name}.jpg", quality=90)
+
+
 def make_demo_data(root, n_patients=150, n_test=60, seed=0, shape=(96, 128)):
     """A synthetic dataset in the official layout (train.csv, test.csv, jpeg/{train,test}) with
-    2-8 images per patient, about 6 % melanomas, benign images of several diagnoses, and its own
-    folds.csv."""
+    2-8 images per patient, about 6 % melanomas, benign images of several diagnoses, its own
+    folds.csv and external data; only in a new or empty folder, never among a user's files."""
     root = Path(root)
+    if root.exists() and (not root.is_dir() or any(root.iterdir())):
+        raise DataError(f"--demo --data-dir {root}: not an empty folder and no demo data "
+                        "(train.csv) in it; the demo makes its data only in a new or empty folder")
+    print(f"making the demo dataset in {root}/ (once)")
     r = np.random.default_rng(seed)
     sites = ["torso", "lower extremity", "head/neck"]
     rows = []
@@ -2256,12 +2254,8 @@ def make_demo_data(root, n_patients=150, n_test=60, seed=0, shape=(96, 128)):
     test["age_approx"] = meta.integers(4, 18, n_test) * 5.0
     test["anatom_site_general_challenge"] = meta.choice(sites, n_test)
     test_targets = r.random(n_test) < 0.06  # hidden: they only shape the test images
-    for split, df, targets in (("train", train, train["target"]), ("test", test, test_targets)):
-        folder = root / "jpeg" / split
-        folder.mkdir(parents=True, exist_ok=True)
-        for name, t in zip(df["image_name"], targets):
-            image = Image.fromarray(draw_lesion(*shape, bool(t), r))
-            image.save(folder / f"{name}.jpg", quality=90)
+    save_lesions(root / "jpeg" / "train", train["image_name"], train["target"], r, shape)
+    save_lesions(root / "jpeg" / "test", test["image_name"], test_targets, r, shape)
     write_csv(test, root / "test.csv")
     write_csv(make_folds(train, 5, seed), root / "folds.csv")
     make_demo_external(root / "isic2019", train["image_name"][:3], seed, shape)
@@ -2270,9 +2264,9 @@ def make_demo_data(root, n_patients=150, n_test=60, seed=0, shape=(96, 128)):
 
 
 def demo_diagnoses(targets, seed=0):
-    """The demo's diagnoses: melanoma for target 1, and for the others benign diagnoses of the
-    competition, drawn apart from the images' generator, so that the images and every other
-    column are the same as without them. An image shows only its target, not its diagnosis."""
+    """Melanoma for target 1, else benign diagnoses of the competition, drawn apart from the
+    images' generator so that the images and other columns are as without them; an image shows
+    its target, not its diagnosis."""
     benign = {"unknown": 0.5, "nevus": 0.3, "seborrheic keratosis": 0.08, "lentigo NOS": 0.05,
               "lichenoid keratosis": 0.04, "solar lentigo": 0.03}
     drawn = np.random.default_rng([seed, 2021]).choice(list(benign), len(targets),
@@ -2281,8 +2275,8 @@ def demo_diagnoses(targets, seed=0):
 
 
 def make_demo_external(root, duplicates, seed=0, shape=(96, 128), n=150):
-    """Synthetic external data in ISIC 2019's resized layout (train.csv with 2019 diagnosis
-    codes, train/*.jpg): about 18 % MEL, and `duplicates`, names also in the competition's."""
+    """Synthetic ISIC 2019 data in its resized layout (train.csv with 2019's diagnosis codes,
+    train/*.jpg): about 18 % MEL, and `duplicates`, names also in the competition's."""
     r = np.random.default_rng([seed, 2019])
     names = list(duplicates) + [f"ISIC_{1000000 + i:07d}" for i in range(n - len(duplicates))]
     malignant = r.random(n) < 0.18
@@ -2294,15 +2288,12 @@ def make_demo_external(root, duplicates, seed=0, shape=(96, 128), n=150):
                            anatom_site_general_challenge=r.choice(
                                ["torso", "lower extremity", "head/neck", "palms/soles"], n),
                            diagnosis=np.where(malignant, "MEL", benign)))
-    (root / "train").mkdir(parents=True, exist_ok=True)
-    for name, t in zip(names, malignant):
-        image = Image.fromarray(draw_lesion(*shape, bool(t), r))
-        image.save(root / "train" / f"{name}.jpg", quality=90)
+    save_lesions(root / "train", names, malignant, r, shape)
     write_csv(df, root / "train.csv")
 
 
 def benchmark_jpegs(folder, seed=0):
-    """Full-size test JPEGs like the competition's originals: a smooth lesion photo at 6000x4000
+    """Full-size JPEGs like the competition's originals: a smooth lesion photo at 6000x4000
     (2.7 MB) and 1872x1053, and a noisier 6000x4000 (3.8 MB) whose entropy decoding costs more."""
     r = np.random.default_rng(seed)
     files = {}
@@ -2332,8 +2323,8 @@ def seconds(fn, repeat=3, sync=lambda: None):
 
 
 def benchmark(args, accelerator):
-    """Images/s of loading, augmentation, a training step and TTA on this machine, with ratios.
-    The training step is train_one_epoch's, under the same Accelerator as training."""
+    """Images/s of loading, augmentation, a training step and TTA on this machine, with ratios;
+    the step is train_one_epoch's, under training's Accelerator."""
     device = accelerator.device
     machine = torch.cuda.get_device_name() if device.type == "cuda" else \
         f"{os.cpu_count()} CPU cores"
@@ -2345,33 +2336,31 @@ def benchmark(args, accelerator):
         benchmark_loading(files, args.size)
         benchmark_steps(args, accelerator, files, os.path.join(tmp, "cache"))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    gpu = ""
-    if device.type == "cuda":
-        gpu = f", GPU {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
+    gpu = f", GPU {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if device.type == "cuda" \
+        else ""
     print(f"peak memory: process {peak:.2f} GiB{gpu}")
 
 
+def decode_floor(path):
+    """The 1/8-scale decode: the least a JPEG costs, its entropy decoding."""
+    with Image.open(path) as im:
+        im.draft("RGB", (1, 1))
+        im.load()
+
+
 def benchmark_loading(files, size):
-    """(a): our load against a plain decode and resize, and the 1/8-scale decode (the floor)."""
-    big, _, small = files
+    """(a): our load against a plain decode and resize, and the floor."""
     print("(a) loading, one process, img/s     ours    plain  ratio  "
           "(1/8-scale decode, the floor)")
-    per_image = {}
+    per_image = []
     for f, mb in files.items():
         ours = seconds(lambda: load_image(f, size), 5)
         plain = seconds(lambda: Image.open(f).convert("RGB").resize((size, size)), 5)
-
-        def floor():
-            with Image.open(f) as im:
-                im.draft("RGB", (1, 1))
-                im.load()
-
-        per_image[f] = (ours, plain)
+        per_image.append(np.array([ours, plain]))
         print(f"    {Path(f).stem:>15} {mb:3.1f} MB {1 / ours:7.1f}  {1 / plain:7.2f}  "
-              f"{plain / ours:4.1f}x  ({1 / seconds(floor, 5):.1f})")
-    mix = [0.44 * a + 0.56 * b for a, b in zip(per_image[big], per_image[small])]
-    print(f"    mix, 44 % 6000x4000   {1 / mix[0]:7.1f}  {1 / mix[1]:7.2f}  "
-          f"{mix[1] / mix[0]:4.1f}x")
+              f"{plain / ours:4.1f}x  ({1 / seconds(lambda: decode_floor(f), 5):.1f})")
+    ours, plain = 0.44 * per_image[0] + 0.56 * per_image[2]
+    print(f"    mix, 44 % 6000x4000   {1 / ours:7.1f}  {1 / plain:7.2f}  {plain / ours:4.1f}x")
 
 
 def benchmark_steps(args, accelerator, files, cache):
@@ -2382,8 +2371,7 @@ def benchmark_steps(args, accelerator, files, cache):
     steps = argparse.Namespace(**{**vars(args), "pretrained": False, "weights": None})
     _, model, augment, optimizer, scheduler = build_training(steps, accelerator, 10**6)
     x = torch.randint(0, 256, (bs, 3, size, size), dtype=torch.uint8, device=device)
-    targets = torch.zeros(bs)
-    idx = torch.arange(bs)
+    targets, idx = torch.zeros(bs), torch.arange(bs)
     print(f"(b) augmentation stack {bs / seconds(lambda: augment(x), sync=sync):10.1f} img/s")
 
     def step(batch):
@@ -2394,8 +2382,8 @@ def benchmark_steps(args, accelerator, files, cache):
     batch_files = [big if i % 25 < 11 else small for i in range(bs)]  # 44 % large originals
 
     def load_batch(load=lambda f: load_image(f, size)):
-        images = np.stack([load(f) for f in batch_files])
-        return torch.from_numpy(images).permute(0, 3, 1, 2).to(device)
+        return torch.from_numpy(np.stack([load(f) for f in batch_files])).permute(0, 3, 1, 2) \
+            .to(device)
 
     bare = bs / seconds(lambda: step(x), sync=sync)
     print(f"(c) training step, bare (tensors on the device) {bare:8.1f} img/s")
@@ -2428,19 +2416,11 @@ def endless(loader, sampler, args, accelerator):
         yield from loader
 
 
-def measured_loss(model, augment, x, y, accelerator, meta=None):
-    """A batch's training loss without a step: the extra batches of --lr-find-batches measure
-    the loss at the same weights, not train further."""
-    with torch.no_grad():
-        return batch_loss(model, augment, x, y, accelerator, meta).item()
-
-
 def lr_range_test(raw_model, augment, batches, targets, accelerator, args, meta=None, beta=0.98):
-    """Train a copy of raw_model (raw_model keeps its weights) with AdamW at a learning rate
-    rising exponentially from --lr-find-start to --lr-find-end over --lr-find-steps steps, until
-    the loss, smoothed exponentially (with bias correction), passes 4x its minimum or is not
-    finite. A step's loss is the mean over --lr-find-batches batches at its weights, the last of
-    which trains. `meta`: the rows' metadata features, or None. Returns the steps: lr, loss."""
+    """Steps of AdamW on a copy of raw_model (whose weights stay) at a rate rising exponentially
+    over --lr-find's range, until the loss is not finite or its exponential average (with bias
+    correction) passes 4x its lowest: then it has diverged. A step's loss is the mean over
+    --lr-find-batches batches, measured at the same weights; the last one trains."""
     model = copy.deepcopy(raw_model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr_find_start, weight_decay=args.wd)
     growth = (args.lr_find_end / args.lr_find_start) ** (1 / (args.lr_find_steps - 1))
@@ -2450,16 +2430,16 @@ def lr_range_test(raw_model, augment, batches, targets, accelerator, args, meta=
     rows = []
     mean, lowest = 0.0, math.inf
     for step in range(args.lr_find_steps):
-        chunk = [(x, idx, None if meta is None else meta[idx])
+        chunk = [(x, targets[idx], None if meta is None else meta[idx])
                  for x, idx in itertools.islice(batches, args.lr_find_batches)]
         if len(chunk) < args.lr_find_batches:
             break
         lr = scheduler.get_last_lr()[0]
-        losses = [measured_loss(model, augment, x, targets[idx], accelerator, m)
-                  for x, idx, m in chunk[:-1]]
-        x, idx, m = chunk[-1]
-        losses.append(train_step(model, augment, x, targets[idx], optimizer, scheduler,
-                                 accelerator, m))
+        with torch.no_grad():  # the extra batches measure the loss at these weights
+            losses = [batch_loss(model, augment, x, y, accelerator, m).item()
+                      for x, y, m in chunk[:-1]]
+        x, y, m = chunk[-1]
+        losses.append(train_step(model, augment, x, y, optimizer, scheduler, accelerator, m))
         loss = sum(losses) / len(losses)
         if not math.isfinite(loss):
             break
@@ -2473,12 +2453,11 @@ def lr_range_test(raw_model, augment, batches, targets, accelerator, args, meta=
 
 
 def noise_band(loss):
-    """(smoothed loss, its standard error, the per-step noise), a value per step. The smoothed
-    loss is the mean of the steps around it (a twentieth of the curve either side, fewer at the
-    ends): an exponential average would trail the rising rate by some 50 steps. The noise is the
-    scatter of the losses around it, read robustly (a median of absolute deviations) and
-    locally (a tenth of the curve either side): a batch's loss scatters more once the model has
-    learnt, and far more as it diverges."""
+    """(smoothed loss, its standard error, the per-step noise) per step. The smoothed loss is a
+    centred mean (a twentieth of the curve either side): an exponential average would trail the
+    rising rate by some 50 steps. The noise is read robustly (a median of absolute deviations)
+    and locally (a tenth of the curve either side): a batch's loss scatters more once the model
+    has learnt, and far more as it diverges."""
     loss = pd.Series(np.asarray(loss, float))
     window = loss.rolling(2 * max(2, len(loss) // 20) + 1, center=True, min_periods=1)
     smoothed = window.mean()
@@ -2489,46 +2468,40 @@ def noise_band(loss):
 
 
 def class_mix_entropy(labels):
-    """The loss (nats) of a model that has learnt only the mix of classes in its batches (the
-    class of each image of an epoch's sample: `labels`), not the images: a curve that never gets
-    below it has learnt nothing else."""
+    """The loss (nats) of a model that has learnt only the mix of classes in its batches, not the
+    images: a curve that never gets below it has learnt nothing else."""
     shares = np.bincount(np.asarray(labels, int)) / len(labels)
     shares = shares[shares > 0]
     return float(-(shares * np.log(shares)).sum())
 
 
 def lowest_lr(curve):
-    """The rate at the smoothed loss's minimum, the first tenth of the steps left out: their
+    """The rate at the smoothed loss's minimum, the first tenth of the steps left out: there the
     smoothed loss is a mean of fewer steps, noisy enough to make a false minimum."""
     tail = curve.iloc[len(curve) // 10:]
     return float(tail["lr"][tail["smoothed"].idxmin()])
 
 
 def suggest_lrs(curve):
-    """(--lr-min, --lr-max) by the second rule: --lr-max a tenth of the rate where the smoothed
-    loss is lowest (at the minimum training is on the edge of diverging; Smith's rule), within
-    the swept range; --lr-min = --lr-max / 40, the recipe's ratio (5e-6 -> 2e-4)."""
+    """The second rule: --lr-max a tenth of the rate at the lowest loss, where training is on
+    the edge of diverging (Smith's rule); --lr-min = --lr-max / 40, the recipe's ratio."""
     lr_max = max(lowest_lr(curve) / 10, float(curve["lr"].iloc[0]))
     return lr_max / 40, lr_max
 
 
 def read_lr_curve(curve, entropy=None, diverged=False):
-    """What a range test's curve (columns lr, loss; a row a step) says, as a dict. verdict: flat
-    (no fall beyond the noise: the band at the lowest point never gets wholly below the band at
-    the start, or below `entropy`, the class mix's), still falling (the loss has not climbed
-    beyond the noise by the last step, and no non-finite loss ended the test: `diverged`) or
-    valley. lr_max (None when flat) by the valley rule, as
-    fastai's default: the stretch over which the loss falls, from the last step within the noise
-    of its highest (before its lowest) to the first within the noise of its lowest, and in it the
-    rate where the loss is halfway down, which noisier steps at the bottom do not move; lr_min =
-    lr_max / 40. second_lr: the second rule (suggest_lrs). The noise, and the smoothed loss with
-    its band."""
+    """What a range test's curve (lr, loss per step) says. Flat: the band at the lowest point
+    never gets wholly below the band at the start, or below the class mix's `entropy`. Still
+    falling: the loss has not climbed beyond the noise by the last step and did not diverge.
+    Else a valley, and --lr-max (fastai's valley rule) the rate halfway down the fall, which
+    noisier steps at the bottom do not move."""
     smoothed, se, noise = noise_band(curve["loss"])
     curve = curve.reset_index(drop=True).assign(smoothed=smoothed)
     lr = curve["lr"].to_numpy(float)
     low, high = smoothed - LR_BAND * se, smoothed + LR_BAND * se
     bottom = int(np.flatnonzero(lr == lowest_lr(curve))[0])
     top = int(np.argmax(smoothed[:bottom + 1]))
+    # the fall: from the last step within the noise of the top to the first within the bottom's
     fall = top + int(np.flatnonzero(high[top:bottom + 1] >= low[top])[-1])
     fallen = fall + int(np.flatnonzero(low[fall:bottom + 1] <= high[bottom])[0])
     halfway = top + int(np.flatnonzero(smoothed[top:] <= (smoothed[top] + smoothed[bottom]) / 2)[0])
@@ -2548,7 +2521,6 @@ def read_lr_curve(curve, entropy=None, diverged=False):
 
 
 def verdict_line(r):
-    """read_lr_curve's reading as the one line --lr-find prints."""
     noise = (f"noise {r['noise']:.3f} per step, {r['lowest_se']:.3f} on the smoothed loss at its "
              "lowest")
     if r["verdict"] == "flat":
@@ -2569,22 +2541,21 @@ def verdict_line(r):
 
 
 def lr_find(args, accelerator):
-    """--lr-find: the range test on the first --fold's training images, with the model and
-    inputs training would have (--meta included), written as CSV and PNG; no weights are kept."""
+    """--lr-find: the range test on the first --fold's training images, with the model, inputs
+    and epoch samples that training would have; no weights are kept."""
     if accelerator.num_processes > 1:
         raise DataError("--lr-find runs in one process: start it with python, not accelerate "
                         "launch or torchrun")
     stem = Path(args.out) / f"{args.name}_lr_find"
     check_output_files([f"{stem}.csv", f"{stem}.png"])
     train, test = read_inputs(args, accelerator)
-    train, test, _ = add_meta(args, train, test)  # encoded as for training
+    train, test, _ = add_meta(args, train, test)
     fold = args.fold[0]
     trn, _ = split_fold(train, fold, args.frac, args.seed)
     check_images(list(trn["path"]))
-    sampler = make_sampler(trn, args, accelerator)  # the epochs' samples, as in training
+    sampler = make_sampler(trn, args, accelerator)
     loader = make_loader(Images(trn["path"], args.size, args.cache), accelerator, args, sampler)
-    meta = meta_tensor(trn)
-    classes = target_classes(train, args)
+    meta, classes = meta_tensor(trn), target_classes(train, args)
     raw_model, augment = build_model(args, accelerator, fold, 0 if meta is None else meta.shape[1],
                                      classes)
     targets = loss_targets(trn, classes)
