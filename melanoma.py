@@ -1011,36 +1011,9 @@ def read_inputs(args, accelerator):
     return train, test
 
 
-JPEG_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")  # not stuffed data, not a restart
-
-
-def jpeg_reaches_end(data):
-    """Whether JPEG bytes hold a whole image: the segments and entropy-coded scans, walked from
-    the start, reach the end-of-image marker (bytes after it are allowed)."""
-    pos = 2
-    while pos + 4 <= len(data):
-        if data[pos] != 0xFF:
-            return False
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-        elif marker == 0xD9:
-            return True
-        elif 0xD0 <= marker <= 0xD7 or marker == 0x01:
-            pos += 2
-        else:
-            pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
-            if marker == 0xDA:  # a scan: its entropy-coded data runs to the next marker
-                found = JPEG_MARKER.search(data, pos)
-                if found is None:
-                    return False
-                pos = found.start()
-    return data[pos:pos + 2] == b"\xff\xd9"
-
-
 def jpeg_scan_start(f):
-    """Where a JPEG file's first scan starts, or None; the segment headers' lengths skip
-    embedded thumbnails, whose own end markers would pass a cut-short file."""
+    """Where an open JPEG file's first scan starts, or None; the segment headers' lengths skip an
+    embedded thumbnail, whose own end marker would pass a cut-short file."""
     pos = 2
     while True:
         f.seek(pos)
@@ -1052,10 +1025,20 @@ def jpeg_scan_start(f):
         pos += 2 + int.from_bytes(head[2:4], "big") if head[1] != 0xFF else 1
 
 
+def holds_after(f, marker, start):
+    """Whether an open file holds `marker` after byte `start`; the last kilobyte is read first,
+    the rest only when it lacks it (a cut-short file, or data after the end)."""
+    size = f.seek(0, os.SEEK_END)
+    for begin in (max(start, size - 1024), start):
+        f.seek(begin)
+        if marker in f.read():
+            return True
+    return False
+
+
 def check_image(path):
     """Refuse a missing, empty, implausibly large (a decompression bomb) or cut-short image
-    before training rather than in its middle. Cheap: the header and the file's last kilobyte;
-    the whole file only when the end marker is not there."""
+    before training rather than in its middle; cheap: the header and the file's end."""
     if os.path.isdir(path):
         raise DataError(f"image {path}: a folder, not an image")
     try:
@@ -1082,16 +1065,13 @@ def check_image(path):
     if width * height > Image.MAX_IMAGE_PIXELS or min(width, height) < 1:
         raise DataError(f"image {path}: {width}x{height} pixels, refused as implausible "
                         f"(at most {Image.MAX_IMAGE_PIXELS} pixels)")
+    # a JPEG's scans hold no end marker (their 0xFF bytes are followed by 0 or a restart), so one
+    # after the first scan's start is the image's end
     with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        scan = jpeg_scan_start(f) if kind == "JPEG" else 0
-        f.seek(max(0, size - 1024))
-        tail = f.read()
-    end = tail.rfind(b"\xff\xd9")
-    end = end + max(0, size - 1024) if end >= 0 else -1
-    if kind == "PNG" and b"IEND" not in tail or kind == "JPEG" and (scan is None or end < scan) \
-            and not jpeg_reaches_end(Path(path).read_bytes()):
-        raise DataError(f"image {path}: not a complete {kind} (truncated)")
+        start = jpeg_scan_start(f) if kind == "JPEG" else 0
+        marker = {"JPEG": b"\xff\xd9", "PNG": b"IEND"}.get(kind)
+        if marker and (start is None or not holds_after(f, marker, start)):
+            raise DataError(f"image {path}: not a complete {kind} (truncated)")
 
 
 def check_images(paths, show=True, skip_bad=None):

@@ -763,20 +763,20 @@ def test_explain_with_another_tool_is_refused(tiny_data, tmp_path, capsys, tool)
     assert not (tmp_path / "out").exists()
 
 
-def test_jpeg_completeness_walks_the_file(tmp_path):
+def test_jpeg_completeness_looks_past_trailing_bytes_and_through_progressive_scans(tmp_path):
     smooth_image(300, 200).save(tmp_path / "a.jpg", quality=90)
     smooth_image(300, 200).save(tmp_path / "p.jpg", quality=90, progressive=True)
     for name in ("a.jpg", "p.jpg"):
         data = (tmp_path / name).read_bytes()
-        assert melanoma.jpeg_reaches_end(data)
-        assert melanoma.jpeg_reaches_end(data + bytes(5000))  # trailing bytes after the end marker
-        assert not melanoma.jpeg_reaches_end(data[:len(data) // 2])
-        assert not melanoma.jpeg_reaches_end(data[:-2] + bytes(5000))
-    (tmp_path / "t.jpg").write_bytes((tmp_path / "a.jpg").read_bytes() + bytes(5000))
-    melanoma.check_image(str(tmp_path / "t.jpg"))
-    (tmp_path / "c.jpg").write_bytes((tmp_path / "a.jpg").read_bytes()[:-2] + bytes(5000))
-    with pytest.raises(melanoma.DataError, match="truncated"):
-        melanoma.check_image(str(tmp_path / "c.jpg"))
+        for ok, cut in ((True, data), (True, data + bytes(5000)),  # trailing bytes after the end marker
+                        (False, data[:len(data) // 2]), (False, data[:-2] + bytes(5000)),
+                        (False, data[:-2])):
+            (tmp_path / "t.jpg").write_bytes(cut)
+            if ok:
+                melanoma.check_image(str(tmp_path / "t.jpg"))
+            else:
+                with pytest.raises(melanoma.DataError, match="truncated"):
+                    melanoma.check_image(str(tmp_path / "t.jpg"))
 
 
 def test_numeric_names_trailing_bytes_and_resume_without_checkpoint_train(data, tmp_path):
