@@ -1142,26 +1142,26 @@ def load_weights(model, sd, what, name, say=print):
 # Resume and finished folds: what shaped a fold, derived from the flags of the setting groups
 
 def setting_actions():
-    p = get_parser()
-    return [a for g in p._action_groups if getattr(g, "setting", False) for a in g._group_actions]
+    return [a for g in get_parser()._action_groups if getattr(g, "setting", False)
+            for a in g._group_actions]
 
 
 def settings(args, defaults):
-    """The setting flags that differ from their defaults (--demo's with --demo) as a command-line
-    fragment, as given: before the data location is filled in."""
+    """The setting flags that differ from their defaults (--demo's with --demo), as the ledger
+    shows them: a command-line fragment as given, before the data location is filled in."""
     parts = ["--demo"] if args.demo else []
     for a in setting_actions():
-        value = getattr(args, a.dest)
+        value, flag = getattr(args, a.dest), a.option_strings[0]
         if value == getattr(defaults, a.dest):
             continue
         if isinstance(a, argparse.BooleanOptionalAction):
             parts.append(a.option_strings[0 if value else 1])
         elif value is True:
-            parts.append(a.option_strings[0])
+            parts.append(flag)
         elif isinstance(value, list) and a.nargs is None:  # a repeatable flag
-            parts += [token for v in value for token in (a.option_strings[0], str(v))]
+            parts += [token for v in value for token in (flag, str(v))]
         else:
-            parts += [a.option_strings[0], *map(str, value if isinstance(value, list) else [value])]
+            parts += [flag, *map(str, value if isinstance(value, list) else [value])]
     return shlex.join(parts)
 
 
@@ -1174,23 +1174,19 @@ def run_key(args, accelerator):
         if count and value is not None:
             value = [count(v) for v in value] if isinstance(value, list) else count(value)
         key[a.dest] = value
-    key["mixed_precision"] = accelerator.mixed_precision
-    key["processes"] = accelerator.num_processes
-    return key
-
-
-CHECKPOINT = {"model", "optimizer", "scheduler", "history", "run"}
+    return dict(key, mixed_precision=accelerator.mixed_precision,
+                processes=accelerator.num_processes)
 
 
 def read_checkpoint(path, key):
-    """A checkpoint of this script saved with the settings `key`, read without unpickling code."""
+    """A checkpoint saved with the settings `key`, read without unpickling code."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, not a torch file, or objects that would run code
         raise DataError(f"{path}: not a readable checkpoint ({one_line(e)[:160]}); delete it or "
                         "pass --overwrite")
-    if not isinstance(state, dict) or not CHECKPOINT <= set(state) or \
-            not isinstance(state["run"], dict):
+    if not (isinstance(state, dict) and {"model", "optimizer", "scheduler", "history"} <= set(state)
+            and isinstance(state.get("run"), dict)):
         raise DataError(f"{path}: not a checkpoint of melanoma.py; delete it or pass --overwrite")
     changed = differences(state["run"], key)
     if changed:
@@ -1199,42 +1195,40 @@ def read_checkpoint(path, key):
     return state
 
 
+# What a fold writes in --out, after {name}_fold{k}
+FOLD_OUTPUTS = ("_oof.csv", "_test.csv", ".json", ".safetensors", "_last.pt", "_curves.png",
+                "_roc.png")
+
+
 def check_fold_outputs(args, accelerator):
-    """Before any fold trains: no output name of a fold may be a folder; a finished fold (its
-    JSON exists) is kept only if it had the same settings (else --overwrite or another --name);
-    an unfinished fold's checkpoint needs --resume (same settings) or --overwrite. Returns the
-    results of the finished folds that are kept, by fold."""
+    """Before any fold trains: a finished fold (its JSON exists) is kept, whole, only if it had
+    the same settings and starting weights (else --overwrite or another --name); an unfinished
+    fold's checkpoint needs --resume (same settings) or --overwrite. Returns the kept folds'
+    results by fold."""
     key = run_key(args, accelerator)
     check_ledger(Path(args.out) / LEDGER_FILE)
     check_same_recipe(args, key)
     finished = {}
     for fold in args.fold:
         check_output_files(fold_file(args, fold, suffix) for suffix in FOLD_OUTPUTS)
-        done = fold_file(args, fold, ".json")
-        ckpt = fold_file(args, fold, "_last.pt")
+        done, ckpt = fold_file(args, fold, ".json"), fold_file(args, fold, "_last.pt")
         if done.exists() and not args.overwrite:
             finished[fold] = read_result(done, key)
             check_finished(args, fold, finished[fold])
-        elif not ckpt.exists():
-            if args.resume:
-                accelerator.print(f"fold {fold}: --resume found no checkpoint ({ckpt}): "
-                                  "starting from scratch")
-        elif not (args.resume or args.overwrite):
+        elif ckpt.exists() and not (args.resume or args.overwrite):
             raise DataError(f"{ckpt}: an unfinished run is there: pass --resume to continue it "
                             "or --overwrite to start over")
-        elif args.resume:
+        elif ckpt.exists() and args.resume:
             read_checkpoint(ckpt, key)
+        elif args.resume:
+            accelerator.print(f"fold {fold}: --resume found no checkpoint ({ckpt}): "
+                              "starting from scratch")
     return finished
 
 
-# What a fold writes in --out, after {name}_fold{k}
-FOLD_OUTPUTS = ("_oof.csv", "_test.csv", ".json", ".safetensors", "_last.pt", "_curves.png",
-                "_roc.png")
-
-
 def check_finished(args, fold, result):
-    """A finished fold is reused whole: its outputs present, and started from the same weights
-    (--init-from counts by its file's content, the fold's own)."""
+    """A finished fold is reused whole, and only if it started from the same weights: --init-from
+    counts by its file's content, the fold's own."""
     for suffix in (".safetensors", "_oof.csv"):
         if not fold_file(args, fold, suffix).is_file():
             raise DataError(f"{fold_file(args, fold, suffix)}: missing from a finished fold "
@@ -1253,8 +1247,8 @@ def check_output_files(paths):
 
 
 def check_ledger(path):
-    """The ledger takes a row when a fold finishes: refuse one that cannot before the fold
-    trains, not after (a fold whose JSON exists counts as finished, its row lost)."""
+    """A fold whose ledger row cannot be written would count as finished with its row lost: the
+    ledger is checked before training, not after."""
     check_output_files([path])
     if path.exists():
         try:
@@ -1274,8 +1268,7 @@ def run_folds(out, name):
 
 
 def check_same_recipe(args, key):
-    """One --name is one model: the folds finished under it must share the settings `key`,
-    else --runs, ensemble.py and --predict would average different recipes as one."""
+    """One --name is one model: --runs, ensemble.py and --predict average its folds as one."""
     for fold, stem in run_folds(args.out, args.name).items():
         path = stem.with_suffix(".json")
         if fold in args.fold or not path.is_file():
@@ -1298,14 +1291,13 @@ def differences(saved, key, labels=("saved", "now")):
 
 
 def read_result(path, key):
-    """A finished fold's JSON, which must have been trained with the settings `key`."""
+    """A finished fold's JSON, which must have been trained with the settings `key` (None: any)."""
     try:
         result = json.loads(path.read_text())
-        saved = result.get("run", key)
+        changed = differences(result.get("run", key), key) if key is not None else []
     except (OSError, ValueError, AttributeError) as e:
         raise DataError(f"{path}: a finished fold's JSON that cannot be read ({one_line(e)}); "
                         "--overwrite retrains the fold")
-    changed = differences(saved, key) if key is not None else []
     if changed:
         raise DataError(f"{path}: this fold finished with other settings ({'; '.join(changed)}): "
                         "give the new run its own --name, or --overwrite to retrain it")
@@ -1313,7 +1305,6 @@ def read_result(path, key):
 
 
 def save_checkpoint(path, raw_model, optimizer, scheduler, accelerator, history, args):
-    """The whole training state after an epoch, written by the main process."""
     if accelerator.is_main_process:
         state = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
                      scheduler=scheduler.state_dict(), history=history,
@@ -1325,8 +1316,8 @@ def save_checkpoint(path, raw_model, optimizer, scheduler, accelerator, history,
 
 
 def load_checkpoint(path, raw_model, optimizer, scheduler, accelerator, args):
-    """The finished epochs' history from the checkpoint at `path`, its state loaded, with
-    --resume; [] without one, or with --overwrite (check_fold_outputs ran before)."""
+    """The finished epochs' history, their state loaded, with --resume (check_fold_outputs
+    vetted the checkpoint); [] without a checkpoint or with --overwrite."""
     if not path.exists():
         return []
     if args.overwrite:  # starting over: the old state must not look resumable after an error
@@ -1349,14 +1340,13 @@ def load_checkpoint(path, raw_model, optimizer, scheduler, accelerator, args):
 
 @contextlib.contextmanager
 def fold_errors(fold, ckpt, args):
-    """An error in training names the fold and says what became of the fold's checkpoint: it
-    is kept when it holds finished epochs, which --resume continues from."""
+    """An error in training names the fold and says what became of its checkpoint: it is kept
+    when it holds finished epochs, which --resume continues from."""
     try:
         yield
     except (DataError, FloatingPointError) as e:
-        kept = ""
-        if ckpt.exists():
-            kept = f", last good checkpoint kept ({ckpt}; --resume continues from it)"
+        kept = f", last good checkpoint kept ({ckpt}; --resume continues from it)" \
+            if ckpt.exists() else ""
         hint = ""
         if isinstance(e, FloatingPointError):
             hint = (f" (lower --lr-max {args.lr_max:g}, or check the augmentation: "
@@ -1367,15 +1357,14 @@ def fold_errors(fold, ckpt, args):
 
 def init_file(args, fold):
     """--init-from's weights for `fold` (a plain run name is one in --out): the same fold's,
-    whose validation images that run never trained on (another fold's model has seen them)."""
-    run = args.init_from
-    prefix = Path(args.out) / run if Path(run).name == run else Path(run)
+    whose validation images that run never trained on, unlike another fold's."""
+    prefix = Path(args.out) / args.init_from if Path(args.init_from).name == args.init_from \
+        else Path(args.init_from)
     return prefix.parent / f"{prefix.name}_fold{fold}.safetensors"
 
 
 def check_init_from(args):
-    """Every requested fold's --init-from weights, read and fitted to the model before the first
-    fold trains (a head of another shape trains anew)."""
+    """Every requested fold's --init-from weights must fit, before the first fold trains."""
     if not args.init_from:
         return
     model = create_model(args.model, False, None, 0, args.head, args.dropout, args.msd)
