@@ -1273,7 +1273,7 @@ def check_same_recipe(args, key):
         path = stem.with_suffix(".json")
         if fold in args.fold or not path.is_file():
             continue  # a requested fold is reused only with the same settings, or retrained
-        changed = differences(read_result(path, None).get("run") or {}, key)
+        changed = differences(read_result(path)["run"], key)
         if changed:
             raise DataError(f"--name {args.name}: fold {fold} ({path.name}) was trained "
                             f"with other settings ({'; '.join(changed)}); one --name is one "
@@ -1290,12 +1290,16 @@ def differences(saved, key, labels=("saved", "now")):
             for k, v in key.items() if old[k] != v]
 
 
-def read_result(path, key):
+def read_result(path, key=None):
     """A finished fold's JSON, which must have been trained with the settings `key` (None: any)."""
     try:
         result = json.loads(path.read_text())
-        changed = differences(result.get("run", key), key) if key is not None else []
-    except (OSError, ValueError, AttributeError) as e:
+        if not (isinstance(result.get("args"), dict) and isinstance(result.get("run"), dict)):
+            raise TypeError("its args or run is not an object")
+        if result.get("classes") is not None and "MEL" not in result["classes"]:
+            raise ValueError("its classes have no melanoma (MEL)")
+        changed = differences(result["run"], key) if key is not None else []
+    except (OSError, ValueError, AttributeError, TypeError) as e:
         raise DataError(f"{path}: a finished fold's JSON that cannot be read ({one_line(e)}); "
                         "--overwrite retrains the fold")
     if changed:
@@ -1391,27 +1395,19 @@ COMPETITION_DIAGNOSES = {
     "atypical melanocytic proliferation": "UNK"}
 
 
-def read_external(folder, meta):
-    """ISIC 2019 in a competition layout: train.csv with image_name and diagnosis (2019's
-    codes), each row's class in `code`; target 1 for MEL. Fold -1: these images train every fold
-    and validate none."""
-    dirs = layout_of(folder)
-    if dirs is None:
-        raise DataError(f"--external {folder}: no train.csv with train/ (or jpeg/train/) there")
-    csv = Path(folder) / "train.csv"
-    df = read_images_csv(csv, dirs[0], ["image_name", "diagnosis"], "external file", meta)
-    df["code"] = diagnosis_codes(df["diagnosis"], f"external file {csv}")
-    df["target"] = (df["code"] == "MEL").astype(int)
-    df["fold"] = -1
-    df["external"] = True
-    return df
-
-
 def add_external(train, known_names, args, say):
-    """The training rows with each --external folder's images after them, less those already
-    among the competition's (ISIC 2019 holds some of 2020's): `known_names`."""
+    """The training rows, then each --external folder's (ISIC 2019 in a competition layout,
+    train.csv with 2019's diagnosis codes) with fold -1, which trains every fold and validates
+    none; less the images already among `known_names` (ISIC 2019 holds some of 2020's)."""
     for folder in args.external or []:
-        extra = read_external(folder, args.meta)
+        dirs = layout_of(folder)
+        if dirs is None:
+            raise DataError(f"--external {folder}: no train.csv with train/ (or jpeg/train/) there")
+        csv = Path(folder) / "train.csv"
+        extra = read_images_csv(csv, dirs[0], ["image_name", "diagnosis"], "external file",
+                                args.meta)
+        extra["code"] = diagnosis_codes(extra["diagnosis"], f"external file {csv}")
+        extra = extra.assign(target=(extra["code"] == "MEL").astype(int), fold=-1, external=True)
         seen = extra["image_name"].isin(known_names)
         known_names |= set(extra["image_name"])
         say(f"--external {folder}: {int((~seen).sum())} images "
@@ -1685,12 +1681,24 @@ def augmentations(args):
 
 
 def check_augs(args):
-    """--augs and --hair, each entry built and run once on a batch of --size images before
-    training: the stack must keep the batch's shape (the model sees --size images)."""
+    """Each entry of --augs and --hair names a 2D augmentation (kornia's or one of OWN_AUGS) and
+    is built and run once on a batch of --size images before training: it must keep the batch's
+    shape (the model sees --size images) and make finite values."""
     where = f"--augs {args.augs}" if args.augs else "augmentation"
+    known = [n for n in dir(K) if isinstance(getattr(K, n), type)
+             and issubclass(getattr(K, n), K.AugmentationBase2D)] + list(OWN_AUGS)
     for i, entry in enumerate(aug_entries(args), 1):
-        check_aug_entry(entry, f"{where}: entry {i}")
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise DataError(f"{where}: entry {i}: needs a name (- name: RandomAffine), got "
+                            f"{entry!r}")
         where_i = f"{where}: entry {i} ({entry['name']})"
+        if finite(entry) != entry:  # finite() turns NaN and infinities into None
+            raise DataError(f"{where_i}: an argument is not a finite number")
+        if entry["name"] not in known:
+            close = difflib.get_close_matches(entry["name"], known, 3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise DataError(f"{where_i}: not a 2D augmentation of kornia.augmentation, nor one "
+                            f"of {', '.join(OWN_AUGS)}{hint}")
         try:
             module, = build_augs([entry])
         except Exception as e:  # kornia's own errors for arguments it does not take
@@ -1708,23 +1716,6 @@ def check_augs(args):
                             "keep the shape")
         if not torch.isfinite(y).all():
             raise DataError(f"{where_i} makes values that are not finite (NaN or infinite)")
-
-
-def check_aug_entry(entry, where):
-    """An entry names a 2D augmentation of kornia.augmentation or one of OWN_AUGS."""
-    if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
-        raise DataError(f"{where}: needs a name (- name: RandomAffine), got {entry!r}")
-    if finite(entry) != entry:  # finite() turns NaN and infinities into None
-        raise DataError(f"{where} ({entry['name']}): an argument is not a finite number")
-    name = entry["name"]
-    cls = OWN_AUGS.get(name, getattr(K, name, None))
-    if not (isinstance(cls, type) and issubclass(cls, (K.AugmentationBase2D, Hair))):
-        known = [n for n in dir(K) if isinstance(getattr(K, n), type)
-                 and issubclass(getattr(K, n), K.AugmentationBase2D)] + list(OWN_AUGS)
-        close = difflib.get_close_matches(name, known, 3)
-        hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise DataError(f"{where} ({name}): not a 2D augmentation of kornia.augmentation, nor "
-                        f"one of {', '.join(OWN_AUGS)}{hint}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1835,19 +1826,11 @@ def load_run(out, name):
                         f"{Path(out) / name}_fold{{k}}.safetensors)")
     runs = {}
     for fold, stem in folds.items():
-        path, record = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+        path = stem.with_suffix(".safetensors")
         if not path.is_file():
-            raise DataError(f"{record}: a finished fold without its weights ({path.name}); "
-                            "retrain the fold or move its JSON away")
-        try:
-            info = json.loads(record.read_text())
-            if not (isinstance(info["args"], dict) and isinstance(info["run"], dict)):
-                raise TypeError("its args or run is not an object")
-            if info.get("classes") is not None and "MEL" not in info["classes"]:
-                raise ValueError("its classes have no melanoma (MEL)")
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise DataError(f"{record}: the run's JSON is missing or unreadable ({one_line(e)})")
-        runs[fold] = (info, path)
+            raise DataError(f"{stem.with_suffix('.json')}: a finished fold without its weights "
+                            f"({path.name}); retrain the fold or move its JSON away")
+        runs[fold] = (read_result(stem.with_suffix(".json")), path)
     (first, first_path), *_ = runs.values()
     for info, path in runs.values():
         differ = differences(first["run"], info["run"], (first_path.name, path.name))
