@@ -130,10 +130,9 @@ def get_parser():
                    "external images per external melanoma per epoch, drawn apart from the "
                    "competition's (default: one pool)")
     g = flag_group(p, "augmentation", setting=True)
-    g.add_argument("--augs", metavar="FILE", type=INPUT_FILE, help="YAML list of "
-                   "kornia.augmentation classes and their arguments (- name: RandomAffine / "
-                   "degrees: 180 ...) replacing the recipe's random stack (default: DEFAULT_AUGS "
-                   "in melanoma.py)")
+    g.add_argument("--augs", metavar="FILE", type=INPUT_FILE, help="YAML list of kornia."
+                   "augmentation classes and arguments (- name: RandomAffine / degrees: 180 ...) "
+                   "for the recipe's random stack (default: DEFAULT_AUGS in melanoma.py)")
     g.add_argument("--hair", type=bounded(float, 0, 1), default=0.0, metavar="P",
                    help="draw dark hairs over an image with probability P (appends Hair(p=P))")
     g.add_argument("--cutout", action="store_true",
@@ -152,10 +151,9 @@ def get_parser():
     g.add_argument("--msd", type=bounded(int, 1, 32), default=1,
                    help="multi-sample dropout: the head averaged over this many dropout masks")
     g.add_argument("--target", choices=["melanoma", "diagnosis"], default="melanoma",
-                   help="what the head learns: melanoma, one logit and binary cross-entropy (the "
-                   "recipe), or diagnosis, one output per diagnosis class of the training data "
-                   "(needs a diagnosis column; the 1st place's 9 classes with ISIC 2019), softmax "
-                   "and cross-entropy; either way every score is P(melanoma)")
+                   help="what the head learns: melanoma (one logit, BCE: the recipe) or diagnosis "
+                   "(softmax over the training data's diagnosis classes, the 1st place's 9 with "
+                   "ISIC 2019); either way every score is P(melanoma)")
     g.add_argument("--init-from", metavar="RUN", type=text, help="start each fold from the same "
                    "fold's weights of an earlier run: a run name in --out, or a path prefix "
                    "(other/preds/NAME), read as {RUN}_fold{k}.safetensors")
@@ -332,19 +330,14 @@ class Images(torch.utils.data.Dataset):
     """uint8 CHW images and their row index; augmentation happens later, on the device."""
 
     def __init__(self, paths, size, cache=None):
-        self.paths = list(paths)
-        self.size = size
-        self.cache = cache
+        self.paths, self.size, self.cache = list(paths), size, cache
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, i):
-        if self.cache:
-            image = cached_load(self.paths[i], self.size, self.cache)
-        else:
-            image = load_image(self.paths[i], self.size)
-        return torch.from_numpy(image).permute(2, 0, 1), i
+        load = functools.partial(cached_load, cache=self.cache) if self.cache else load_image
+        return torch.from_numpy(load(self.paths[i], self.size)).permute(2, 0, 1), i
 
 
 # ----------------------------------------------------------------------------------------------
@@ -411,15 +404,10 @@ class EpochSampler:
     number of steps, their indices are disjoint, and together they cover the sample."""
 
     def __init__(self, targets, batch_size, per_epoch, seed=0, rank=0, world=1, pools=None):
-        self.targets = np.asarray(targets)
-        self.pools = pools
-        self.batch_size = batch_size
-        self.per_epoch = per_epoch
-        self.seed = seed
-        self.rank = rank
-        self.world = world
+        self.targets, self.pools, self.per_epoch = np.asarray(targets), pools, per_epoch
+        self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
         self.epoch = 0
-        self.n = int(self.targets.sum()) + int(np.sum(per_epoch))
+        self.n = int(self.targets.sum()) + int(np.sum(per_epoch))  # images per epoch
 
     def set_epoch(self, epoch):
         self.epoch = epoch
@@ -1752,8 +1740,7 @@ def plot_curves(path, result, stem):
     fig.suptitle(f"{stem}: {result['n_train']} training images, {result['n_val']} validation",
                  fontsize=10)
     bottom.plot(epochs, [h["lr"] for h in history], "o-", color="C2")
-    bottom.set_ylabel("learning rate\n(last step)")
-    bottom.set_xlabel("epoch")
+    bottom.set(ylabel="learning rate\n(last step)", xlabel="epoch")
     bottom.xaxis.get_major_locator().set_params(integer=True)
     save_figure(fig, path)
 
@@ -1766,9 +1753,8 @@ def plot_roc(path, oof, result, stem):
     ax.plot(fpr, tpr, color="C0", lw=2,
             label=f"OOF, TTA x{result['args']['tta']}: AUC {result['oof_auc']:.4f}")
     ax.plot([0, 1], [0, 1], ":", color="0.5", label="chance: AUC 0.5")
-    ax.set_aspect("equal")
-    ax.set_xlabel("false positive rate (benign lesions flagged)")
-    ax.set_ylabel("true positive rate (melanomas found)")
+    ax.set(aspect="equal", xlabel="false positive rate (benign lesions flagged)",
+           ylabel="true positive rate (melanomas found)")
     ax.legend(loc="lower right")
     ax.set_title(f"{stem}: {len(oof)} images, {int(oof['target'].sum())} melanomas", fontsize=10)
     save_figure(fig, path)
@@ -1794,12 +1780,10 @@ def plot_lr_find(path, curve, reading, title, loss="BCE"):
             label=f"lowest smoothed loss, at {reading['lowest_lr']:.1e}")
     ax.axvline(reading["second_lr"], color="C1", ls="-.",
                label=f"a tenth of it (second rule): {reading['second_lr']:.1e}")
-    ax.set_xscale("log")
     # scaled to the smoothed loss and its band: the noise of single batches would flatten it
     low, high = curve["band_low"].min(), curve["smoothed"].max()
-    ax.set_ylim(low - 0.2 * (high - low), high + 0.2 * (high - low))
-    ax.set_xlabel("learning rate (log scale)")
-    ax.set_ylabel(f"training loss ({loss})")
+    ax.set(xscale="log", ylim=(low - 0.2 * (high - low), high + 0.2 * (high - low)),
+           xlabel="learning rate (log scale)", ylabel=f"training loss ({loss})")
     ax.legend(fontsize=8, loc="best")
     ax.set_title(title, fontsize=10)
     save_figure(fig, path)
