@@ -1570,10 +1570,8 @@ class Hair(torch.nn.Module):
         if not 0 <= p <= 1 or not 1 <= int(most) <= 64 or not 0 < width[0] <= width[1] <= 0.5:
             raise ValueError("need 0 <= p <= 1, 1 <= most <= 64, 0 < width <= 0.5, got "
                              f"{p}, {most}, {width}")
-        self.p = float(p)
-        self.most = int(most)
+        self.p, self.most, self.segments = float(p), int(most), int(segments)
         self.width = tuple(map(float, width))  # half the strand's thickness, share of the side
-        self.segments = int(segments)
 
     def extra_repr(self):
         return f"p={self.p}, most={self.most}, width={self.width}"
@@ -1620,10 +1618,8 @@ class Hair(torch.nn.Module):
 def segment_distance(yy, xx, a, b):
     """Distance of every pixel (yy, xx: H x W) to the segments a -> b (n x 2 each): n x H x W."""
     ay, ax, by, bx = (v[:, None, None] for v in (a[:, 0], a[:, 1], b[:, 0], b[:, 1]))
-    dy = by - ay
-    dx = bx - ax
-    t = ((yy - ay) * dy + (xx - ax) * dx) / (dy * dy + dx * dx).clamp_min(1e-12)
-    t = t.clamp(0, 1)
+    dy, dx = by - ay, bx - ax
+    t = (((yy - ay) * dy + (xx - ax) * dx) / (dy * dy + dx * dx).clamp_min(1e-12)).clamp(0, 1)
     return torch.hypot(yy - ay - t * dy, xx - ax - t * dx)
 
 
@@ -1638,17 +1634,17 @@ def read_augs(path, most_bytes=65536, most_entries=100):
         raise DataError(f"--augs {path}: a folder, not a YAML file")
     try:
         with open(path, "rb") as f:
-            text = f.read(most_bytes + 1).decode()
+            content = f.read(most_bytes + 1).decode()
     except FileNotFoundError:
         raise DataError(f"--augs {path}: no such file")
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"--augs {path}: cannot read it ({one_line(e)})")
-    if len(text) > most_bytes:
+    if len(content) > most_bytes:
         raise DataError(f"--augs {path}: larger than {most_bytes} bytes; a stack is a few lines")
     try:
-        if any(isinstance(event, yaml.AliasEvent) for event in yaml.parse(text)):
+        if any(isinstance(event, yaml.AliasEvent) for event in yaml.parse(content)):
             raise DataError(f"--augs {path}: YAML aliases (*name) are not taken; write it out")
-        entries = yaml.safe_load(text)
+        entries = yaml.safe_load(content)
     except yaml.YAMLError as e:
         raise DataError(f"--augs {path}: not YAML ({one_line(e)[:200]})")
     if not isinstance(entries, list) or len(entries) > most_entries:
