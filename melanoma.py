@@ -28,7 +28,7 @@ Outputs land in --out (default preds/): {name}_fold{k}_oof.csv, {name}_fold{k}_t
 The recipe comes first and is whole at the banner `# Beyond the recipe`: flags, data, sampler,
 augmentation and TTA, model, training, outputs, and the function that trains the folds. Below the
 banner is what serves it: input checks, resume, metadata and external data, hair and --augs,
-plots and the ledger, using a trained model, the tools, and main().
+plots, using a trained model, the tools, and main().
 
 Measured on 2 CPU cores (README.md has the details): the demo trains and predicts fold 0 in about
 10 s after a 7 s start (OOF AUC 0.90; 5-fold CV 0.85, and 0.86 with --target diagnosis, a
@@ -769,7 +769,10 @@ def write_outputs(args, accelerator, fold, oof, test, result, raw_model):
         stem = f"{args.name}_fold{fold}"
         plot_curves(fold_file(args, fold, "_curves.png"), result, stem)
         plot_roc(fold_file(args, fold, "_roc.png"), oof, result, stem)
-        append_run(Path(args.out) / LEDGER_FILE, ledger_row(args, result))
+        append_run(Path(args.out) / LEDGER_FILE, dict(
+            date=time.strftime("%Y-%m-%d %H:%M:%S"), name=args.name, fold=fold,
+            oof_auc=result["oof_auc"], oof_auc_no_tta=result["oof_auc_no_tta"],
+            wall_s=round(result["wall_s"], 1), settings=args.settings, out=args.out))
         text = json.dumps(finite(result), indent=1, default=str, allow_nan=False)
         atomic_write(fold_file(args, fold, ".json"), lambda tmp: Path(tmp).write_text(text))
         fold_file(args, fold, "_last.pt").unlink(missing_ok=True)
@@ -1703,7 +1706,7 @@ def check_augs(args):
 
 
 # ----------------------------------------------------------------------------------------------
-# Plots and the ledger
+# Plots
 
 def save_figure(fig, path):
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
@@ -1783,12 +1786,6 @@ def plot_lr_find(path, curve, reading, title, loss="BCE"):
     ax.legend(fontsize=8, loc="best")
     ax.set_title(title, fontsize=10)
     save_figure(fig, path)
-
-
-def ledger_row(args, result):
-    return dict(date=time.strftime("%Y-%m-%d %H:%M:%S"), name=args.name, fold=result["fold"],
-                oof_auc=result["oof_auc"], oof_auc_no_tta=result["oof_auc_no_tta"],
-                wall_s=round(result["wall_s"], 1), settings=args.settings, out=args.out)
 
 
 # ----------------------------------------------------------------------------------------------
