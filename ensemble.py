@@ -33,6 +33,7 @@ import re
 import shlex
 import sys
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,10 +129,15 @@ def read_csv(path, columns, what=""):
     if Path(path).is_dir():
         raise DataError(f"{where}: is a folder, not a CSV file")
     try:
-        # no NA parsing: an image named "NA" stays a name, and an empty cell stays ""
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+        # no NA parsing: an image named "NA" stays a name, and an empty cell stays ""; a row with
+        # a field too many is refused (pandas would take the first column as an index, shifted)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            df = pd.read_csv(path, dtype=str, keep_default_na=False, index_col=False)
     except FileNotFoundError:
         raise DataError(f"{where}: no such file")
+    except pd.errors.ParserWarning:
+        raise DataError(f"{where}: cannot read it as CSV (a row has more fields than the header)")
     except (OSError, ValueError) as e:
         raise DataError(f"{where}: cannot read it as CSV ({' '.join(str(e).split())})")
     missing = [c for c in columns if c not in df.columns]

@@ -1036,7 +1036,8 @@ def check_image(path):
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
-                (width, height), kind = im.size, im.format
+                # a camera's multi-picture JPEG (MPO) is a JPEG with more images after the first
+                (width, height), kind = im.size, {"MPO": "JPEG"}.get(im.format, im.format)
     except FileNotFoundError as e:
         raise DataError(f"image {path}: {e.strerror}")
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):

@@ -777,6 +777,9 @@ def test_jpeg_completeness_looks_past_trailing_bytes_and_through_progressive_sca
             else:
                 with pytest.raises(melanoma.DataError, match="truncated"):
                     melanoma.check_image(str(tmp_path / "t.jpg"))
+    # a camera's multi-picture JPEG (Pillow's format MPO) is a JPEG: it was refused as "not a JPEG"
+    smooth_image(300, 200).save(tmp_path / "m.jpg", "MPO", save_all=True, append_images=[smooth_image(300, 200)])
+    melanoma.check_image(str(tmp_path / "m.jpg"))
 
 
 def test_numeric_names_trailing_bytes_and_resume_without_checkpoint_train(data, tmp_path):
@@ -1773,6 +1776,8 @@ def test_a_ledger_that_cannot_take_a_row_is_refused_before_training(tiny_data, t
 @pytest.mark.parametrize("content, names", [
     (",".join(ensemble.LEDGER) + "\n2026-01-01 00:00:00,a,0,0.8,0.7,1.0,--size 4", ["row 2", "out is empty"]),
     (",".join(ensemble.LEDGER) + '\n2026-01-01 00:00:00,a,0,0.8,0.7,1.0,"--name \'x",o\n', ["row 2", "unbalanced quote"]),
+    # a field too many: pandas took the first column as an index and blamed a shifted one
+    (",".join(ensemble.LEDGER) + "\n2026-01-01 00:00:00,a,0,0.8,0.7,1.0,--size 4,o,extra\n", ["cannot read it as CSV"]),
 ])
 def test_runs_refuses_a_ledger_cut_mid_row_or_with_an_unbalanced_quote(tmp_path, capsys, content, names):
     (tmp_path / "runs.csv").write_text(content)
