@@ -15,7 +15,8 @@ bootstrap over patients (ids from --folds, else from the folds file the runs rec
 {name}_fold{k}.json); `weighted` and `stack` are scored by nested CV (fitted on the other folds,
 scored on the held-out one). The report is printed and written beside --out as {stem}.json, with
 a heat map of the models' correlations as {stem}_correlation.png. Bad input is refused in one line
-(exit code 2) before anything is written.
+(exit code 2) before anything is written. melanoma.py imports its torch-free helpers from here: the
+CSV reader, DataError, atomic writes, the flag bounds, the output checks and the ledger.
 
 It starts in under half a second (no torch); a 1,000-resample patient bootstrap of the 32,692
 ISIC 2020 OOF predictions takes about 0.6 s on one CPU core; the heat map adds 1-1.5 s (matplotlib,
