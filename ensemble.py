@@ -24,7 +24,6 @@ measured on a busy 2-core machine).
 """
 import argparse
 import csv
-import fcntl
 import functools
 import io
 import json
@@ -89,7 +88,7 @@ def get_args(argv=None):
     p.add_argument("--seed", type=bounded(int, 0), default=0,
                    help="seed of the bootstrap (default: %(default)s)")
     args = p.parse_args(argv)
-    if args.out.endswith(("/", os.sep)):
+    if args.out.endswith(("/", os.sep)) or Path(args.out).name in ("", ".", ".."):
         p.error(f"--out {args.out!r}: give a file path for the submission")
     return args
 
@@ -138,7 +137,12 @@ def read_csv(path, columns, what=""):
     except FileNotFoundError:
         raise DataError(f"{where}: no such file")
     except pd.errors.ParserWarning:
-        raise DataError(f"{where}: cannot read it as CSV (a row has more fields than the header)")
+        with open(path, newline="", encoding="utf-8", errors="replace") as f:
+            rows = csv.reader(f)
+            width = len(next(rows))
+            row = next((i for i, r in enumerate(rows, 2) if len(r) > width), "?")
+        raise DataError(f"{where}: row {row}: more fields than the header's {width}; cannot read "
+                        "it as CSV")
     except (OSError, ValueError) as e:
         raise DataError(f"{where}: cannot read it as CSV ({' '.join(str(e).split())})")
     missing = [c for c in columns if c not in df.columns]
@@ -693,6 +697,10 @@ def text(value):
     """An argparse type that refuses an empty value: an unset shell variable."""
     if not value.strip():
         raise argparse.ArgumentTypeError("empty; give a value")
+    try:  # undecodable bytes of a file name: they would fail only when first written
+        value.encode()
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError(f"not valid UTF-8 text: {value!r}")
     return value
 
 
@@ -703,6 +711,8 @@ def check_writable(path, flag, folder=True):
     if path.exists() and path.is_dir() != folder:
         raise DataError(f"{flag} {path}: a {'file' if folder else 'folder'}, "
                         f"not a {'folder' if folder else 'file'}")
+    if path.exists() and not folder and not path.is_file():  # /dev/null: the rename replaces it
+        raise DataError(f"{flag} {path}: not a regular file")
     nearest = path if folder else path.parent
     while not nearest.exists() and nearest != nearest.parent:
         nearest = nearest.parent
@@ -722,6 +732,7 @@ def append_run(path, row):
     """Append `row` to the ledger, with a header in a new file. Folds that finish at the same
     moment each append: a lock around the size check and the write keeps the header single and
     the lines whole; a rewrite through atomic_write would lose a row written in between."""
+    import fcntl  # here: ensemble.py itself runs where there is none (Windows)
     buf = io.StringIO()
     csv.DictWriter(buf, LEDGER, lineterminator="\n").writerow(row)
     try:

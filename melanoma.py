@@ -132,7 +132,7 @@ def get_parser():
     g = flag_group(p, "augmentation", setting=True)
     g.add_argument("--augs", metavar="FILE", type=INPUT_FILE, help="YAML list of kornia."
                    "augmentation classes and arguments (- name: RandomAffine / degrees: 180 ...) "
-                   "for the recipe's random stack (default: DEFAULT_AUGS in melanoma.py)")
+                   "replacing the recipe's random stack (default: DEFAULT_AUGS in melanoma.py)")
     g.add_argument("--hair", type=bounded(float, 0, 1), default=0.0, metavar="P",
                    help="draw dark hairs over an image with probability P (appends Hair(p=P))")
     g.add_argument("--cutout", action="store_true",
@@ -152,8 +152,8 @@ def get_parser():
                    help="multi-sample dropout: the head averaged over this many dropout masks")
     g.add_argument("--target", choices=["melanoma", "diagnosis"], default="melanoma",
                    help="what the head learns: melanoma (one logit, BCE: the recipe) or diagnosis "
-                   "(softmax over the training data's diagnosis classes, the 1st place's 9 with "
-                   "ISIC 2019); either way every score is P(melanoma)")
+                   "(softmax over the diagnosis column's classes, the 1st place's 9 with ISIC "
+                   "2019); either way every score is P(melanoma)")
     g.add_argument("--init-from", metavar="RUN", type=text, help="start each fold from the same "
                    "fold's weights of an earlier run: a run name in --out, or a path prefix "
                    "(other/preds/NAME), read as {RUN}_fold{k}.safetensors")
@@ -905,8 +905,7 @@ def file_key(path):
 
 def run_name(value):
     """--name names files and lines of the ledger: a plain file-name part on one line."""
-    if (not value.strip() or set(value) & set("/\\\0\n\r") or value.startswith(".")
-            or len(value) > 150):
+    if set(text(value)) & set("/\\\0\n\r") or value.startswith(".") or len(value) > 150:
         raise argparse.ArgumentTypeError("must be a plain file-name part of at most 150 "
                                          f"characters on one line, got {value[:160]!r}")
     return value
@@ -1293,7 +1292,7 @@ def read_result(path, key=None):
         changed = differences(result["run"], key) if key is not None else []
     except (OSError, ValueError, AttributeError, TypeError) as e:
         raise DataError(f"{path}: a finished fold's JSON that cannot be read ({one_line(e)}); "
-                        "--overwrite retrains the fold")
+                        "retrain the fold (--overwrite) or move the JSON away")
     if changed:
         raise DataError(f"{path}: this fold finished with other settings ({'; '.join(changed)}): "
                         "give the new run its own --name, or --overwrite to retrain it")
@@ -1894,7 +1893,7 @@ def predict_images(args, accelerator):
     accelerator.print(f"wrote {out}: {len(scores)} images, {len(runs)} fold(s) averaged "
                       f"(target = their mean), TTA x{args.tta}, {time.time() - start:.0f} s")
     if args.explain:
-        explain(args, accelerator, runs, rows.join(scores.filter(like="fold")))
+        explain(args, accelerator, runs, rows.assign(**scores.filter(like="fold")))
 
 
 def grad_cam(model, augment, x, meta=None, melanoma=0):
@@ -2159,7 +2158,8 @@ def make_demo_data(root, n_patients=150, n_test=60, seed=0, shape=(96, 128)):
     2-8 images per patient, about 6 % melanomas, benign images of several diagnoses, its own
     folds.csv and external data; only in a new or empty folder, never among a user's files."""
     root = Path(root)
-    if root.exists() and (not root.is_dir() or any(root.iterdir())):
+    check_writable(root, "--demo --data-dir")
+    if root.exists() and any(root.iterdir()):
         raise DataError(f"--demo --data-dir {root}: not an empty folder and no demo data "
                         "(train.csv) in it; the demo makes its data only in a new or empty folder")
     print(f"making the demo dataset in {root}/ (once)")

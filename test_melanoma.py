@@ -623,7 +623,9 @@ def test_bad_input_is_refused_before_training(data, tmp_path, capsys, breakage, 
     (["--num-workers", "1000"], "--num-workers: must be at most 64"),
     (["--fold", "1", "1"], "--fold lists a fold twice"),
     (["--name", "a/b"], "--name: must be a plain file-name part"),
-    (["--name", ""], "--name: must be a plain file-name part"),
+    (["--name", ""], "--name: empty; give a value"),
+    (["--name", "caf\udce9"], "--name: not valid UTF-8 text"),  # trained, then failed writing its plots
+    (["--out", "o\udce9"], "--out: not valid UTF-8 text"),  # trained, then the ledger crashed
     (["--resume", "--overwrite"], "pass one"),
     (["--lr-min", "1e-320", "--lr-max", "1e308"], "--lr-min: must be at least 1e-12"),
     (["--batch-size", "99999999999"], "--batch-size: must be at most 65536"),
@@ -977,6 +979,16 @@ def test_predict_a_folder_with_tta_and_explain(tiny_data, trained_run, tmp_path,
     with Image.open(out / "tiny_fold0_explain.png") as im:
         assert im.format == "PNG" and im.size[1] > im.size[0]  # one row per case: 1 FP, 1 FN, 1 new
     assert "Grad-CAM of 3 images" in capsys.readouterr().out
+
+
+def test_predict_a_csv_with_a_fold_column_and_explain(tiny_data, trained_run, tmp_path):
+    out = Path(shutil.copytree(trained_run, tmp_path / "out"))
+    test = pd.read_csv(tiny_data / "test.csv").head(3)[["image_name"]].assign(fold0=0.5)
+    test.to_csv(tmp_path / "new.csv", index=False)  # a column named as the fold's scores
+    melanoma.main(["--predict", str(tmp_path / "new.csv"), "--data-dir", str(tiny_data), "--name", "tiny",
+                   "--out", str(out), "--tta", "0", "--num-workers", "0", "--explain", "1"])
+    assert (out / "tiny_fold0_explain.png").is_file()
+    assert pd.read_csv(out / "tiny_predict.csv")["fold0"].ne(0.5).all()
 
 
 class DarkSpot(torch.nn.Module):
@@ -1522,6 +1534,8 @@ A = ["a_fold0_oof.csv", "a_fold0_test.csv"]
     (lambda d: [*A, "--folds", made(d / "f.csv", 'image_name,patient_id\n"img0,p0\n')], "f.csv: cannot read it as CSV"),
     (lambda d: [*A, "--seed", "-1"], "argument --seed: must be 0 or more, got -1"),
     (lambda d: [*A, "--out", ""], "argument --out: empty; give a value"),
+    (lambda d: [*A, "--out", "."], "--out '.': give a file path"),
+    (lambda d: [*A, "--out", (os.mkfifo(d / "pipe.csv"), "pipe.csv")[1]], "pipe.csv: not a regular file"),  # /dev/null
     (lambda d: [*A, "--folds", made(d / "f.csv", "image_name,patient_id\nimg0,p0\n"), "--out", "f.csv"],
      "would overwrite the input"),
     (lambda d: [*A, "--out", "a_fold1.csv"], "--out a_fold1.csv: a_fold1.csv is the name of a file melanoma.py writes"),
@@ -1777,7 +1791,8 @@ def test_a_ledger_that_cannot_take_a_row_is_refused_before_training(tiny_data, t
     (",".join(ensemble.LEDGER) + "\n2026-01-01 00:00:00,a,0,0.8,0.7,1.0,--size 4", ["row 2", "out is empty"]),
     (",".join(ensemble.LEDGER) + '\n2026-01-01 00:00:00,a,0,0.8,0.7,1.0,"--name \'x",o\n', ["row 2", "unbalanced quote"]),
     # a field too many: pandas took the first column as an index and blamed a shifted one
-    (",".join(ensemble.LEDGER) + "\n2026-01-01 00:00:00,a,0,0.8,0.7,1.0,--size 4,o,extra\n", ["cannot read it as CSV"]),
+    (",".join(ensemble.LEDGER) + "\n2026-01-01 00:00:00,a,0,0.8,0.7,1.0,--size 4,o,extra\n",
+     ["row 2: more fields than the header's 8", "cannot read it as CSV"]),
 ])
 def test_runs_refuses_a_ledger_cut_mid_row_or_with_an_unbalanced_quote(tmp_path, capsys, content, names):
     (tmp_path / "runs.csv").write_text(content)
@@ -2317,3 +2332,16 @@ def test_predict_reports_broken_links_and_folders_named_like_images(tiny_data, t
     assert pd.read_csv(out / "tiny_predict.csv")["image_name"].tolist() == ["good.jpg"]
     assert sorted(pd.read_csv(out / "tiny_predict_skipped.tsv", sep="\t")["image_name"]) == ["dir.jpg", "gone.jpg",
                                                                                              "loop.jpg"]
+
+
+def test_ensemble_runs_without_fcntl_which_only_the_ledger_writer_needs():
+    code = ("import sys, runpy; sys.modules['fcntl'] = None; sys.argv = ['ensemble.py', '--help']; "
+            "runpy.run_path('ensemble.py', run_name='__main__')")
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, capture_output=True, text=True)
+    assert done.returncode == 0 and "Blend prediction files" in done.stdout, done.stderr
+
+
+def test_demo_under_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "f").write_text("x")
+    refused_run(["--demo", "--data-dir", tmp_path / "f" / "d", "--out", tmp_path / "out"], capsys,
+                "--demo --data-dir", "is a file, not a folder")
