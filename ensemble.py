@@ -857,9 +857,13 @@ def print_runs(folder):
 def main(argv=None):
     try:
         blend(get_args(argv))
+        sys.stdout.flush()
     except DataError as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)  # pandas' messages span lines
         sys.exit(2)
+    except BrokenPipeError:  # the report went to a command that stopped reading it (head)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
 
 
 def blend(args):
@@ -876,20 +880,19 @@ def blend(args):
     submission = None if lacking else blend_test(models, args.method)
     heat_map_png = plot_correlation(report)
     out, report_path, heat_map = output_paths(args.out)
-    print(format_report(report))
-    text = json.dumps(finite(report), indent=1, allow_nan=False)
-    writes = {report_path: lambda tmp: Path(tmp).write_text(text),
+    report_json = json.dumps(finite(report), indent=1, allow_nan=False)
+    writes = {report_path: lambda tmp: Path(tmp).write_text(report_json),
               heat_map: lambda tmp: Path(tmp).write_bytes(heat_map_png)}
-    written = []
+    if submission is not None:
+        writes[out] = lambda tmp: submission.to_csv(tmp, index=False)
+    atomic_write_all(writes)  # all three or none: a full disk leaves no half of them
+    print(format_report(report))  # after the writes: a reader that stops early (head) loses none
     if submission is None:
         print(f"no submission: model(s) {', '.join(lacking)} have no test predictions (their runs "
               "had no test.csv)")
-    else:
-        writes[out] = lambda tmp: submission.to_csv(tmp, index=False)
-        written.append(f"{out} ({len(submission)} images, method {args.method})")
-    atomic_write_all(writes)  # all three or none: a full disk leaves no half of them
+    written = [] if submission is None else [f"{out} ({len(submission)} images, method "
+                                             f"{args.method})"]
     print(f"wrote {', '.join(written + [str(report_path)])} and {heat_map}")
-
 
 if __name__ == "__main__":
     main()

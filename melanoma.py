@@ -2531,9 +2531,13 @@ def main(argv=None):
                                   project_dir=Path(args.out) / "logs")
         tool = next((TOOLS[t] for t in TOOLS if getattr(args, t)), train_folds)
         tool(args, accelerator)
+        sys.stdout.flush()
     except (DataError, FloatingPointError) as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
+    except BrokenPipeError:  # the output went to a command that stopped reading it (head)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
     except KeyboardInterrupt:
         stop(130)
 

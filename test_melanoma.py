@@ -2345,3 +2345,17 @@ def test_demo_under_a_file_is_one_line(tmp_path, capsys):
     (tmp_path / "f").write_text("x")
     refused_run(["--demo", "--data-dir", tmp_path / "f" / "d", "--out", tmp_path / "out"], capsys,
                 "--demo --data-dir", "is a file, not a folder")
+
+
+def test_output_piped_into_a_reader_that_stops_is_no_traceback(tiny_data, trained_run, tmp_path):
+    """`--runs | head`: a closed pipe ends the command quietly; ensemble.py writes its files first."""
+    write_model(tmp_path, "a", {0: (Y, [.1, .9, .2, .7, .3, .4])}, [0.2, 0.4])
+    here = Path(__file__).parent
+    for command, cwd in (([here / "melanoma.py", "--runs", trained_run], tmp_path),
+                         ([here / "ensemble.py", *A, "--out", "sub.csv"], tmp_path)):
+        p = subprocess.Popen([sys.executable, *map(str, command)], cwd=cwd, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+        p.stdout.close()  # the reader is gone before the first line
+        err = p.stderr.read()
+        assert p.wait() in (0, 1) and "Traceback" not in err and "Exception" not in err, err
+    assert (tmp_path / "sub.csv").is_file()
