@@ -43,7 +43,6 @@ import pandas as pd
 METHODS = ("mean", "rank", "weighted", "stack")
 PROBABILITY_METHODS = ("mean", "weighted", "stack")  # rank takes any scores
 NAME = re.compile(r"^(?P<name>.+)_fold(?P<fold>\d+)_(?P<kind>oof|test)\.csv$")
-RUN_JSON = re.compile(r"^.+_fold\d+\.json$")
 # Every file name melanoma.py writes in its output folder: --out must never replace one.
 MELANOMA_OUTPUT = re.compile(r"^(runs\.csv|logs|folds\.csv|train\.csv|test\.csv"
                              r"|.+_fold\d+(_\w+)?\.\w+|.+_(predict|predict_skipped|lr_find)"

@@ -330,14 +330,14 @@ class Images(torch.utils.data.Dataset):
     """uint8 CHW images and their row index; augmentation happens later, on the device."""
 
     def __init__(self, paths, size, cache=None):
-        self.paths, self.size, self.cache = list(paths), size, cache
+        self.paths, self.size = list(paths), size
+        self.load = functools.partial(cached_load, cache=cache) if cache else load_image
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, i):
-        load = functools.partial(cached_load, cache=self.cache) if self.cache else load_image
-        return torch.from_numpy(load(self.paths[i], self.size)).permute(2, 0, 1), i
+        return torch.from_numpy(self.load(self.paths[i], self.size)).permute(2, 0, 1), i
 
 
 # ----------------------------------------------------------------------------------------------
@@ -657,10 +657,15 @@ def build_model(args, accelerator, fold=None, n_meta=0, classes=None):
                                  **shape)
     else:
         raw_model = create_model(args.model, args.pretrained, args.weights, **shape)
-    raw_model = raw_model.to(accelerator.device, memory_format=torch.channels_last)
+    return on_device(raw_model, args.cutout, augmentations(args), accelerator)
+
+
+def on_device(raw_model, cutout, stack, accelerator):
+    """The model and its augmentation (normalised as its backbone was trained) on the device."""
     cfg = raw_model.backbone.pretrained_cfg
-    augment = Augment(cfg["mean"], cfg["std"], args.cutout, augmentations(args))
-    return raw_model, augment.to(accelerator.device)
+    augment = Augment(cfg["mean"], cfg["std"], cutout, stack)
+    return (raw_model.to(accelerator.device, memory_format=torch.channels_last),
+            augment.to(accelerator.device))
 
 
 def build_training(args, accelerator, steps_per_epoch, fold=None, n_meta=0, classes=None):
@@ -1065,9 +1070,9 @@ def check_image(path):
             raise DataError(f"image {path}: not a complete {kind} (truncated)")
 
 
-def check_images(paths, show=True, skip_bad=None):
+def check_images(paths, show=True, skip_bad=False, hint=""):
     """{path: why} of the images that cannot be used, all checked so that all are named at once;
-    they stop the run unless --predict's --skip-bad (None: training, which has no such flag)."""
+    they stop the run unless --predict's --skip-bad; `hint` ends the error."""
     bad = {}
     for path in progress(paths, "checking images", show and len(paths) >= 2000):
         try:
@@ -1075,7 +1080,6 @@ def check_images(paths, show=True, skip_bad=None):
         except DataError as e:
             bad[path] = str(e)
     if bad and not skip_bad or len(bad) == len(paths):
-        hint = "; --skip-bad predicts the rest" if skip_bad is False else ""
         raise DataError(f"{len(bad)} image(s) cannot be used (of {len(paths)}), e.g. "
                         f"{'; '.join(list(bad.values())[:3])}{hint}")
     return bad
@@ -1828,10 +1832,8 @@ def load_trained(info, path, accelerator):
         raw_model.load_state_dict(load_file(path))
     except Exception as e:  # safetensors' own error for a damaged file, torch's for a misfit
         raise DataError(f"{path}: does not load into {a.model} ({one_line(e)[:160]})")
-    raw_model = raw_model.to(accelerator.device, memory_format=torch.channels_last)
-    cfg = raw_model.backbone.pretrained_cfg
     stack = build_augs(info["augs"]) if "augs" in info else augmentations(a)
-    return raw_model, Augment(cfg["mean"], cfg["std"], a.cutout, stack).to(accelerator.device)
+    return on_device(raw_model, a.cutout, stack, accelerator)
 
 
 def images_to_predict(path, data_dir, meta):
@@ -1868,7 +1870,8 @@ def predict_images(args, accelerator):
     check_output_files([out, skipped] + [fold_file(args, k, "_explain.png")
                                          for k in runs if args.explain])
     every = images_to_predict(args.predict, args.data_dir, spec is not None)
-    bad = check_images(every["path"], skip_bad=args.skip_bad)
+    bad = check_images(every["path"], skip_bad=args.skip_bad,
+                       hint="" if args.skip_bad else "; --skip-bad predicts the rest")
     rows = every[~every["path"].isin(bad)].reset_index(drop=True)
     rows = with_meta(rows, spec) if spec else rows
     scores = rows[["image_name"]].copy()
@@ -1922,8 +1925,11 @@ def explain(args, accelerator, runs=None, new=None):
         check_output_files(fold_file(args, k, "_explain.png") for k in runs)
     if not accelerator.is_main_process:
         return
+    (info, _), *_ = runs.values()  # one model: its folds share the data and the metadata encoding
+    rows = training_rows(info) if any(fold_file(args, k, "_oof.csv").is_file() for k in runs) \
+        else None
     for fold, (info, path) in runs.items():
-        cases = explain_cases(args, fold, info, new)
+        cases = explain_cases(args, fold, info, rows, new)
         model, augment = load_trained(info, path, accelerator)
         x = torch.stack([torch.from_numpy(load_image(p, info["args"]["size"])).permute(2, 0, 1)
                          for p in cases["path"]]).to(accelerator.device)
@@ -1949,22 +1955,28 @@ def explain(args, accelerator, runs=None, new=None):
         accelerator.print(f"wrote {target}: Grad-CAM of {len(cases)} images")
 
 
-def explain_cases(args, fold, info, new):
-    """The images a fold's grid shows: its worst OOF mistakes, and the new images it scores
-    highest."""
+def training_rows(info):
+    """The run's training images by image_name (target, path, and the metadata with --meta)."""
+    train_csv = Path(info["args"]["data_dir"]) / "train.csv"
+    rows = read_images_csv(train_csv, find_layout(info["args"]["data_dir"])[0],
+                           ["image_name", "target"], "train file", bool(info.get("meta")))
+    check_targets(rows, train_csv)
+    rows = with_meta(rows, info["meta"]) if info.get("meta") else rows
+    return rows.set_index("image_name")
+
+
+def explain_cases(args, fold, info, rows, new):
+    """The images a fold's grid shows: its worst OOF mistakes (`rows`: the run's training
+    images), and the new images it scores highest."""
     n, cases = args.explain, []
     oof_file = fold_file(args, fold, "_oof.csv")
     if oof_file.is_file():
         oof = read_csv(oof_file, ["image_name", "pred"], "OOF file")
-        train_csv = Path(info["args"]["data_dir"]) / "train.csv"
-        rows = read_images_csv(train_csv, find_layout(info["args"]["data_dir"])[0],
-                               ["image_name", "target"], "train file", bool(info.get("meta")))
-        check_targets(rows, train_csv)
-        rows = (with_meta(rows, info["meta"]) if info.get("meta") else rows).set_index("image_name")
         unknown = oof["image_name"][~oof["image_name"].isin(rows.index)]
         if len(unknown):
             raise DataError(f"{oof_file}: {len(unknown)} image(s) not in the run's train.csv "
-                            f"({train_csv}), e.g. {unknown.iloc[0]}")
+                            f"({Path(info['args']['data_dir']) / 'train.csv'}), e.g. "
+                            f"{unknown.iloc[0]}")
         scores = pd.to_numeric(oof["pred"], errors="coerce").to_numpy()
         rows = rows.loc[oof["image_name"]].reset_index().assign(score=scores)
         cases += [rows[rows["target"] == 0].nlargest(n, "score").assign(case="false positive"),
