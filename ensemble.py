@@ -81,12 +81,16 @@ def get_args(argv=None):
                         "file that the runs recorded in the {name}_fold{k}.json beside their "
                         "prediction files, if they agree, else ./folds.csv if present; without "
                         "patient ids the bootstrap is over images)")
-    p.add_argument("--bootstrap", type=bounded(int, 0, 10**6), default=1000,
+    p.add_argument("--bootstrap", type=int, default=1000,
                    help="bootstrap resamples for the 95 %% intervals, 0 for none "
                         "(default: %(default)s)")
-    p.add_argument("--seed", type=bounded(int, 0), default=0,
+    p.add_argument("--seed", type=int, default=0,
                    help="seed of the bootstrap (default: %(default)s)")
     args = p.parse_args(argv)
+    for flag, value, most in (("--bootstrap", args.bootstrap, 10**6), ("--seed", args.seed, None)):
+        if value < 0 or most is not None and value > most:
+            p.error(f"argument {flag}: must be {'0 or more' if value < 0 else f'at most {most}'}, "
+                    f"got {value}")
     if args.out.endswith(("/", os.sep)) or Path(args.out).name in ("", ".", ".."):
         p.error(f"--out {args.out!r}: give a file path for the submission")
     return args
@@ -120,10 +124,11 @@ def check_outputs(out, inputs):
 # ------------------------------------------------------------------------------------------------
 # Reading
 
-def read_csv(path, columns, what=""):
+def read_csv(path, columns, what="", numbers=None):
     """A CSV with `columns` and at least one row, all read as text, whose image names (if it has
-    them) are unique, non-empty and without surrounding spaces. Errors name the file, after `what`
-    it is. melanoma.py reads its CSVs with it too."""
+    them) are unique, non-empty and without surrounding spaces, and whose columns of `numbers`
+    ({column: kind}, see check_numbers) are numbers of their kind. Errors name the file, after
+    `what` it is. melanoma.py reads its CSVs with it too."""
     where = f"{what} {path}".strip()
     if Path(path).is_dir():
         raise DataError(f"{where}: is a folder, not a CSV file")
@@ -152,7 +157,7 @@ def read_csv(path, columns, what=""):
         raise DataError(f"{where}: a header and no rows")
     if "image_name" in columns:
         check_names(df, where)
-    return df
+    return check_numbers(df, numbers or {}, where)
 
 
 def check_names(df, where, column="image_name", unique=True):
@@ -174,12 +179,26 @@ def refuse_rows(where, bad, values, problem):
         raise DataError(f"{where}: row {i + 2}: " + problem.format(value=values.iloc[i]))
 
 
-def check_whole_numbers(df, column, where):
-    """Make `column` int, or name the first row that does not hold a whole number."""
-    values = pd.to_numeric(df[column], errors="coerce")
-    bad = ~np.isfinite(values.to_numpy(float)) | (values != values.round())
-    refuse_rows(where, bad, df[column], f"{column} must be a whole number, got {{value!r}}")
-    df[column] = values.astype(int)
+# What a column of numbers may hold (check_numbers' kinds): whether a value is bad, its type.
+NUMBER_KINDS = {
+    "0 or 1": (lambda v, text: ~v.isin([0, 1]), int),
+    "a whole number": (lambda v, text: ~np.isfinite(v) | (v != v.round()), int),
+    "a finite number": (lambda v, text: ~np.isfinite(v), float),
+    "a finite number or empty": (lambda v, text: ~np.isfinite(v) & (text.str.strip() != ""), float)}
+
+
+def check_numbers(df, kinds, where):
+    """df with each column of `kinds` ({column: kind of NUMBER_KINDS}) that it has turned into
+    numbers of that kind (an empty cell NaN); the first row that holds no such number is
+    refused by its value."""
+    for column, kind in kinds.items():
+        if column in df.columns:
+            values = pd.to_numeric(df[column], errors="coerce").astype(float)
+            bad, cast = NUMBER_KINDS[kind]
+            refuse_rows(where, bad(values, df[column].astype(str)), df[column],
+                        f"{column} must be {kind}, got {{value!r}}")
+            df[column] = values.astype(cast)
+    return df
 
 
 def read_predictions(path, kind, probabilities):
@@ -187,16 +206,9 @@ def read_predictions(path, kind, probabilities):
     finite numbers, OOF targets 0 or 1 and whole fold numbers; predictions in [0, 1] if
     `probabilities`."""
     columns = OOF_COLUMNS if kind == "oof" else TEST_COLUMNS
-    df = read_csv(path, columns)[columns]
-    for c in columns[1:]:
-        values = pd.to_numeric(df[c], errors="coerce")
-        refuse_rows(path, ~np.isfinite(values.to_numpy(float)), df[c],
-                    f"{c} is {{value!r}}, not a finite number")
-        df[c] = values
-    if kind == "oof":
-        refuse_rows(path, ~df["target"].isin([0, 1]), df["target"], "target is {value}, not 0 or 1")
-        refuse_rows(path, df["fold"] != df["fold"].round(), df["fold"],
-                    "fold is {value}, not a whole number")
+    numbers = dict(target="0 or 1", pred="a finite number", fold="a whole number") \
+        if kind == "oof" else dict(target="a finite number")
+    df = read_csv(path, columns, numbers=numbers)[columns]
     pred = df["pred" if kind == "oof" else "target"]
     if probabilities and not pred.between(0, 1).all():
         raise DataError(f"{path}: {pred.name} ranges over [{pred.min():.4g}, {pred.max():.4g}], "
@@ -634,10 +646,11 @@ def atomic_write_all(writes):
             os.chmod(temps[path], new_file_mode())
         for path, tmp in temps.items():
             os.replace(tmp, path)
-    except Exception as e:  # a full disk: ENOSPC, torch's or safetensors' failed writer
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else \
-            (str(e).splitlines() or [type(e).__name__])[0]
-        raise DataError(f"{path}: cannot write it ({reason}); nothing was replaced") from None
+    except OSError as e:  # what writing raises (a full disk, no permission), and nothing else:
+        # the writers write through Python, so that a full disk is an OSError
+        replaced = [str(p) for p, tmp in temps.items() if not os.path.exists(tmp)]
+        said = f"; {', '.join(replaced)} replaced already" if replaced else "; nothing was replaced"
+        raise DataError(f"{path}: cannot write it ({e.strerror or e}){said}") from None
     finally:
         for tmp in temps.values():
             if os.path.exists(tmp):
@@ -672,25 +685,6 @@ def without_ledger(files):
 
 # ------------------------------------------------------------------------------------------------
 # Shared with melanoma.py: flag bounds and output locations
-
-def bounded(kind, low=-math.inf, high=math.inf, low_open=False, high_open=False):
-    """An argparse type: a finite `kind` (int or float) in [low, high], either end open."""
-    def parse(value):
-        try:
-            number = kind(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {value!r}")
-        if not math.isfinite(number):
-            raise argparse.ArgumentTypeError(f"must be a finite number, got {value}")
-        if number < low or low_open and number == low:
-            least = {0: "positive" if low_open else "0 or more"}.get(low, f"at least {low}")
-            raise argparse.ArgumentTypeError(f"must be {least}, got {value}")
-        if number > high or high_open and number == high:
-            raise argparse.ArgumentTypeError(f"must be {'below' if high_open else 'at most'} "
-                                             f"{high}, got {value}")
-        return number
-    return parse
-
 
 def text(value):
     """An argparse type that refuses an empty value: an unset shell variable."""
@@ -751,13 +745,9 @@ def append_run(path, row):
 
 
 def read_ledger(path):
-    runs = read_csv(path, LEDGER, "ledger")
-    check_whole_numbers(runs, "fold", f"ledger {path}")
-    for c in ("oof_auc", "oof_auc_no_tta", "wall_s"):
-        values = pd.to_numeric(runs[c], errors="coerce")
-        refuse_rows(f"ledger {path}", ~np.isfinite(values) & (runs[c] != ""), runs[c],
-                    f"{c} must be a finite number, got {{value!r}}")
-        runs[c] = values
+    runs = read_csv(path, LEDGER, "ledger", dict(
+        fold="a whole number", **dict.fromkeys(("oof_auc", "oof_auc_no_tta", "wall_s"),
+                                                "a finite number or empty")))
     where = f"ledger {path}"
     check_names(runs, where, "name", unique=False)
     for c in ("date", "out"):  # a row cut short (an edited or damaged ledger) lacks them

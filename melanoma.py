@@ -25,10 +25,12 @@ Outputs land in --out (default preds/): {name}_fold{k}_oof.csv, {name}_fold{k}_t
 ({name}_fold{k}_curves.png, _roc.png), and a row per finished fold in runs.csv;
 `python ensemble.py preds/*.csv` blends them.
 
-The recipe comes first and is whole at the banner `# Beyond the recipe`: flags, data, sampler,
-augmentation and TTA, model, training, outputs, and the function that trains the folds. Below the
-banner is what serves it: input checks, resume, metadata and external data, hair and --augs,
-plots, using a trained model, the tools, and main().
+Above the banner `# Beyond the recipe` stands the recipe and nothing else: its flags, data,
+sampler, augmentation and TTA, model, training, outputs, and recipe(), which trains the requested
+folds. Cut the file there and the top trains on its own, byte for byte. Below the banner, the
+extras (input checks, resume, metadata, external data and the diagnosis target, hair and --augs,
+the cache, plots, the ledger, trackers, using a trained model, the tools) add their flags and
+attach through the seams of class Hooks; main() runs them.
 
 Measured on 2 CPU cores (README.md has the details): the demo trains and predicts fold 0 in about
 10 s after a 7 s start (OOF AUC 0.90; 5-fold CV 0.85, and 0.86 with --target diagnosis, a
@@ -36,10 +38,8 @@ difference within the noise); a 6000x4000 JPEG loads at 512 px in 0.05 s against
 plain decode and resize; 15-pass TTA decoding once runs 5.7x faster than re-reading at 256 px,
 2.0x at 512 px. GPU figures: not measured yet.
 """
-import argparse, contextlib, copy, difflib, functools, glob, hashlib, itertools, json, math, os
-import pickle, re, resource, shlex, signal, sys, tempfile, time, warnings
+import argparse, contextlib, functools, io, json, math, os, sys, time
 from pathlib import Path
-from types import SimpleNamespace
 
 import kornia.augmentation as K
 import numpy as np
@@ -49,26 +49,17 @@ import torch
 import torch.nn.functional as F
 import yaml
 from accelerate import Accelerator
-from accelerate import __version__ as ACCELERATE_VERSION
-from accelerate.tracking import get_available_trackers
-from accelerate.utils import LoggerType
-from matplotlib.figure import Figure
-from PIL import Image
-from safetensors.torch import load_file, save_file
-from sklearn.metrics import roc_auc_score, roc_curve
+from PIL import Image, ImageOps
+from safetensors.torch import save as safetensors_bytes
+from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
 
 # torch-free helpers shared with ensemble.py, which stays free of torch so that it starts at once
-from ensemble import LEDGER_FILE, ArgumentParser, DataError, append_run, atomic_write, bounded, \
-    check_names, check_whole_numbers, check_writable, finite, print_runs, read_csv, read_ledger, \
-    refuse_rows, text
+from ensemble import DataError, atomic_write, read_csv
 
 # Where the data is looked for without --data-dir: a folder in the working folder, then the
 # competition as Kaggle notebooks mount it.
 DATA_LOCATIONS = ("data", "/kaggle/input/siim-isic-melanoma-classification")
-# --demo: these flags come first, so that the command line can override any of them
-DEMO = ("--data-dir demo_data --model test_efficientnet --no-pretrained --size 64 --epochs 12 "
-        "--batch-size 32 --lr-max 2e-3 --tta 4 --num-workers 0 --name demo")
 
 # Random streams. Every random draw comes from a generator keyed on (seed, STREAM, ...), never
 # from a global state, so that each process and a resumed run draw the same numbers, and no two
@@ -82,8 +73,33 @@ AUGMENT = 6    # the training augmentation: key (seed, AUGMENT, epoch, process)
 
 
 # ----------------------------------------------------------------------------------------------
-# Flags. The groups marked setting=True hold every flag that shapes a fold's outputs: the run key
-# (resume, finished folds), the ledger's settings and the model record are derived from them.
+# Flags. The groups marked setting=True hold every flag that shapes a fold's outputs.
+
+def bounded(kind, low=-math.inf, high=math.inf, low_open=False, high_open=False):
+    """An argparse type: a finite `kind` (int or float) in [low, high], either end open."""
+    def parse(value):
+        try:
+            number = kind(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {value!r}")
+        if not math.isfinite(number):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {value}")
+        if number < low or low_open and number == low:
+            least = {0: "positive" if low_open else "0 or more"}.get(low, f"at least {low}")
+            raise argparse.ArgumentTypeError(f"must be {least}, got {value}")
+        if number > high or high_open and number == high:
+            raise argparse.ArgumentTypeError(f"must be {'below' if high_open else 'at most'} "
+                                             f"{high}, got {value}")
+        return number
+    return parse
+
+
+def path(value):
+    """An argparse type: an absolute path, so that a run's JSON serves from any folder."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("empty; give a value")
+    return str(Path(value).resolve())
+
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows a flag's default unless its help already says it, or there is none."""
@@ -100,63 +116,30 @@ def flag_group(p, title, setting):
     return group
 
 
-@functools.cache
-def get_parser():
-    p = ArgumentParser(description="Train, validate and predict melanoma classifiers.",
-                       formatter_class=HelpFormatter, allow_abbrev=False)
+def recipe_flags(p):
+    """The recipe's flags on parser p; main() adds the extras' groups after them."""
     g = flag_group(p, "data", setting=True)
-    g.add_argument("--data-dir", type=DATA_FOLDER, help="competition data: train.csv, test.csv "
-                   "and jpeg/train/ (official) or train/ (resized datasets); default: the first "
-                   f"of {', '.join(DATA_LOCATIONS)} that holds them")
-    g.add_argument("--folds", type=INPUT_FILE, help="fold file joined on image_name (default: "
+    g.add_argument("--data-dir", type=path, help="competition data: train.csv, test.csv and "
+                   "jpeg/train/ (official) or train/ (resized datasets); default: the first of "
+                   f"{', '.join(DATA_LOCATIONS)} that holds them")
+    g.add_argument("--folds", type=path, help="fold file joined on image_name (default: "
                    "folds.csv in the data folder if there is one, else the folds.csv beside "
                    "melanoma.py)")
     g.add_argument("--frac", type=bounded(float, 0, 1, low_open=True), default=1.0,
                    help="fraction of the training images to use (0, 1]")
     g.add_argument("--size", type=bounded(int, 0, 4096, low_open=True), default=512,
                    help="image side in pixels after resizing")
-    g.add_argument("--cache", type=CACHE_FOLDER, help="directory for images resized to --size "
-                   "(written once, reused; re-encoded, so the pixels differ slightly)")
-    g.add_argument("--meta", action="store_true", help="join the patient metadata (sex, age, "
-                   "site, the patient's image count, image size) to the image features")
-    g.add_argument("--external", metavar="DIR", type=DATA_FOLDER, action="append", help="ISIC "
-                   "2019 data (train.csv with image_name, diagnosis; train/*.jpg) that only "
-                   "trains; repeatable")
     g = flag_group(p, "sampler", setting=True)
     g.add_argument("--neg-ratio", type=bounded(float, 0, low_open=True), help="benign images per "
                    "melanoma per epoch (default: the smallest ratio whose --epochs epochs cover "
                    "every benign image)")
-    g.add_argument("--external-neg-ratio", type=bounded(float, 0, low_open=True), help="benign "
-                   "external images per external melanoma per epoch, drawn apart from the "
-                   "competition's (default: one pool)")
     g = flag_group(p, "augmentation", setting=True)
-    g.add_argument("--augs", metavar="FILE", type=INPUT_FILE, help="YAML list of kornia."
-                   "augmentation classes and arguments (- name: RandomAffine / degrees: 180 ...) "
-                   "replacing the recipe's random stack (default: DEFAULT_AUGS in melanoma.py)")
-    g.add_argument("--hair", type=bounded(float, 0, 1), default=0.0, metavar="P",
-                   help="draw dark hairs over an image with probability P (appends Hair(p=P))")
     g.add_argument("--cutout", action="store_true",
                    help="add RandomErasing(p=0.5) to the augmentations")
     g = flag_group(p, "model", setting=True)
-    g.add_argument("--model", type=text, default="tf_efficientnet_b5.ns_jft_in1k",
-                   help="any timm model name")
+    g.add_argument("--model", default="tf_efficientnet_b5.ns_jft_in1k", help="any timm model name")
     g.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
                    help="start from timm's pretrained weights (downloaded once)")
-    g.add_argument("--weights", type=INPUT_FILE,
-                   help="weights file to start from (.safetensors or a torch state dict)")
-    g.add_argument("--head", choices=["linear", "mlp"], default="linear",
-                   help="one Linear layer (the recipe), or Linear-SiLU-Dropout-Linear")
-    g.add_argument("--dropout", type=bounded(float, 0, 1, high_open=True), default=0.0,
-                   help="dropout before the head, [0, 1)")
-    g.add_argument("--msd", type=bounded(int, 1, 32), default=1,
-                   help="multi-sample dropout: the head averaged over this many dropout masks")
-    g.add_argument("--target", choices=["melanoma", "diagnosis"], default="melanoma",
-                   help="what the head learns: melanoma (one logit, BCE: the recipe) or diagnosis "
-                   "(softmax over the diagnosis column's classes, the 1st place's 9 with ISIC "
-                   "2019); either way every score is P(melanoma)")
-    g.add_argument("--init-from", metavar="RUN", type=text, help="start each fold from the same "
-                   "fold's weights of an earlier run: a run name in --out, or a path prefix "
-                   "(other/preds/NAME), read as {RUN}_fold{k}.safetensors")
     g = flag_group(p, "training", setting=True)
     g.add_argument("--epochs", type=bounded(int, 0, 10**4, low_open=True), default=20,
                    help="epochs of the OneCycle schedule")
@@ -175,67 +158,21 @@ def get_parser():
     g = flag_group(p, "run", setting=False)
     g.add_argument("--fold", type=bounded(int, 0), nargs="+", default=[0],
                    help="validation fold(s) to train")
-    g.add_argument("--out", type=OUTPUT, help="output directory (default preds/; with "
-                   "--make-folds the CSV path, default folds.csv)")
-    g.add_argument("--name", type=run_name, help="run name in output files (default "
-                   "{model}_{size})")
+    g.add_argument("--out", help="output directory (default preds/; with --make-folds the CSV "
+                   "path, default folds.csv)")
+    g.add_argument("--name", help="run name in output files (default {model}_{size})")
     g.add_argument("--num-workers", type=bounded(int, 0, 64), default=min(8, os.cpu_count() or 1),
                    help="image-loading processes per training process")
     g.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"],
                    help="default: what `accelerate launch --mixed_precision` or its config says")
     g.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is present")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    g.add_argument("--resume", action="store_true",
-                   help="continue an interrupted run from its last epoch")
-    g.add_argument("--overwrite", action="store_true",
-                   help="retrain folds that already have outputs")
-    g.add_argument("--log-with", nargs="+", choices=LoggerType.list(), metavar="NAME",
-                   help="experiment trackers (accelerate's: "
-                   f"{', '.join(LoggerType.list())}; all: every one installed) that training, "
-                   "--lr-find and --explain log to, a tracker run per fold "
-                   "({name}_fold{k}); TensorBoard's in {out}/logs")
-    g.add_argument("--demo", action="store_true", help="make a small synthetic dataset once and "
-                   f"train on it with CPU-sized defaults: {DEMO}")
-    g = flag_group(p, "tools (one at a time; --explain also goes with --predict)", setting=False)
-    g.add_argument("--make-folds", metavar="TRAIN_CSV", type=INPUT_FILE,
-                   help="write patient-grouped folds of TRAIN_CSV to --out")
-    g.add_argument("--n-folds", type=bounded(int, 2, 100), default=5,
-                   help="number of folds for --make-folds")
-    g.add_argument("--benchmark", action="store_true",
-                   help="measure loading, augmentation, step and TTA speed")
-    g.add_argument("--lr-find", action="store_true", help="LR range test on the first --fold: "
-                   "writes {name}_lr_find.csv and .png in --out, prints --lr-min and --lr-max")
-    g.add_argument("--lr-find-start", type=bounded(float, 1e-12), default=1e-7,
-                   metavar="LR", help="--lr-find's first learning rate")
-    g.add_argument("--lr-find-end", type=bounded(float, 1e-12, 1e9), default=1.0,
-                   metavar="LR", help="--lr-find's last learning rate (the rate rises "
-                   "exponentially)")
-    g.add_argument("--lr-find-steps", type=bounded(int, 10, 10**5), default=200, metavar="N",
-                   help="--lr-find's steps from start to end, unless the loss diverges first")
-    g.add_argument("--lr-find-batches", type=bounded(int, 1, 64), default=1, metavar="N",
-                   help="--lr-find's batches per step: a step's loss is their mean, measured at "
-                   "the same weights (one of them trains), which cuts the noise by sqrt(N)")
-    g.add_argument("--runs", nargs="?", type=OUTPUT, const="preds", metavar="OUT",
-                   help="print the experiments of OUT/runs.csv (default OUT: preds), best first")
-    g.add_argument("--predict", metavar="PATH", type=INPUT_FILE, help="score a folder of images "
-                   "(recursively) or a CSV with image_name with every fold of run --name in "
-                   "--out; no training")
-    g.add_argument("--skip-bad", action="store_true", help="with --predict: leave out unreadable "
-                   "images (listed in {name}_predict_skipped.tsv) instead of stopping")
-    g.add_argument("--explain", type=bounded(int, 1, 32), metavar="N",
-                   help="Grad-CAM grids of run --name: the N most confident false positives and "
-                   "negatives of each fold's OOF (and with --predict the N top new images)")
     return p
 
 
-def get_args(argv=None):
-    p = get_parser()
-    argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
-    demo = shlex.split(DEMO) if "--demo" in argv else []
-    args = p.parse_args(demo + argv)
-    check_flags(p, args)
-    args.settings = settings(args, p.parse_args(demo))
-    args.out = args.out or ("folds.csv" if args.make_folds else "preds")
+def run_names(args):
+    """--out and --name when not given: preds/ and {model}_{size}."""
+    args.out = args.out or "preds"
     args.name = args.name or f"{args.model.replace('/', '-')}_{args.size}"
     return args
 
@@ -253,72 +190,67 @@ def layout_of(data_dir):
     return None
 
 
-def find_layout(data_dir):
-    dirs = layout_of(data_dir)
-    if dirs is None:
-        raise DataError(f"{data_dir}: no competition data found. Looked for train.csv with "
-                        "jpeg/train/*.jpg (official layout) or train/*.jpg (resized datasets)")
-    return dirs
-
-
-def read_images_csv(path, image_dir, columns, what, meta):
-    """A CSV of images with `columns` (and the metadata columns with --meta), each row given
-    the path of its image and, with --meta, its patient's image count in this table."""
-    df = read_csv(path, columns, what)
-    if meta:
-        missing = [c for c in META_COLUMNS if c not in df.columns]
-        if missing:
-            raise DataError(f"{what} {path}: --meta needs column(s) {', '.join(missing)}")
-        check_names(df, f"{what} {path}", "patient_id", unique=False)
-        for column in {"age_approx", "width", "height"} & set(df.columns):
-            number = pd.to_numeric(df[column], errors="coerce")
-            refuse_rows(f"{what} {path}", ~np.isfinite(number) & (df[column].str.strip() != ""),
-                        df[column], f"--meta: {column} must be a number or empty, got {{value!r}}")
-        df["patient_images"] = df.groupby("patient_id")["image_name"].transform("size")
+def read_images(path, image_dir, columns, what, hooks, numbers=None):
+    """A CSV of images with `columns` (`numbers`: the kinds of its numeric ones), each row given
+    the path of its image; the extras' hooks.table sees it as read."""
+    df = read_csv(path, columns, what, numbers)
     df["path"] = [str(Path(image_dir) / f"{n}.jpg") for n in df["image_name"]]
-    return df
+    return hooks.table(df, what, path)
 
 
-def read_data(args, say=print):
-    """Training rows (with fold, never fold -1; external images with fold -1 after them, which
-    only ever train) and test rows, each with an image `path`."""
-    train_dir, test_dir = find_layout(args.data_dir)
+def read_data(args, hooks, say=print):
+    """(training rows with their fold, test rows), each with an image `path`; rows of fold -1 are
+    never used. Without --data-dir: the first of DATA_LOCATIONS with a competition layout; without
+    --folds: the folds.csv in the data folder, else the one beside this file."""
+    if args.data_dir is None:
+        found = [d for d in DATA_LOCATIONS if layout_of(d)]
+        if not found:
+            raise DataError(f"no competition data found in {' or '.join(DATA_LOCATIONS)} "
+                            "(train.csv with jpeg/train/ or train/): download it with `kaggle "
+                            "competitions download -c siim-isic-melanoma-classification` and unzip "
+                            "it into data/ (or put a resized dataset there in the train/ layout), "
+                            "pass --data-dir DIR, or run --demo, which needs no data")
+        args.data_dir = path(found[0])
+        say(f"data: {found[0]} (the first default location that holds a competition layout; "
+            "--data-dir chooses another)")
+    if args.folds is None:
+        beside = Path(args.data_dir) / "folds.csv"
+        args.folds = path(str(beside if beside.is_file() else Path(__file__).parent / "folds.csv"))
+    dirs = layout_of(args.data_dir)
+    if dirs is None:
+        raise DataError(f"{args.data_dir}: no competition data found. Looked for train.csv with "
+                        "jpeg/train/*.jpg (official layout) or train/*.jpg (resized datasets)")
     train_csv = Path(args.data_dir) / "train.csv"
-    train = read_images_csv(train_csv, train_dir, ["image_name", "target"], "train file",
-                            args.meta)
-    check_targets(train, train_csv)
-    if args.target == "diagnosis":
-        check_diagnoses(train, train_csv)
-    folds = read_csv(args.folds, ["image_name", "fold"], "folds file")
-    check_whole_numbers(folds, "fold", f"folds file {args.folds}")
-    train = train.drop(columns=["fold"], errors="ignore")
-    train = train.merge(folds[["image_name", "fold"]], on="image_name", how="left")
+    train = read_images(train_csv, dirs[0], ["image_name", "target"], "train file", hooks,
+                        {"target": "0 or 1"})
+    folds = read_csv(args.folds, ["image_name", "fold"], "folds file", {"fold": "a whole number"})
+    train = train.drop(columns=["fold"], errors="ignore").merge(
+        folds[["image_name", "fold"]], on="image_name", how="left")
     missing = train["fold"].isna()
     if missing.any():
         raise DataError(f"folds file {args.folds}: {missing.sum()} image(s) of {train_csv} "
                         f"missing, e.g. {', '.join(train['image_name'][missing].head(3))}")
-    train["fold"] = train["fold"].astype(int)
-    known_names = set(train["image_name"])
-    train = train[train["fold"] >= 0].reset_index(drop=True)
+    train = train[train["fold"] >= 0].astype({"fold": int}).reset_index(drop=True)
     known = sorted(train["fold"].unique())
     for k in args.fold:
         if k not in known:
             raise DataError(f"--fold {k}: not in {args.folds} "
                             f"(folds there: {', '.join(map(str, known))})")
-    train["external"] = False
-    train = add_external(train, known_names, args, say)
     test_csv = Path(args.data_dir) / "test.csv"
-    test = pd.DataFrame(columns=["image_name", "path"])
-    if test_csv.exists():
-        test = read_images_csv(test_csv, test_dir, ["image_name"], "test file", args.meta)
-    return train, test
+    if not test_csv.exists():
+        say(f"no test.csv in {args.data_dir}: predicting the validation fold only")
+        return train, pd.DataFrame(columns=["image_name", "path"])
+    return train, read_images(test_csv, dirs[1], ["image_name"], "test file", hooks)
 
 
 def load_image(path, size):
-    """RGB uint8 array (size, size, 3); a JPEG is decoded at the smallest DCT scale >= size."""
+    """RGB uint8 array (size, size, 3), upright as its EXIF orientation says (a phone's picture
+    is stored sideways); a JPEG is decoded at the smallest DCT scale >= size."""
     try:
         with Image.open(path) as im:
             im.draft("RGB", (size, size))
+            if im.getexif().get(0x0112, 1) != 1:  # the orientation tag
+                im = ImageOps.exif_transpose(im)
             if im.mode.startswith("I"):  # 16-bit grey: convert("RGB") would clip it to white
                 im = Image.fromarray((np.asarray(im) / 257).clip(0, 255).round().astype(np.uint8))
             return np.array(im.convert("RGB").resize((size, size), Image.BILINEAR))
@@ -327,17 +259,18 @@ def load_image(path, size):
 
 
 class Images(torch.utils.data.Dataset):
-    """uint8 CHW images and their row index; augmentation happens later, on the device."""
+    """Per row: its uint8 CHW image, any further inputs of the model (`inputs`, tensors by row:
+    the extras' metadata), and its index; augmentation happens later, on the device."""
 
-    def __init__(self, paths, size, cache=None):
-        self.paths, self.size = list(paths), size
-        self.load = functools.partial(cached_load, cache=cache) if cache else load_image
+    def __init__(self, paths, size, load=load_image, inputs=()):
+        self.paths, self.size, self.load, self.inputs = list(paths), size, load, inputs
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, i):
-        return torch.from_numpy(self.load(self.paths[i], self.size)).permute(2, 0, 1), i
+        image = torch.from_numpy(self.load(self.paths[i], self.size)).permute(2, 0, 1)
+        return image, *(t[i] for t in self.inputs), i
 
 
 # ----------------------------------------------------------------------------------------------
@@ -352,54 +285,9 @@ def seed_all(*key):
     torch.manual_seed(int(rng(*key).integers(2**62)))
 
 
-def negatives_for_epoch(n_neg, per_epoch, seed, epoch, pool=0):
-    """Positions into a pool's benign images for `epoch`: a stream of permutations, so every
-    benign image is drawn once before any is drawn again, and an epoch that straddles two
-    permutations gets no image twice."""
-    if per_epoch == 0:
-        return np.zeros(0, int)
-    start = epoch * per_epoch
-    stop = start + per_epoch
-    prev = None
-    chunks = []
-    for c in range((stop + n_neg - 1) // n_neg):
-        perm = rng(seed, NEGATIVES, c, *([pool] if pool else [])).permutation(n_neg)
-        lo = c * n_neg
-        epoch_start = (lo // per_epoch) * per_epoch  # of the epoch that straddles lo, if any
-        if prev is not None and epoch_start < lo:
-            # that epoch's draws from the previous permutation go to the end of this one
-            tail = prev[epoch_start - (lo - n_neg):]
-            perm = np.concatenate([perm[~np.isin(perm, tail)], perm[np.isin(perm, tail)]])
-        a = max(start, lo)
-        b = min(stop, lo + n_neg)
-        if a < b:
-            chunks.append(perm[a - lo:b - lo])
-        prev = perm
-    return np.concatenate(chunks)
-
-
-def epoch_indices(targets, per_epoch, seed, epoch, pools=None):
-    """The epoch's sample, shuffled, the same on every process: all positives, and per_epoch
-    negatives drawn from each pool of benign images (one pool, or one count per pool id)."""
-    targets = np.asarray(targets)
-    pools = np.zeros(len(targets), int) if pools is None else np.asarray(pools)
-    chosen = [np.flatnonzero(targets == 1)]
-    for pool, count in enumerate(np.atleast_1d(per_epoch)):
-        neg = np.flatnonzero((targets == 0) & (pools == pool))
-        chosen.append(neg[negatives_for_epoch(len(neg), int(count), seed, epoch, pool)])
-    return rng(seed, SHUFFLE, epoch).permutation(np.concatenate(chosen))
-
-
-def negatives_per_epoch(targets, epochs, neg_ratio=None):
-    n_pos = int(np.sum(targets))
-    n_neg = len(targets) - n_pos
-    if neg_ratio is None:
-        return math.ceil(n_neg / epochs)
-    return min(n_neg, max(1, round(min(neg_ratio * n_pos, n_neg))))
-
-
 class EpochSampler:
-    """Batch sampler over epoch_indices. The epoch's sample is cut into global batches of at most
+    """Batch sampler over each epoch's sample (indices): every positive, and per_epoch negatives
+    from each pool of benign images. The sample is cut into global batches of at most
     batch_size * world images and each is dealt across processes, so processes run the same
     number of steps, their indices are disjoint, and together they cover the sample."""
 
@@ -416,23 +304,53 @@ class EpochSampler:
         return math.ceil(self.n / (self.batch_size * self.world))
 
     def __iter__(self):
-        idx = epoch_indices(self.targets, self.per_epoch, self.seed, self.epoch, self.pools)
+        idx = self.indices(self.targets, self.per_epoch, self.seed, self.epoch, self.pools)
         for batch in np.array_split(idx, len(self)):
             yield batch[self.rank::self.world].tolist()
 
+    @staticmethod
+    def per_pool(targets, epochs, neg_ratio=None):
+        """Negatives an epoch takes: neg_ratio per positive, or by default the fewest whose
+        `epochs` epochs cover every negative."""
+        n_pos = int(np.sum(targets))
+        n_neg = len(targets) - n_pos
+        if neg_ratio is None:
+            return math.ceil(n_neg / epochs)
+        return min(n_neg, max(1, round(min(neg_ratio * n_pos, n_neg))))
 
-def make_sampler(trn, args, accelerator):
-    """The epoch sampler over the training rows: one pool of benign images, or with
-    --external-neg-ratio two, the competition's and the external ones, each with its ratio."""
-    targets = trn["target"].to_numpy()
-    pools = None
-    per_epoch = negatives_per_epoch(targets, args.epochs, args.neg_ratio)
-    if args.external_neg_ratio is not None:
-        pools = trn["external"].to_numpy().astype(int)
-        per_epoch = [negatives_per_epoch(targets[pools == pool], args.epochs, ratio)
-                     for pool, ratio in enumerate((args.neg_ratio, args.external_neg_ratio))]
-    return EpochSampler(targets, args.batch_size, per_epoch, args.seed,
-                        accelerator.process_index, accelerator.num_processes, pools)
+    @staticmethod
+    def indices(targets, per_epoch, seed, epoch, pools=None):
+        """The epoch's sample, shuffled, the same on every process: all positives, and per_epoch
+        negatives drawn from each pool (one pool, or one count per pool id)."""
+        targets = np.asarray(targets)
+        pools = np.zeros(len(targets), int) if pools is None else np.asarray(pools)
+        chosen = [np.flatnonzero(targets == 1)]
+        for pool, count in enumerate(np.atleast_1d(per_epoch)):
+            neg = np.flatnonzero((targets == 0) & (pools == pool))
+            chosen.append(neg[EpochSampler.negatives(len(neg), int(count), seed, epoch, pool)])
+        return rng(seed, SHUFFLE, epoch).permutation(np.concatenate(chosen))
+
+    @staticmethod
+    def negatives(n_neg, per_epoch, seed, epoch, pool=0):
+        """Positions into a pool's benign images for `epoch`: a stream of permutations, so every
+        benign image is drawn once before any is drawn again, and an epoch that straddles two
+        permutations gets no image twice."""
+        if per_epoch == 0:
+            return np.zeros(0, int)
+        start, stop = epoch * per_epoch, (epoch + 1) * per_epoch
+        prev, chunks = None, []
+        for c in range((stop + n_neg - 1) // n_neg):
+            perm = rng(seed, NEGATIVES, c, *([pool] if pool else [])).permutation(n_neg)
+            lo = c * n_neg
+            epoch_start = (lo // per_epoch) * per_epoch  # of the epoch that straddles lo, if any
+            if prev is not None and epoch_start < lo:
+                # that epoch's draws from the previous permutation go to the end of this one
+                tail = prev[epoch_start - (lo - n_neg):]
+                perm = np.concatenate([perm[~np.isin(perm, tail)], perm[np.isin(perm, tail)]])
+            if max(start, lo) < min(stop, lo + n_neg):
+                chunks.append(perm[max(start, lo) - lo:min(stop, lo + n_neg) - lo])
+            prev = perm
+        return np.concatenate(chunks)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -453,14 +371,6 @@ DEFAULT_AUGS = """\
 """
 
 
-def build_augs(entries):
-    """The modules of [{name: class, **arguments}] entries (check_augs vetted them): YAML has no
-    tuples, and kornia's ranges are tuples."""
-    return [(OWN_AUGS.get(e["name"]) or getattr(K, e["name"]))(**{
-        k: tuple(v) if isinstance(v, list) else v for k, v in e.items() if k != "name"})
-        for e in entries]
-
-
 class Augment(torch.nn.Module):
     """uint8 NCHW batch -> normalised float, channels-last. A random stack (by default the
     recipe's: affine, flip, colour jitter), then optional cutout; random=False gives the plain
@@ -468,14 +378,19 @@ class Augment(torch.nn.Module):
 
     def __init__(self, mean, std, cutout=False, stack=None):
         super().__init__()
-        if stack is None:
-            stack = build_augs(yaml.safe_load(DEFAULT_AUGS))
-        self.random = torch.nn.Sequential(*stack)
+        stack = self.build(yaml.safe_load(DEFAULT_AUGS)) if stack is None else stack
+        self.random = K.AugmentationSequential(*stack)
         self.normalize = K.Normalize(mean=torch.tensor(mean), std=torch.tensor(std))
         # erased patches are filled with 0 after normalising: the mean colour, not black
-        self.cutout = None
-        if cutout:
-            self.cutout = K.RandomErasing(p=0.5, scale=(0.02, 0.1), ratio=(0.3, 3.3))
+        self.cutout = K.RandomErasing(p=0.5, scale=(0.02, 0.1), ratio=(0.3, 3.3)) if cutout else None
+
+    @staticmethod
+    def build(entries, own=None):
+        """The modules of [{name: class, **arguments}] entries, kornia.augmentation's classes or
+        own's ({name: class}); YAML has no tuples, and kornia's ranges are tuples."""
+        return [((own or {}).get(e["name"]) or getattr(K, e["name"]))(**{
+            k: tuple(v) if isinstance(v, list) else v for k, v in e.items() if k != "name"})
+            for e in entries]
 
     def forward(self, x, random=True):
         x = x.float().div_(255)
@@ -496,25 +411,15 @@ def seeded(*key):
         yield
 
 
-def melanoma_logit(output, melanoma=0):
-    """The log-odds of melanoma per image, whose sigmoid is P(melanoma): the one logit, or over
-    several outputs the melanoma class's (index `melanoma`) less the logsumexp of the others'."""
-    output = output.float()
-    if output.shape[1] == 1:
-        return output.squeeze(1)
-    others = torch.cat([output[:, :melanoma], output[:, melanoma + 1:]], 1)
-    return output[:, melanoma] - torch.logsumexp(others, 1)
-
-
-def predict_batch(model, augment, x, tta, key, meta=None, melanoma=0):
+def predict_batch(model, augment, x, tta, key, inputs=(), melanoma=0):
     """Melanoma probability per image: one plain pass (tta=0) or the mean of `tta` augmented
-    views of the same decoded batch. `melanoma`: the melanoma class's output."""
+    views of the same decoded batch. `melanoma`: the melanoma output's index."""
     if tta == 0:
-        return torch.sigmoid(melanoma_logit(model(augment(x, random=False), meta), melanoma))
+        return torch.sigmoid(Net.melanoma_logit(model(augment(x, random=False), *inputs), melanoma))
     total = 0
     for view in range(tta):
         with seeded(*key, view):
-            total = total + torch.sigmoid(melanoma_logit(model(augment(x), meta), melanoma))
+            total = total + torch.sigmoid(Net.melanoma_logit(model(augment(x), *inputs), melanoma))
     return total / tta
 
 
@@ -522,72 +427,48 @@ def predict_batch(model, augment, x, tta, key, meta=None, melanoma=0):
 # Model
 
 class Net(torch.nn.Module):
-    """A timm backbone's pooled features, joined by the metadata MLP's when there is metadata,
-    then dropout and the head: one Linear layer (the recipe) or a small MLP; `outputs` logits
-    (one for the melanoma target). Multi-sample dropout (msd > 1) averages the head over that
-    many dropout masks in training; in eval dropout is off and one pass is the same."""
+    """A timm backbone's pooled features and one Linear layer: the melanoma logit. (Not timm's
+    own classifier through num_classes=1: it starts from other weights, another number.)"""
 
-    def __init__(self, backbone, n_meta=0, head="linear", dropout=0.0, msd=1, outputs=1):
+    def __init__(self, backbone):
         super().__init__()
         self.backbone = backbone
-        width = backbone.num_features
-        self.meta = None
-        if n_meta:
-            # LayerNorm, not BatchNorm: a process's last batch may hold a single image
-            self.meta = torch.nn.Sequential(
-                torch.nn.Linear(n_meta, 128), torch.nn.LayerNorm(128), torch.nn.SiLU(),
-                torch.nn.Dropout(0.3),
-                torch.nn.Linear(128, 32), torch.nn.LayerNorm(32), torch.nn.SiLU(),
-                torch.nn.Dropout(0.3))
-            width += 32
-        self.dropout = torch.nn.Dropout(dropout)
-        if head == "linear":
-            self.head = torch.nn.Linear(width, outputs)
-        else:
-            self.head = torch.nn.Sequential(torch.nn.Linear(width, 256), torch.nn.SiLU(),
-                                            torch.nn.Dropout(dropout),
-                                            torch.nn.Linear(256, outputs))
-        self.msd = msd
+        self.head = torch.nn.Linear(backbone.num_features, 1)
 
-    def forward(self, x, meta=None):
-        return self.logit(self.backbone.forward_features(x), meta)
+    def forward(self, x):
+        return self.head(self.backbone(x))
 
-    def logit(self, feature_map, meta=None):
-        """The logits from the backbone's last feature map, where Grad-CAM looks."""
-        features = self.backbone.forward_head(feature_map, pre_logits=True)
-        if self.meta is not None:
-            features = torch.cat([features, self.meta(meta)], dim=1)
-        if not self.training or self.msd == 1:
-            return self.head(self.dropout(features))
-        return torch.stack([self.head(self.dropout(features)) for _ in range(self.msd)]).mean(0)
+    @staticmethod
+    def timm_backbone(name, pretrained=True):
+        """timm's model `name` without its classifier, from its pretrained weights (downloaded
+        once) or fresh ones."""
+        if not timm.is_model(name):
+            close = timm.list_models(f"*{name.split('.')[0]}*")[:5]
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise DataError(f"--model {name}: not a timm model{hint}")
+        try:
+            return timm.create_model(name, pretrained=pretrained, num_classes=0)
+        except OSError as e:  # only a download fails so: offline, or no weights on the hub
+            if not pretrained:
+                raise
+            raise DataError(f"--model {name}: could not get pretrained weights ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:200]}). Offline, pass --weights FILE, or "
+                            "--no-pretrained to train from scratch")
 
-
-def create_model(name, pretrained=True, weights=None, n_meta=0, head="linear", dropout=0.0,
-                 msd=1, outputs=1, flag="--weights", say=print):
-    """Net on timm's `name`, weights from timm (a download) or a file (given by `flag`, which
-    errors name): our own saved weights, or a bare timm model's, whose classifier is dropped."""
-    if not timm.is_model(name):
-        close = timm.list_models(f"*{name.split('.')[0]}*")[:5]
-        hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise DataError(f"--model {name}: not a timm model{hint}")
-    try:
-        backbone = timm.create_model(name, pretrained=pretrained and not weights, num_classes=0)
-    except Exception as e:
-        raise DataError(f"--model {name}: could not get pretrained weights ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:200]}). Offline, pass --weights FILE, or "
-                        "--no-pretrained to train from scratch")
-    model = Net(backbone, n_meta, head, dropout, msd, outputs)
-    if weights:
-        load_weights(model, read_weights(weights, flag), f"{flag} {weights}", name, say)
-    return model
+    @staticmethod
+    def melanoma_logit(output, melanoma=0):
+        """The log-odds of melanoma per image, whose sigmoid is P(melanoma): the one logit, or
+        over several outputs the melanoma class's (index `melanoma`) less the logsumexp of the
+        others'."""
+        output = output.float()
+        if output.shape[1] == 1:
+            return output.squeeze(1)
+        others = torch.cat([output[:, :melanoma], output[:, melanoma + 1:]], 1)
+        return output[:, melanoma] - torch.logsumexp(others, 1)
 
 
 # ----------------------------------------------------------------------------------------------
 # Training and evaluation
-
-def roc_auc(targets, preds):
-    return float(roc_auc_score(targets, preds)) if len(set(targets)) == 2 else float("nan")
-
 
 def progress(iterable, desc, show=True, **kw):
     """A progress bar on a terminal; none in a log file, where the one line per epoch says it."""
@@ -605,32 +486,6 @@ def make_loader(dataset, accelerator, args, batch_sampler=None):
     return accelerator.prepare(loader)
 
 
-def predict(model, augment, loader, accelerator, tta, seed, desc, meta=None, melanoma=0):
-    """Probabilities for every row of loader's dataset, each exactly once, on every process;
-    `meta`: the rows' metadata features, or None; `melanoma`: the melanoma class's output."""
-    model.eval()
-    rows = []
-    probs = []
-    with torch.no_grad():
-        bar = progress(loader, desc, accelerator.is_main_process)
-        for b, (x, idx) in enumerate(bar):
-            m = None if meta is None else meta[idx.cpu()].to(x.device)
-            p = predict_batch(model, augment, x, tta, (seed, TTA, accelerator.process_index, b), m,
-                              melanoma)
-            idx, p = accelerator.gather_for_metrics((idx, p))
-            rows.append(idx.cpu())
-            probs.append(p.cpu())
-    n = len(loader.dataset)
-    rows = torch.cat(rows).numpy() if rows else np.zeros(0, int)
-    counts = np.bincount(rows, minlength=n)
-    if (counts != 1).any():
-        raise RuntimeError(f"{desc}: {(counts == 0).sum()} rows unscored, "
-                           f"{(counts > 1).sum()} scored twice")
-    out = np.empty(n)
-    out[rows] = torch.cat(probs).numpy() if probs else []
-    return out
-
-
 def split_fold(train, fold, frac, seed):
     """(training rows: every fold but `fold`, a `frac` share of them; validation rows: `fold`).
     Each must hold both classes: the one to learn, the other for its AUC to exist."""
@@ -646,20 +501,6 @@ def split_fold(train, fold, frac, seed):
     return trn, val
 
 
-def build_model(args, accelerator, fold=None, n_meta=0, classes=None):
-    """The model on the device, one output per class of `classes` (one logit without), from
-    --init-from's weights for `fold`, --weights, timm's or fresh ones, and its augmentation."""
-    seed_all(args.seed, INIT)
-    shape = dict(n_meta=n_meta, head=args.head, dropout=args.dropout, msd=args.msd,
-                 outputs=len(classes) if classes else 1, say=accelerator.print)
-    if args.init_from and fold is not None:
-        raw_model = create_model(args.model, False, init_file(args, fold), flag="--init-from",
-                                 **shape)
-    else:
-        raw_model = create_model(args.model, args.pretrained, args.weights, **shape)
-    return on_device(raw_model, args.cutout, augmentations(args), accelerator)
-
-
 def on_device(raw_model, cutout, stack, accelerator):
     """The model and its augmentation (normalised as its backbone was trained) on the device."""
     cfg = raw_model.backbone.pretrained_cfg
@@ -668,11 +509,12 @@ def on_device(raw_model, cutout, stack, accelerator):
             augment.to(accelerator.device))
 
 
-def build_training(args, accelerator, steps_per_epoch, fold=None, n_meta=0, classes=None):
-    """The model, its augmentation, AdamW and the OneCycle schedule over all epochs. `raw_model`
-    is the plain module whose weights are saved and loaded; `model` is the same module as
-    accelerate (and torch.compile) wrapped it, for the forward passes."""
-    raw_model, augment = build_model(args, accelerator, fold, n_meta, classes)
+def build_training(args, accelerator, raw_model, stack, steps_per_epoch):
+    """The model and its augmentation on the device, AdamW on every parameter and the OneCycle
+    schedule over all epochs. `raw_model` is the plain module whose weights are saved and
+    loaded; `model` the same module as accelerate (and torch.compile) wrapped it, for the
+    forward passes."""
+    raw_model, augment = on_device(raw_model, args.cutout, stack, accelerator)
     optimizer = torch.optim.AdamW(raw_model.parameters(), lr=args.lr_max, weight_decay=args.wd)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=args.lr_max, div_factor=args.lr_max / args.lr_min,
@@ -682,47 +524,52 @@ def build_training(args, accelerator, steps_per_epoch, fold=None, n_meta=0, clas
     return raw_model, model, augment, optimizer, scheduler
 
 
-def batch_loss(model, augment, x, y, accelerator, meta=None):
-    """The loss of a batch (and its metadata, or None), augmented on the device: binary
+def batch_loss(model, augment, x, y, accelerator, inputs=()):
+    """The loss of a batch (and the model's further inputs), augmented on the device: binary
     cross-entropy on one logit (y: the targets, float), cross-entropy over several (y: the class
     indices)."""
     x = x.to(accelerator.device, non_blocking=True)
     y = y.to(accelerator.device, non_blocking=True)
-    if meta is not None:
-        meta = meta.to(accelerator.device, non_blocking=True)
-    output = model(augment(x), meta).float()
+    inputs = [t.to(accelerator.device, non_blocking=True) for t in inputs]
+    output = model(augment(x), *inputs).float()
     if output.shape[1] == 1:
         return F.binary_cross_entropy_with_logits(output.squeeze(1), y)
     return F.cross_entropy(output, y)
 
 
-def train_step(model, augment, x, y, optimizer, scheduler, accelerator, meta=None):
-    """One step on a batch (and its metadata, or None): its loss before the step; a non-finite
-    loss takes no step."""
-    loss = batch_loss(model, augment, x, y, accelerator, meta)
+def train_step(model, augment, x, y, optimizer, scheduler, accelerator, inputs=()):
+    """One step on a batch: (its loss before the step, whether the step was taken). No process
+    steps when a process's loss is not finite: the others would wait in the gradients'
+    all-reduce for one that never comes."""
+    loss = batch_loss(model, augment, x, y, accelerator, inputs)
     loss_value = loss.item()  # a CPU-GPU sync point: it catches a bad step at once
-    if math.isfinite(loss_value):
+    finite = math.isfinite(loss_value)
+    if accelerator.num_processes > 1:
+        bad = torch.tensor(float(not finite), device=accelerator.device)
+        finite = accelerator.reduce(bad, "sum").item() == 0
+    if finite:
         accelerator.backward(loss)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-    return loss_value
+    return loss_value, finite
 
 
 def train_one_epoch(model, augment, loader, optimizer, scheduler, accelerator, targets, epoch,
-                    epochs, meta=None):
+                    epochs):
     """One pass over the loader's batches: (mean loss and image count over all processes, the
-    learning rate of the last step). `targets` and `meta` (or None) are indexed by row."""
+    learning rate of the last step). `targets` is indexed by row."""
     model.train()
-    loss_sum = 0.0
-    seen = 0
+    loss_sum, seen = 0.0, 0
     bar = progress(loader, f"epoch {epoch + 1}/{epochs}", accelerator.is_main_process)
-    for step, (x, idx) in enumerate(bar):
+    for step, (x, *inputs, idx) in enumerate(bar):
         lr = scheduler.get_last_lr()[0]
-        loss_value = train_step(model, augment, x, targets[idx], optimizer, scheduler,
-                                accelerator, None if meta is None else meta[idx])
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(f"loss is {loss_value} at epoch {epoch + 1}, step {step + 1}")
+        loss_value, stepped = train_step(model, augment, x, targets[idx], optimizer, scheduler,
+                                         accelerator, inputs)
+        if not stepped:
+            where = "" if not math.isfinite(loss_value) else " on another process"
+            raise FloatingPointError(f"loss is {loss_value if not where else 'not finite'}"
+                                     f"{where} at epoch {epoch + 1}, step {step + 1}")
         accelerator.log({"train/loss": loss_value}, step=epoch * len(loader) + step)
         loss_sum += loss_value * len(idx)
         seen += len(idx)
@@ -732,18 +579,27 @@ def train_one_epoch(model, augment, loader, optimizer, scheduler, accelerator, t
     return loss_sum / seen, int(seen), lr
 
 
-def print_fold(accelerator, fold, trn, val, test, sampler, classes):
-    accelerator.print(f"fold {fold}: {len(trn)} training images ({int(trn['target'].sum())} "
-                      f"melanomas, {int(trn['external'].sum())} external; "
-                      f"{sampler.n} per epoch), {len(val)} validation, {len(test)} test, "
-                      f"{accelerator.num_processes} process(es) on {accelerator.device}"
-                      f"{class_counts(trn, classes)}")
-
-
-def print_epoch(accelerator, fold, epochs, h):
-    accelerator.print(f"fold {fold} epoch {h['epoch']:2d}/{epochs}  loss {h['loss']:.4f}  "
-                      f"val_auc {h['val_auc']:.4f}  lr {h['lr']:.2e}  "
-                      f"{h['images_per_s']:.0f} img/s  {h['seconds']:.0f} s")
+def predict(model, augment, loader, accelerator, tta, seed, desc, melanoma=0):
+    """Probabilities for every row of loader's dataset, each exactly once, on every process;
+    `melanoma`: the melanoma output's index."""
+    model.eval()
+    rows, probs = [], []
+    with torch.no_grad():
+        for b, (x, *inputs, idx) in enumerate(progress(loader, desc, accelerator.is_main_process)):
+            p = predict_batch(model, augment, x, tta, (seed, TTA, accelerator.process_index, b),
+                              inputs, melanoma)
+            idx, p = accelerator.gather_for_metrics((idx, p))
+            rows.append(idx.cpu())
+            probs.append(p.cpu())
+    n = len(loader.dataset)
+    rows = torch.cat(rows).numpy() if rows else np.zeros(0, int)
+    counts = np.bincount(rows, minlength=n)
+    if (counts != 1).any():
+        raise RuntimeError(f"{desc}: {(counts == 0).sum()} rows unscored, "
+                           f"{(counts > 1).sum()} scored twice")
+    out = np.empty(n)
+    out[rows] = torch.cat(probs).numpy() if probs else []
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -758,175 +614,461 @@ def write_csv(df, path):
     atomic_write(path, lambda tmp: df.to_csv(tmp, index=False))
 
 
-def write_outputs(args, accelerator, fold, oof, test, result, raw_model):
-    """Predictions, weights, plots and a row in the ledger, the JSON last (a fold is finished
-    when its JSON exists); then the checkpoint goes."""
+def write_outputs(args, accelerator, fold, trn, oof, test, result, raw_model, hooks):
+    """Predictions, weights, the extras' outputs, and the JSON last: a fold is finished when its
+    JSON exists. Each file is written through Python, so that a full disk is an OSError."""
     result.update(processes=accelerator.num_processes, device=str(accelerator.device),
-                  mixed_precision=accelerator.mixed_precision, args=vars(args),
-                  run=run_key(args, accelerator))
+                  mixed_precision=accelerator.mixed_precision, args=vars(args))
     if accelerator.is_main_process:
         fold_file(args, fold, ".json").unlink(missing_ok=True)  # unfinished while outputs change
         write_csv(oof[["image_name", "target", "pred", "fold"]], fold_file(args, fold, "_oof.csv"))
         if len(test):
             write_csv(test[["image_name", "target"]], fold_file(args, fold, "_test.csv"))
-        weights = {k: v.contiguous() for k, v in raw_model.state_dict().items()}
-        atomic_write(fold_file(args, fold, ".safetensors"), lambda tmp: save_file(weights, tmp))
-        stem = f"{args.name}_fold{fold}"
-        plot_curves(fold_file(args, fold, "_curves.png"), result, stem)
-        plot_roc(fold_file(args, fold, "_roc.png"), oof, result, stem)
-        append_run(Path(args.out) / LEDGER_FILE, dict(
-            date=time.strftime("%Y-%m-%d %H:%M:%S"), name=args.name, fold=fold,
-            oof_auc=result["oof_auc"], oof_auc_no_tta=result["oof_auc_no_tta"],
-            wall_s=round(result["wall_s"], 1), settings=args.settings, out=args.out))
-        text = json.dumps(finite(result), indent=1, default=str, allow_nan=False)
+        weights = safetensors_bytes({k: v.contiguous() for k, v in raw_model.state_dict().items()})
+        atomic_write(fold_file(args, fold, ".safetensors"), lambda tmp: Path(tmp).write_bytes(weights))
+        hooks.outputs(fold, result, trn, oof)
+        text = json.dumps(result, indent=1, default=str, allow_nan=False)
         atomic_write(fold_file(args, fold, ".json"), lambda tmp: Path(tmp).write_text(text))
-        fold_file(args, fold, "_last.pt").unlink(missing_ok=True)
     accelerator.wait_for_everyone()
     accelerator.print(f"fold {fold}: OOF AUC {result['oof_auc']:.4f} with TTA x{args.tta}, "
                       f"{result['oof_auc_no_tta']:.4f} without; {result['wall_s']:.0f} s")
 
 
 # ----------------------------------------------------------------------------------------------
-# The folds
+# The folds, and the seams where the extras attach
 
-def train_fold(args, accelerator, train, test, fold, meta_spec=None):
+class Hooks:
+    """The seams of the recipe. Each method here is the recipe's own behaviour; main() passes
+    the extras' subclass (Extras, below the banner), which overrides them."""
+
+    def __init__(self, args, accelerator):
+        self.args, self.accelerator = args, accelerator
+
+    def table(self, df, what, path):
+        """A table as read (train.csv, test.csv): the extras' checks and columns."""
+        return df
+
+    def rows(self, train, test):
+        """The training and test rows before the first fold: the extras' checks, rows, columns."""
+        return train, test
+
+    def fold(self, fold):
+        """A context around each fold; it gives an earlier run's result to keep, or None."""
+        return contextlib.nullcontext()
+
+    def sampler(self, trn):
+        """The batch sampler of the training rows."""
+        a, acc = self.args, self.accelerator
+        per_epoch = EpochSampler.per_pool(trn["target"], a.epochs, a.neg_ratio)
+        return EpochSampler(trn["target"], a.batch_size, per_epoch, a.seed, acc.process_index,
+                            acc.num_processes)
+
+    def images(self, rows):
+        """The dataset of the rows' images (and the model's further inputs)."""
+        return Images(rows["path"], self.args.size)
+
+    def model(self, fold, trn):
+        """(the model, the loss's targets of the training rows, the melanoma output's index)."""
+        targets = torch.tensor(trn["target"].to_numpy(), dtype=torch.float32)
+        return Net(Net.timm_backbone(self.args.model, self.args.pretrained)), targets, 0
+
+    def augmentations(self):
+        """The random stack of augmentations."""
+        return Augment.build(yaml.safe_load(DEFAULT_AUGS))
+
+    def resume(self, fold, raw_model, optimizer, scheduler, steps_per_epoch):
+        """The history of the fold's finished epochs, their state loaded: [] starts afresh."""
+        return []
+
+    def epoch(self, fold, history, raw_model, optimizer, scheduler, steps_per_epoch):
+        """After each epoch."""
+
+    def outputs(self, fold, result, trn, oof):
+        """On the main process, after the predictions and weights, before the fold's JSON."""
+
+    def finish(self, fold, result, steps_per_epoch):
+        """After the fold's JSON: the fold is finished."""
+
+
+def train_fold(args, accelerator, train, test, fold, hooks):
     """Train on every fold but `fold`, score it each epoch, then predict it and the test set with
     TTA."""
     start = time.time()
-    # data: `fold` validates, the other folds (a --frac share of them) and external images train
+    # data: `fold` validates, the other folds (a --frac share of them) train
     trn, val = split_fold(train, fold, args.frac, args.seed)
-    sampler = make_sampler(trn, args, accelerator)
-    dataset = functools.partial(Images, size=args.size, cache=args.cache)
-    train_loader = make_loader(dataset(trn["path"]), accelerator, args, sampler)
-    val_loader = make_loader(dataset(val["path"]), accelerator, args)
-    trn_meta, val_meta, test_meta = (meta_tensor(df) for df in (trn, val, test))
-    # what the head learns: the melanoma target, or the classes of all the training rows
-    classes = target_classes(train, args)
-    targets, mel = loss_targets(trn, classes), melanoma_output(classes)
-    # the model and what trains it; continue after the last finished epoch with --resume
-    n_meta = 0 if trn_meta is None else trn_meta.shape[1]
+    sampler = hooks.sampler(trn)
+    train_loader = make_loader(hooks.images(trn), accelerator, args, sampler)
+    val_loader = make_loader(hooks.images(val), accelerator, args)
+    # the model, what it learns, its augmentation and what trains it
+    seed_all(args.seed, INIT)
+    raw_model, targets, melanoma = hooks.model(fold, trn)
     raw_model, model, augment, optimizer, scheduler = build_training(
-        args, accelerator, len(sampler), fold, n_meta, classes)
-    ckpt = fold_file(args, fold, "_last.pt")
-    history = load_checkpoint(ckpt, raw_model, optimizer, scheduler, accelerator, args)
-    track_fold(args, accelerator, fold, len(history) * len(sampler))
-    print_fold(accelerator, fold, trn, val, test, sampler, classes)
+        args, accelerator, raw_model, hooks.augmentations(), len(sampler))
+    history = hooks.resume(fold, raw_model, optimizer, scheduler, len(sampler))
+    accelerator.print(f"fold {fold}: {len(trn)} training images ({int(trn['target'].sum())} "
+                      f"melanomas; {sampler.n} per epoch), {len(val)} validation, {len(test)} "
+                      f"test, {accelerator.num_processes} process(es) on {accelerator.device}")
     for epoch in range(len(history), args.epochs):
-        # train on the epoch's fresh sample, score the validation fold (one plain pass), save
+        # train on the epoch's fresh sample, score the validation fold (one plain pass)
         seed_all(args.seed, AUGMENT, epoch, accelerator.process_index)
         sampler.set_epoch(epoch)
         t0 = time.time()
         loss, images, lr = train_one_epoch(model, augment, train_loader, optimizer, scheduler,
-                                           accelerator, targets, epoch, args.epochs, trn_meta)
+                                           accelerator, targets, epoch, args.epochs)
         train_s = time.time() - t0
         val_pred = predict(model, augment, val_loader, accelerator, 0, args.seed, "validate",
-                           val_meta, mel)
-        history.append(dict(epoch=epoch + 1, loss=loss, val_auc=roc_auc(val["target"], val_pred),
-                            lr=lr, images=images, images_per_s=images / train_s,
+                           melanoma)
+        history.append(dict(epoch=epoch + 1, loss=loss, val_auc=roc_auc_score(val["target"],
+                            val_pred), lr=lr, images=images, images_per_s=images / train_s,
                             seconds=time.time() - t0))
-        print_epoch(accelerator, fold, args.epochs, history[-1])
-        log_epoch(accelerator, history[-1], len(sampler))
-        save_checkpoint(ckpt, raw_model, optimizer, scheduler, accelerator, history, args)
+        h = history[-1]
+        accelerator.print(f"fold {fold} epoch {h['epoch']:2d}/{args.epochs}  loss {h['loss']:.4f}  "
+                          f"val_auc {h['val_auc']:.4f}  lr {h['lr']:.2e}  "
+                          f"{h['images_per_s']:.0f} img/s  {h['seconds']:.0f} s")
+        hooks.epoch(fold, history, raw_model, optimizer, scheduler, len(sampler))
     # the last epoch's model predicts with TTA: picking an epoch on the validation fold
     # would inflate the CV
     oof = predict(model, augment, val_loader, accelerator, args.tta, args.seed,
-                  f"OOF TTA x{args.tta}", val_meta, mel)
+                  f"OOF TTA x{args.tta}", melanoma)
     test_pred = np.zeros(0)
     if len(test):
-        test_loader = make_loader(dataset(test["path"]), accelerator, args)
-        test_pred = predict(model, augment, test_loader, accelerator, args.tta, args.seed + 1,
-                            f"test TTA x{args.tta}", test_meta, mel)
-    # outputs and a row in the ledger, then the checkpoint goes: the fold is finished
-    result = dict(fold=fold, oof_auc=roc_auc(val["target"], oof),
+        test_pred = predict(model, augment, make_loader(hooks.images(test), accelerator, args),
+                            accelerator, args.tta, args.seed + 1, f"test TTA x{args.tta}", melanoma)
+    result = dict(fold=fold, oof_auc=float(roc_auc_score(val["target"], oof)),
                   oof_auc_no_tta=history[-1]["val_auc"], n_train=len(trn), n_val=len(val),
-                  n_external=int(trn["external"].sum()), n_test=len(test), meta=meta_spec,
-                  classes=classes, wall_s=time.time() - start, epochs=history,
-                  init=file_key(init_file(args, fold)) if args.init_from else None,
-                  augs=aug_entries(args), augmentations=[str(m) for m in augment.random])
-    write_outputs(args, accelerator, fold, val.assign(pred=oof, fold=fold),
-                  test.assign(target=test_pred), result, raw_model)
-    end_fold_tracking(args, accelerator, fold, result, len(sampler))
+                  n_test=len(test), wall_s=time.time() - start, epochs=history,
+                  augmentations=[str(m) for m in augment.random])
+    write_outputs(args, accelerator, fold, trn, val.assign(pred=oof, fold=fold),
+                  test.assign(target=test_pred), result, raw_model, hooks)
+    hooks.finish(fold, result, len(sampler))
     return result
 
 
-def train_folds(args, accelerator):
-    """Train --fold's folds in turn, keeping those finished with the same settings, then score
-    their concatenated OOF predictions: one AUC, as the competition scores."""
-    train, test = read_inputs(args, accelerator)
-    finished = check_fold_outputs(args, accelerator)
-    check_images(list(train["path"]) + list(test["path"]), accelerator.is_main_process)
-    train, test, meta_spec = add_meta(args, train, test)
+def train_folds(args, accelerator, hooks):
+    """Train --fold's folds in turn (an extra may keep finished ones), then score their
+    concatenated OOF predictions: one AUC, as the competition scores."""
+    train, test = hooks.rows(*read_data(args, hooks, accelerator.print))
     results = []
     for fold in args.fold:
-        if fold in finished:
-            accelerator.print(f"fold {fold}: finished already with these settings "
-                              f"({fold_file(args, fold, '.json').name}); --overwrite retrains it")
-            results.append(finished[fold])
-            continue
-        with fold_errors(fold, fold_file(args, fold, "_last.pt"), args):
-            results.append(train_fold(args, accelerator, train, test, fold, meta_spec))
+        with hooks.fold(fold) as finished:
+            results.append(finished or train_fold(args, accelerator, train, test, fold, hooks))
     if len(results) > 1 and accelerator.is_main_process:
         oof = pd.concat([pd.read_csv(fold_file(args, r["fold"], "_oof.csv")) for r in results])
         folds = ", ".join(str(r["fold"]) for r in results)
-        print(f"CV AUC over folds {folds}: {roc_auc(oof['target'], oof['pred']):.4f} "
+        print(f"CV AUC over folds {folds}: {roc_auc_score(oof['target'], oof['pred']):.4f} "
               "(one AUC over their concatenated OOF predictions)")
+    return results
+
+
+def recipe(argv=None):
+    """Parse the recipe's flags (argv, else the command line), then train, validate and predict
+    the requested folds."""
+    p = argparse.ArgumentParser(description="Train, validate and predict melanoma classifiers.",
+                                formatter_class=HelpFormatter, allow_abbrev=False)
+    args = run_names(recipe_flags(p).parse_args(argv))
+    accelerator = Accelerator(cpu=args.cpu, mixed_precision=args.mixed_precision)
+    return train_folds(args, accelerator, Hooks(args, accelerator))
 
 
 # ==============================================================================================
 # Beyond the recipe
 # ==============================================================================================
+# The extras attach at the recipe's seams, the methods of class Hooks: table (each table as
+# read), rows (all rows, before the first fold), fold (around each fold), sampler, images, model
+# and augmentations (the fold's parts), resume and epoch (its state), outputs (before the JSON
+# that finishes a fold) and finish (after it). Class Extras overrides them, in that order, by
+# calling the sections below; each section's flags are a group of get_parser; main() runs it all.
+
+import copy, difflib, glob, hashlib, itertools, pickle, re, resource, shlex, signal, tempfile
+import warnings
+from types import SimpleNamespace
+
+from accelerate import __version__ as ACCELERATE_VERSION
+from accelerate.tracking import get_available_trackers
+from accelerate.utils import LoggerType, gather_object
+from matplotlib.figure import Figure
+from safetensors.torch import load as safetensors_load
+from sklearn.metrics import roc_curve
+
+from ensemble import LEDGER_FILE, ArgumentParser, append_run, atomic_write_all, check_names, \
+    check_numbers, check_writable, finite, print_runs, read_ledger, refuse_rows, text
+
+# --demo: these flags come first, so that the command line can override any of them
+DEMO = ("--data-dir demo_data --model test_efficientnet --no-pretrained --size 64 --epochs 12 "
+        "--batch-size 32 --lr-max 2e-3 --tta 4 --num-workers 0 --name demo")
+
+
+class Extras(Hooks):
+    """The recipe's seams with the extras attached. What the run learns on the way (its settings,
+    the metadata encoding, the classes, the augmentations, the starting weights) is taken once,
+    when read, and recorded as it was used."""
+
+    def __init__(self, args, accelerator):
+        super().__init__(args, accelerator)
+        self.names = set()    # train.csv's image names: external data drops its copies of them
+        self.key = None       # the run's settings (resume, finished folds, the JSON, the ledger)
+        self.finished = {}    # {fold: result} of the folds an earlier run finished, kept
+        self.spec = None      # the metadata encoding (--meta)
+        self.classes = None   # the classes the head learns (--target diagnosis)
+        self.entries = None   # the augmentation stack as entries (--augs, --hair)
+        self.init = {}        # {fold: its --init-from weights' key}, taken as they were loaded
+
+    def table(self, df, what, path):
+        args, where = self.args, f"{what} {path}"
+        if what == "train file":
+            self.names = set(df["image_name"])
+            if args.target == "diagnosis":
+                check_diagnoses(df, where)
+        return meta_columns(df, where) if args.meta else df
+
+    def rows(self, train, test):
+        args, accelerator = self.args, self.accelerator
+        train = train.assign(external=False)
+        if args.external:
+            train = add_external(train, self)
+        for fold in args.fold:  # each requested fold can train and validate, before any trains
+            split_fold(train, fold, args.frac, args.seed)
+        if args.target == "diagnosis":
+            self.classes = target_classes(train)
+        self.entries = aug_entries(args)
+        if args.augs or args.hair:
+            check_augs(self.entries, args)
+        if args.init_from:
+            check_init_from(args)
+        if not args.lr_find:  # the range test writes no fold
+            self.key = run_key(args, accelerator)  # the settings as the inputs were read
+            self.finished = check_fold_outputs(args, accelerator, self.key)
+        if set(args.fold) - set(self.finished):  # all finished: no image will be read
+            check_images(list(train["path"]) + ([] if args.lr_find else list(test["path"])),
+                         accelerator)
+        if args.meta:
+            self.spec = fit_meta(train, test)
+            train, test = with_meta(train, self.spec), with_meta(test, self.spec)
+        return train, test
+
+    @contextlib.contextmanager
+    def fold(self, fold):
+        """A fold finished with these settings is kept; an error in training names the fold and
+        what became of its checkpoint, which --resume continues from."""
+        args = self.args
+        if fold in self.finished:
+            self.accelerator.print(f"fold {fold}: finished already with these settings "
+                                   f"({fold_file(args, fold, '.json').name}); --overwrite "
+                                   "retrains it")
+            yield self.finished[fold]
+            return
+        try:
+            yield None
+        except (DataError, FloatingPointError) as e:
+            ckpt = fold_file(args, fold, "_last.pt")
+            kept = f", last good checkpoint kept ({ckpt}; --resume continues from it)" \
+                if ckpt.exists() else ""
+            hint = ""
+            if isinstance(e, FloatingPointError):
+                hint = (f" (lower --lr-max {args.lr_max:g}, or check the augmentation: "
+                        f"{args.augs or 'the recipe stack'}{', --hair' if args.hair else ''}"
+                        f"{', --cutout' if args.cutout else ''})")
+            raise type(e)(f"fold {fold}: {one_line(e)}{hint}; the fold is not finished{kept}") \
+                from None
+
+    def sampler(self, trn):
+        """With --external-neg-ratio two pools of benign images, each with its ratio: the
+        competition's and the external ones."""
+        args, acc = self.args, self.accelerator
+        if args.external_neg_ratio is None:
+            return super().sampler(trn)
+        pools = trn["external"].to_numpy().astype(int)
+        per_epoch = [EpochSampler.per_pool(trn["target"][pools == pool], args.epochs, ratio)
+                     for pool, ratio in enumerate((args.neg_ratio, args.external_neg_ratio))]
+        return EpochSampler(trn["target"], args.batch_size, per_epoch, args.seed,
+                            acc.process_index, acc.num_processes, pools)
+
+    def images(self, rows):
+        args = self.args
+        load = functools.partial(cached_load, cache=args.cache) if args.cache else load_image
+        return Images(rows["path"], args.size, load, meta_inputs(rows) if args.meta else ())
+
+    def model(self, fold, trn):
+        args = self.args
+        start = init_file(args, fold) if args.init_from else args.weights
+        raw_model = ExtrasNet(Net.timm_backbone(args.model, args.pretrained and not start),
+                              **model_shape(args, self.spec, self.classes))
+        if start:
+            flag = "--init-from" if args.init_from else "--weights"
+            weights, key = read_weights(start, flag)
+            load_weights(raw_model, weights, f"{flag} {start}", args.model, self.accelerator.print)
+            self.init[fold] = key if args.init_from else None
+        if args.target == "diagnosis":
+            self.accelerator.print(f"fold {fold}: {class_counts(trn, self.classes)}")
+            return raw_model, class_targets(trn, self.classes), self.classes.index("MEL")
+        return raw_model, torch.tensor(trn["target"].to_numpy(), dtype=torch.float32), 0
+
+    def augmentations(self):
+        return Augment.build(self.entries, OWN_AUGS)
+
+    def resume(self, fold, raw_model, optimizer, scheduler, steps_per_epoch):
+        args, accelerator = self.args, self.accelerator
+        history = load_checkpoint(fold_file(args, fold, "_last.pt"), raw_model, optimizer,
+                                  scheduler, accelerator, args, self.key)
+        if accelerator.log_with:
+            start_tracking(accelerator, f"{args.name}_fold{fold}", len(history) * steps_per_epoch,
+                           dict(self.key, name=args.name, fold=fold))
+        return history
+
+    def epoch(self, fold, history, raw_model, optimizer, scheduler, steps_per_epoch):
+        args, accelerator = self.args, self.accelerator
+        if accelerator.log_with:
+            log_epoch(accelerator, history[-1], steps_per_epoch)
+        save_checkpoint(fold_file(args, fold, "_last.pt"), raw_model, optimizer, scheduler,
+                        accelerator, history, self.key)
+
+    def outputs(self, fold, result, trn, oof):
+        args = self.args
+        result.update(n_external=int(trn["external"].sum()), meta=self.spec, classes=self.classes,
+                      init=self.init.get(fold), augs=self.entries, run=self.key)
+        plot_fold(args, fold, result, oof)
+        append_run(Path(args.out) / LEDGER_FILE, dict(
+            date=time.strftime("%Y-%m-%d %H:%M:%S"), name=args.name, fold=fold,
+            oof_auc=result["oof_auc"], oof_auc_no_tta=result["oof_auc_no_tta"],
+            wall_s=round(result["wall_s"], 1), settings=args.settings, out=args.out))
+
+    def finish(self, fold, result, steps_per_epoch):
+        args, accelerator = self.args, self.accelerator
+        if accelerator.is_main_process:
+            fold_file(args, fold, "_last.pt").unlink(missing_ok=True)
+        if accelerator.log_with:
+            step = args.epochs * steps_per_epoch - 1
+            accelerator.log({"oof/auc": result["oof_auc"],
+                             "oof/auc_no_tta": result["oof_auc_no_tta"]}, step=step)
+            end_tracking(accelerator, {"curves": fold_file(args, fold, "_curves.png"),
+                                       "roc": fold_file(args, fold, "_roc.png")}, step)
+
 
 # ----------------------------------------------------------------------------------------------
-# Input checks: flags when parsed, files when first read, outputs before the first epoch
+# Flags and input checks: flags when parsed, files when first read, outputs before the first epoch
 
-def path_type(resolve=True, key=None):
-    """An argparse type for a path, absolute if `resolve`: a run's JSON then serves from any
-    folder. `key`: what the path counts as in a run's settings."""
-    def parse(value):
-        return str(Path(text(value)).resolve()) if resolve else text(value)
-    parse.key = key
-    return parse
+def cache_folder(value):
+    """--cache's type: its images are re-encoded (other pixels), so a run's settings count
+    whether it is on (key), not where."""
+    return text(value)
+
+
+cache_folder.key = lambda folder: True
 
 
 @functools.cache
-def digest(path, stamp):
-    """A file's SHA-256; `stamp` (size, mtime) is in the cache's key, so an edited file is read
-    again."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return f"sha256:{h.hexdigest()[:16]}"
+def get_parser():
+    """The recipe's flags, then a group for each extra."""
+    p = recipe_flags(ArgumentParser(description="Train, validate and predict melanoma "
+                                    "classifiers.", formatter_class=HelpFormatter,
+                                    allow_abbrev=False))
+    g = flag_group(p, "metadata and heads", setting=True)
+    g.add_argument("--meta", action="store_true", help="join the patient metadata (sex, age, "
+                   "site, the patient's image count, image size) to the image features")
+    g.add_argument("--head", choices=["linear", "mlp"], default="linear",
+                   help="one Linear layer (the recipe), or Linear-SiLU-Dropout-Linear")
+    g.add_argument("--dropout", type=bounded(float, 0, 1, high_open=True), default=0.0,
+                   help="dropout before the head, [0, 1)")
+    g.add_argument("--msd", type=bounded(int, 1, 32), default=1,
+                   help="multi-sample dropout: the head averaged over this many dropout masks")
+    g = flag_group(p, "external data and the diagnosis target", setting=True)
+    g.add_argument("--external", metavar="DIR", type=path, action="append", help="ISIC 2019 "
+                   "data (train.csv with image_name, diagnosis; train/*.jpg) that only trains; "
+                   "repeatable")
+    g.add_argument("--external-neg-ratio", type=bounded(float, 0, low_open=True), help="benign "
+                   "external images per external melanoma per epoch, drawn apart from the "
+                   "competition's (default: one pool)")
+    g.add_argument("--target", choices=["melanoma", "diagnosis"], default="melanoma",
+                   help="what the head learns: melanoma (one logit, BCE: the recipe) or diagnosis "
+                   "(softmax over the diagnosis column's classes, the 1st place's 9 with ISIC "
+                   "2019); either way every score is P(melanoma)")
+    g = flag_group(p, "starting weights", setting=True)
+    g.add_argument("--weights", type=path,
+                   help="weights file to start from (.safetensors or a torch state dict)")
+    g.add_argument("--init-from", metavar="RUN", type=text, help="start each fold from the same "
+                   "fold's weights of an earlier run: a run name in --out, or a path prefix "
+                   "(other/preds/NAME), read as {RUN}_fold{k}.safetensors")
+    g = flag_group(p, "augmentation files and hair", setting=True)
+    g.add_argument("--augs", metavar="FILE", type=path, help="YAML list of kornia.augmentation "
+                   "classes and arguments (- name: RandomAffine / degrees: 180 ...) replacing the "
+                   "recipe's random stack (default: DEFAULT_AUGS in melanoma.py)")
+    g.add_argument("--hair", type=bounded(float, 0, 1), default=0.0, metavar="P",
+                   help="draw dark hairs over an image with probability P (appends Hair(p=P))")
+    g = flag_group(p, "cache", setting=True)
+    g.add_argument("--cache", type=cache_folder, help="directory for images resized to --size "
+                   "(written once, reused; re-encoded, so the pixels differ slightly)")
+    g = flag_group(p, "resume, trackers and the demo", setting=False)
+    g.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from its last epoch")
+    g.add_argument("--overwrite", action="store_true",
+                   help="retrain folds that already have outputs")
+    g.add_argument("--log-with", nargs="+", choices=LoggerType.list(), metavar="NAME",
+                   help="experiment trackers (accelerate's: "
+                   f"{', '.join(LoggerType.list())}; all: every one installed) that training, "
+                   "--lr-find and --explain log to, a tracker run per fold "
+                   "({name}_fold{k}); TensorBoard's in {out}/logs")
+    g.add_argument("--demo", action="store_true", help="make a small synthetic dataset once and "
+                   f"train on it with CPU-sized defaults: {DEMO}")
+    g = flag_group(p, "tools (one at a time; --explain also goes with --predict)", setting=False)
+    g.add_argument("--make-folds", metavar="TRAIN_CSV", type=path,
+                   help="write patient-grouped folds of TRAIN_CSV to --out")
+    g.add_argument("--n-folds", type=bounded(int, 2, 100), default=5,
+                   help="number of folds for --make-folds")
+    g.add_argument("--benchmark", action="store_true",
+                   help="measure loading, augmentation, step and TTA speed")
+    g.add_argument("--lr-find", action="store_true", help="LR range test on the first --fold: "
+                   "writes {name}_lr_find.csv and .png in --out, prints --lr-min and --lr-max")
+    g.add_argument("--lr-find-start", type=bounded(float, 1e-12), default=1e-7,
+                   metavar="LR", help="--lr-find's first learning rate")
+    g.add_argument("--lr-find-end", type=bounded(float, 1e-12, 1e9), default=1.0,
+                   metavar="LR", help="--lr-find's last learning rate (the rate rises "
+                   "exponentially)")
+    g.add_argument("--lr-find-steps", type=bounded(int, 10, 10**5), default=200, metavar="N",
+                   help="--lr-find's steps from start to end, unless the loss diverges first")
+    g.add_argument("--lr-find-batches", type=bounded(int, 1, 64), default=1, metavar="N",
+                   help="--lr-find's batches per step: a step's loss is their mean, measured at "
+                   "the same weights (one of them trains), which cuts the noise by sqrt(N)")
+    g.add_argument("--runs", nargs="?", type=text, const="preds", metavar="OUT",
+                   help="print the experiments of OUT/runs.csv (default OUT: preds), best first")
+    g.add_argument("--predict", metavar="PATH", type=path, help="score a folder of images "
+                   "(recursively) or a CSV with image_name with every fold of run --name in "
+                   "--out; no training")
+    g.add_argument("--skip-bad", action="store_true", help="with --predict: leave out unreadable "
+                   "images (listed in {name}_predict_skipped.tsv) instead of stopping")
+    g.add_argument("--explain", type=bounded(int, 1, 32), metavar="N",
+                   help="Grad-CAM grids of run --name: the N most confident false positives and "
+                   "negatives of each fold's OOF (and with --predict the N top new images)")
+    return p
 
 
-def file_key(path):
-    """A file flag counts by its content: by its path an edited file would pass for the same; a
-    missing file counts by its path (reading it says why)."""
-    if not os.path.isfile(path):
-        return str(path)
-    st = os.stat(path)
-    return digest(path, (st.st_size, st.st_mtime_ns))
-
-
-def run_name(value):
-    """--name names files and lines of the ledger: a plain file-name part on one line."""
-    if set(text(value)) & set("/\\\0\n\r") or value.startswith(".") or len(value) > 150:
-        raise argparse.ArgumentTypeError("must be a plain file-name part of at most 150 "
-                                         f"characters on one line, got {value[:160]!r}")
-    return value
-
-
-INPUT_FILE = path_type(key=file_key)
-# a data folder counts by its tables' content (not its images: hashing them would take minutes)
-DATA_FOLDER = path_type(key=lambda d: [file_key(Path(d) / f"{t}.csv") for t in ("train", "test")])
-CACHE_FOLDER = path_type(resolve=False, key=lambda d: True)  # re-encoded: other pixels
-OUTPUT = path_type(resolve=False)
+def get_args(argv=None):
+    p = get_parser()
+    argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
+    demo = shlex.split(DEMO) if "--demo" in argv else []
+    args = p.parse_args(demo + argv)
+    check_flags(p, args)
+    args.settings = settings(args, p.parse_args(demo))
+    args.out = args.out or ("folds.csv" if args.make_folds else None)
+    return run_names(args)
 
 
 def check_flags(p, args):
-    """The checks that relate two flags; each flag's own bounds are in its type."""
+    """The checks that each flag's type cannot make: a text value (empty, from an unset shell
+    variable, or undecodable), --name, and the flags that relate to each other."""
+    for a in p._actions:
+        value = getattr(args, a.dest, None)
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, str):
+                try:
+                    text(v)
+                except argparse.ArgumentTypeError as e:
+                    p.error(f"argument {'/'.join(a.option_strings)}: {e}")
     tools = [f"--{t.replace('_', '-')}" for t in TOOLS if getattr(args, t)]
+    name = args.name or ""
     for wrong, message in (
+            (set(name) & set("/\\\0\n\r") or name.startswith((".", "-")) or len(name) > 150,
+             "argument --name: must be a plain file-name part of at most 150 characters on one "
+             f"line, not starting with '.' or '-', got {name[:160]!r}"),
             (args.lr_min > args.lr_max, f"need --lr-min <= --lr-max, got --lr-min {args.lr_min} "
              f"--lr-max {args.lr_max}"),
             (args.external_neg_ratio is not None and not args.external,
@@ -957,91 +1099,53 @@ def one_line(e):
     return " ".join(line.strip() for line in lines)
 
 
-def check_targets(df, path):
-    target = pd.to_numeric(df["target"], errors="coerce")
-    refuse_rows(path, ~target.isin([0, 1]), df["target"], "target must be 0 or 1, got {value!r}")
-    df["target"] = target.astype(int)
-
-
-def locate_data(args, say=print):
-    """--data-dir's and --folds' defaults depend on what is on disk: the first default location
-    with a competition layout, and the folds file in it, else the one beside this file."""
-    if args.data_dir is None:
-        found = [d for d in DATA_LOCATIONS if layout_of(d)]
-        if not found:
-            raise DataError(f"no competition data found in {' or '.join(DATA_LOCATIONS)} "
-                            "(train.csv with jpeg/train/ or train/): download it with `kaggle "
-                            "competitions download -c siim-isic-melanoma-classification` and unzip "
-                            "it into data/ (or put a resized dataset there in the train/ layout), "
-                            "pass --data-dir DIR, or run --demo, which needs no data")
-        args.data_dir = str(Path(found[0]).resolve())
-        say(f"data: {found[0]} (the first default location that holds a competition "
-            "layout; --data-dir chooses another)")
-    if args.folds is None:
-        beside = Path(args.data_dir) / "folds.csv"
-        ours = Path(__file__).resolve().parent / "folds.csv"
-        args.folds = str((beside if beside.is_file() else ours).resolve())
-
-
-def read_inputs(args, accelerator):
-    """(training rows, test rows), every input and output location checked before the first
-    epoch; --demo makes its data first."""
+def check_run(args, accelerator):
+    """Before any data is read: the precision the device can run, the output folders, and the
+    demo's data, which the main process makes once, before the others read it."""
     if accelerator.device.type == "cpu" and accelerator.mixed_precision == "fp16":
         raise DataError("--mixed-precision fp16 needs a GPU; on the CPU use bf16 or no")
-    # the demo's dataset is made once, by the main process, before the others read it
     with accelerator.main_process_first():
         if args.demo and not (Path(args.data_dir) / "train.csv").exists():
             make_demo_data(args.data_dir, seed=args.seed)
-    locate_data(args, accelerator.print)
     check_writable(args.out, "--out")
     if args.cache:
         check_writable(args.cache, "--cache")
-    train, test = read_data(args, accelerator.print)
-    for fold in args.fold:
-        split_fold(train, fold, args.frac, args.seed)
-    check_augs(args)
-    check_init_from(args)
-    if not len(test):
-        accelerator.print(f"no test.csv in {args.data_dir}: predicting the validation fold only")
-    return train, test
 
 
-def jpeg_scan_start(f):
-    """Where an open JPEG file's first scan starts, or None; the segment headers' lengths skip an
-    embedded thumbnail, whose own end marker would pass a cut-short file."""
-    pos = 2
-    while True:
-        f.seek(pos)
-        head = f.read(4)
-        if len(head) < 4 or head[0] != 0xFF:
-            return None
-        if head[1] == 0xDA:
-            return pos
-        pos += 2 + int.from_bytes(head[2:4], "big") if head[1] != 0xFF else 1
-
-
-def holds_after(f, marker, start):
-    """Whether an open file holds `marker` after byte `start`; the last kilobyte is read first,
-    the rest only when it lacks it (a cut-short file, or data after the end)."""
-    size = f.seek(0, os.SEEK_END)
-    for begin in (max(start, size - 1024), start):
-        f.seek(begin)
-        if marker in f.read():
-            return True
-    return False
+def check_images(paths, accelerator=None, skip_bad=False, hint=""):
+    """{path: why} of the images that cannot be used, named all at once before training rather
+    than one in its middle; each process checks a share. They stop the run unless --predict's
+    --skip-bad; `hint` ends the error."""
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    bad = {}
+    for path in progress(paths[rank::world], "checking images", rank == 0 and len(paths) >= 2000):
+        try:
+            check_image(path)
+        except DataError as e:
+            bad[path] = str(e)
+    if world > 1:
+        found = {p: why for share in gather_object([bad]) for p, why in share.items()}
+        bad = {p: found[p] for p in paths if p in found}
+    if bad and not skip_bad or len(bad) == len(paths):
+        raise DataError(f"{len(bad)} image(s) cannot be used (of {len(paths)}), e.g. "
+                        f"{'; '.join(list(bad.values())[:3])}{hint}")
+    return bad
 
 
 def check_image(path):
-    """Refuse a missing, empty, implausibly large (a decompression bomb) or cut-short image
-    before training rather than in its middle; cheap: the header and the file's end."""
+    """Refuse a missing, empty, implausibly large (a decompression bomb) or cut-short image; cheap
+    for a JPEG (its header and its end), whole for a PNG (its data is compressed as one)."""
     if os.path.isdir(path):
         raise DataError(f"image {path}: a folder, not an image")
+    kind = None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
                 # a camera's multi-picture JPEG (MPO) is a JPEG with more images after the first
                 (width, height), kind = im.size, {"MPO": "JPEG"}.get(im.format, im.format)
+                if kind == "PNG":
+                    im.load()
     except FileNotFoundError as e:
         raise DataError(f"image {path}: {e.strerror}")
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -1053,84 +1157,40 @@ def check_image(path):
                 head = f.read(3)
         except OSError as unreadable:  # a broken or looping link, a file without read access
             raise DataError(f"image {path}: {unreadable.strerror or unreadable}")
-        reason = ("empty file" if not head else "not a complete JPEG (truncated)"
-                  if head == b"\xff\xd8\xff" else f"not an image ({e})")
+        reason = ("empty file" if not head else f"not a complete {kind} ({e})" if kind else
+                  "not a complete JPEG (truncated)" if head == b"\xff\xd8\xff" else
+                  f"not an image ({e})")
         raise DataError(f"image {path}: {reason}")
     if path.lower().endswith((".jpg", ".jpeg")) and kind != "JPEG":
         raise DataError(f"image {path}: not a JPEG but {kind} (no JPEG header)")
     if width * height > Image.MAX_IMAGE_PIXELS or min(width, height) < 1:
         raise DataError(f"image {path}: {width}x{height} pixels, refused as implausible "
                         f"(at most {Image.MAX_IMAGE_PIXELS} pixels)")
+    if kind != "JPEG":
+        return
+
+    def scan_start(f):
+        """Where the first scan starts, or None; the segment headers' lengths skip an embedded
+        thumbnail, whose own end marker would pass a cut-short file."""
+        pos = 2
+        while True:
+            f.seek(pos)
+            head = f.read(4)
+            if len(head) < 4 or head[0] != 0xFF:
+                return None
+            if head[1] == 0xDA:
+                return pos
+            pos += 2 + int.from_bytes(head[2:4], "big") if head[1] != 0xFF else 1
+
     # a JPEG's scans hold no end marker (their 0xFF bytes are followed by 0 or a restart), so one
-    # after the first scan's start is the image's end
+    # after the first scan's start is the image's end; its last kilobyte is read first
     with open(path, "rb") as f:
-        start = jpeg_scan_start(f) if kind == "JPEG" else 0
-        marker = {"JPEG": b"\xff\xd9", "PNG": b"IEND"}.get(kind)
-        if marker and (start is None or not holds_after(f, marker, start)):
-            raise DataError(f"image {path}: not a complete {kind} (truncated)")
-
-
-def check_images(paths, show=True, skip_bad=False, hint=""):
-    """{path: why} of the images that cannot be used, all checked so that all are named at once;
-    they stop the run unless --predict's --skip-bad; `hint` ends the error."""
-    bad = {}
-    for path in progress(paths, "checking images", show and len(paths) >= 2000):
-        try:
-            check_image(path)
-        except DataError as e:
-            bad[path] = str(e)
-    if bad and not skip_bad or len(bad) == len(paths):
-        raise DataError(f"{len(bad)} image(s) cannot be used (of {len(paths)}), e.g. "
-                        f"{'; '.join(list(bad.values())[:3])}{hint}")
-    return bad
-
-
-def read_weights(path, flag="--weights"):
-    """A state dict from .safetensors, or from a torch file that holds only tensors: a pickle
-    could run code."""
-    if not Path(path).is_file():
-        raise DataError(f"{flag} {path}: "
-                        f"{'a folder, not a file' if Path(path).is_dir() else 'no such file'}")
-    try:
-        if str(path).endswith(".safetensors"):
-            sd = load_file(path)
-        else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise DataError(f"{flag} {path}: refused, it holds pickled objects, not only tensors "
-                        f"({str(e).splitlines()[0][:160]}); save a state_dict or a .safetensors "
-                        "file")
-    except Exception as e:  # safetensors' and torch's own errors for a file of another kind
-        raise DataError(f"{flag} {path}: not a weights file ({one_line(e)[:160]})")
-    for key in ("state_dict", "model"):
-        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
-            sd = sd[key]
-    if not (isinstance(sd, dict) and sd and all(torch.is_tensor(v) for v in sd.values())):
-        raise DataError(f"{flag} {path}: holds no state dict (names -> tensors)")
-    return sd
-
-
-def load_weights(model, sd, what, name, say=print):
-    """Load what fits: every backbone tensor must; a head or metadata MLP of another shape
-    (another --head, --target or --meta) starts afresh, as one line through `say` tells."""
-    if not any(k.startswith("backbone.") for k in sd):  # a bare timm model's state dict
-        classifier = model.backbone.default_cfg.get("classifier", "~") + "."
-        sd = {f"backbone.{k}": v for k, v in sd.items() if not k.startswith(classifier)}
-    own = model.state_dict()
-    resized = {k for k in sd if k in own and sd[k].shape != own[k].shape}
-    missing, unexpected = model.load_state_dict(
-        {k: v for k, v in sd.items() if k not in resized}, strict=False)
-    lost = [k for k in list(missing) + sorted(resized) if k.startswith("backbone.")]
-    foreign = [k for k in unexpected if k.startswith("backbone.")]
-    if foreign or lost:
-        raise DataError(f"{what}: does not fit --model {name} "
-                        f"(missing {lost[:3]}, unexpected {foreign[:3]})")
-    afresh = [f"{k} {list(sd[k].shape)} there, {list(own[k].shape)} here" for k in sorted(resized)]
-    afresh += [f"{k} there only" for k in unexpected if not k.startswith("backbone.")]
-    if afresh:
-        say(f"{what}: the body loads; {', '.join(afresh[:4])}{', ...' if len(afresh) > 4 else ''}"
-            ": its head is another (another --head, --target or --meta), so the head's layers "
-            "start afresh")
+        start, size = scan_start(f), f.seek(0, os.SEEK_END)
+        for begin in (max(start, size - 1024), start) if start is not None else ():
+            f.seek(begin)
+            if b"\xff\xd9" in f.read():
+                return
+    raise DataError(f"image {path}: not a complete JPEG (truncated)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1160,119 +1220,43 @@ def settings(args, defaults):
     return shlex.join(parts)
 
 
+@functools.cache
+def digest(path, stamp):
+    """A file's SHA-256; `stamp` (size, mtime) is in the cache's key, so an edited file is read
+    again."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return f"sha256:{h.hexdigest()[:16]}"
+
+
+def content_key(p):
+    """A path flag counts by its content: by its path an edited file would pass for the same. A
+    data folder counts by its tables' (hashing its images would take minutes), a table it lacks
+    as None, so that a copy elsewhere is the same; another missing path by itself (reading it
+    says why)."""
+    if os.path.isdir(p):
+        return [content_key(Path(p) / f"{t}.csv") if (Path(p) / f"{t}.csv").exists() else None
+                for t in ("train", "test")]
+    if not os.path.isfile(p):
+        return str(p)
+    st = os.stat(p)
+    return digest(p, (st.st_size, st.st_mtime_ns))
+
+
 def run_key(args, accelerator):
-    """Everything that shaped a fold's outputs: each setting flag (a file by its content), the
-    mixed precision and the number of processes (they set the global batch)."""
+    """Everything that shaped a fold's outputs: each setting flag (a path by its content, a type
+    with a key by that), the mixed precision and the number of processes (the global batch)."""
     key = {}
     for a in setting_actions():
-        value, count = getattr(args, a.dest), getattr(a.type, "key", None)
+        value, count = getattr(args, a.dest), getattr(a.type, "key", content_key
+                                                         if a.type is path else None)
         if count and value is not None:
             value = [count(v) for v in value] if isinstance(value, list) else count(value)
         key[a.dest] = value
     return dict(key, mixed_precision=accelerator.mixed_precision,
                 processes=accelerator.num_processes)
-
-
-def read_checkpoint(path, key):
-    """A checkpoint saved with the settings `key`, read without unpickling code."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, not a torch file, or objects that would run code
-        raise DataError(f"{path}: not a readable checkpoint ({one_line(e)[:160]}); delete it or "
-                        "pass --overwrite")
-    if not (isinstance(state, dict) and {"model", "optimizer", "scheduler", "history"} <= set(state)
-            and isinstance(state.get("run"), dict)):
-        raise DataError(f"{path}: not a checkpoint of melanoma.py; delete it or pass --overwrite")
-    changed = differences(state["run"], key)
-    if changed:
-        raise DataError(f"{path}: saved with other settings, cannot --resume: "
-                        + "; ".join(changed))
-    return state
-
-
-# What a fold writes in --out, after {name}_fold{k}
-FOLD_OUTPUTS = ("_oof.csv", "_test.csv", ".json", ".safetensors", "_last.pt", "_curves.png",
-                "_roc.png")
-
-
-def check_fold_outputs(args, accelerator):
-    """Before any fold trains: a finished fold (its JSON exists) is kept, whole, only if it had
-    the same settings and starting weights (else --overwrite or another --name); an unfinished
-    fold's checkpoint needs --resume (same settings) or --overwrite. Returns the kept folds'
-    results by fold."""
-    key = run_key(args, accelerator)
-    check_ledger(Path(args.out) / LEDGER_FILE)
-    check_same_recipe(args, key)
-    finished = {}
-    for fold in args.fold:
-        check_output_files(fold_file(args, fold, suffix) for suffix in FOLD_OUTPUTS)
-        done, ckpt = fold_file(args, fold, ".json"), fold_file(args, fold, "_last.pt")
-        if done.exists() and not args.overwrite:
-            finished[fold] = read_result(done, key)
-            check_finished(args, fold, finished[fold])
-        elif ckpt.exists() and not (args.resume or args.overwrite):
-            raise DataError(f"{ckpt}: an unfinished run is there: pass --resume to continue it "
-                            "or --overwrite to start over")
-        elif ckpt.exists() and args.resume:
-            read_checkpoint(ckpt, key)
-        elif args.resume:
-            accelerator.print(f"fold {fold}: --resume found no checkpoint ({ckpt}): "
-                              "starting from scratch")
-    return finished
-
-
-def check_finished(args, fold, result):
-    """A finished fold is reused whole, and only if it started from the same weights: --init-from
-    counts by its file's content, the fold's own."""
-    for suffix in (".safetensors", "_oof.csv"):
-        if not fold_file(args, fold, suffix).is_file():
-            raise DataError(f"{fold_file(args, fold, suffix)}: missing from a finished fold "
-                            "(its JSON is there); --overwrite retrains the fold")
-    init = file_key(init_file(args, fold)) if args.init_from else None
-    if result.get("init", init) != init:
-        raise DataError(f"{fold_file(args, fold, '.json')}: this fold finished from other "
-                        f"--init-from weights ({init_file(args, fold).name} changed since): "
-                        "give the new run its own --name, or --overwrite to retrain it")
-
-
-def check_output_files(paths):
-    for path in paths:
-        if Path(path).is_dir():
-            raise DataError(f"{path}: a folder where an output file goes")
-
-
-def check_ledger(path):
-    """A fold whose ledger row cannot be written would count as finished with its row lost: the
-    ledger is checked before training, not after."""
-    check_output_files([path])
-    if path.exists():
-        try:
-            open(path, "a").close()
-        except OSError as e:
-            raise DataError(f"{path}: cannot append to the ledger ({e.strerror or e})")
-        if path.stat().st_size:
-            read_ledger(path)  # a damaged ledger would take the row into its damage
-
-
-def run_folds(out, name):
-    """{fold: {out}/{name}_fold{k}} for every fold of run `name` with a JSON or weights there."""
-    pattern = re.compile(rf"^{re.escape(name)}_fold(\d+)\.(json|safetensors)$")
-    found = (pattern.match(p.name) for p in Path(out).glob(f"{glob.escape(name)}_fold*"))
-    return {int(m[1]): Path(out) / f"{name}_fold{m[1]}" for m in sorted(
-        filter(None, found), key=lambda m: int(m[1]))}
-
-
-def check_same_recipe(args, key):
-    """One --name is one model: --runs, ensemble.py and --predict average its folds as one."""
-    for fold, stem in run_folds(args.out, args.name).items():
-        path = stem.with_suffix(".json")
-        if fold in args.fold or not path.is_file():
-            continue  # a requested fold is reused only with the same settings, or retrained
-        changed = differences(read_result(path)["run"], key)
-        if changed:
-            raise DataError(f"--name {args.name}: fold {fold} ({path.name}) was trained "
-                            f"with other settings ({'; '.join(changed)}); one --name is one "
-                            "model: give this run its own --name")
 
 
 def differences(saved, key, labels=("saved", "now")):
@@ -1303,186 +1287,167 @@ def read_result(path, key=None):
     return result
 
 
-def save_checkpoint(path, raw_model, optimizer, scheduler, accelerator, history, args):
+def run_folds(out, name):
+    """{fold: {out}/{name}_fold{k}} for every fold of run `name` with a JSON or weights there."""
+    pattern = re.compile(rf"^{re.escape(name)}_fold(\d+)\.(json|safetensors)$")
+    found = (pattern.match(p.name) for p in Path(out).glob(f"{glob.escape(name)}_fold*"))
+    return {int(m[1]): Path(out) / f"{name}_fold{m[1]}" for m in sorted(
+        filter(None, found), key=lambda m: int(m[1]))}
+
+
+# What a fold writes in --out, after {name}_fold{k}
+FOLD_OUTPUTS = ("_oof.csv", "_test.csv", ".json", ".safetensors", "_last.pt", "_curves.png",
+                "_roc.png")
+
+
+def check_fold_outputs(args, accelerator, key):
+    """Before any fold trains, the outputs: the ledger must take a row; one --name is one model
+    (--runs, ensemble.py and --predict average its folds as one); a finished fold (its JSON
+    exists) is kept, whole, only if it had the same settings and starting weights; an unfinished
+    fold's checkpoint needs --resume (same settings) or --overwrite. Returns the kept folds'
+    results by fold."""
+    check_ledger(Path(args.out) / LEDGER_FILE)
+    for fold, stem in run_folds(args.out, args.name).items():
+        path = stem.with_suffix(".json")
+        if fold in args.fold or not path.is_file():
+            continue  # a requested fold is reused only with the same settings, or retrained
+        changed = differences(read_result(path)["run"], key)
+        if changed:
+            raise DataError(f"--name {args.name}: fold {fold} ({path.name}) was trained "
+                            f"with other settings ({'; '.join(changed)}); one --name is one "
+                            "model: give this run its own --name")
+    finished = {}
+    for fold in args.fold:
+        check_output_files(fold_file(args, fold, suffix) for suffix in FOLD_OUTPUTS)
+        done, ckpt = fold_file(args, fold, ".json"), fold_file(args, fold, "_last.pt")
+        if done.exists() and not args.overwrite:
+            finished[fold] = read_result(done, key)
+            for suffix in (".safetensors", "_oof.csv"):
+                if not fold_file(args, fold, suffix).is_file():
+                    raise DataError(f"{fold_file(args, fold, suffix)}: missing from a finished "
+                                    "fold (its JSON is there); --overwrite retrains the fold")
+            init = content_key(init_file(args, fold)) if args.init_from else None
+            if finished[fold].get("init", init) != init:
+                raise DataError(f"{done}: this fold finished from other --init-from weights "
+                                f"({init_file(args, fold).name} changed since): give the new run "
+                                "its own --name, or --overwrite to retrain it")
+        elif ckpt.exists() and not (args.resume or args.overwrite):
+            raise DataError(f"{ckpt}: an unfinished run is there: pass --resume to continue it "
+                            "or --overwrite to start over")
+        elif ckpt.exists() and args.resume:
+            read_checkpoint(ckpt, key)
+        elif args.resume:
+            accelerator.print(f"fold {fold}: --resume found no checkpoint ({ckpt}): "
+                              "starting from scratch")
+    return finished
+
+
+def check_output_files(paths):
+    for p in paths:
+        if Path(p).is_dir():
+            raise DataError(f"{p}: a folder where an output file goes")
+
+
+def check_ledger(ledger):
+    """A fold whose ledger row cannot be written would count as finished with its row lost: the
+    ledger is checked before training, not after."""
+    check_output_files([ledger])
+    if ledger.is_symlink() and not ledger.exists():
+        raise DataError(f"{ledger}: a link to nowhere (or to itself): cannot append to the ledger")
+    if ledger.exists():
+        try:
+            open(ledger, "a").close()
+        except OSError as e:
+            raise DataError(f"{ledger}: cannot append to the ledger ({e.strerror or e})")
+        if ledger.stat().st_size:
+            read_ledger(ledger)  # a damaged ledger would take the row into its damage
+
+
+def read_checkpoint(ckpt, key):
+    """A checkpoint saved with the settings `key`, read without unpickling code."""
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, not a torch file, or objects that would run code
+        raise DataError(f"{ckpt}: not a readable checkpoint ({one_line(e)[:160]}); delete it or "
+                        "pass --overwrite")
+    if not (isinstance(state, dict) and {"model", "optimizer", "scheduler", "history"} <= set(state)
+            and isinstance(state.get("run"), dict)):
+        raise DataError(f"{ckpt}: not a checkpoint of melanoma.py; delete it or pass --overwrite")
+    changed = differences(state["run"], key)
+    if changed:
+        raise DataError(f"{ckpt}: saved with other settings, cannot --resume: "
+                        + "; ".join(changed))
+    return state
+
+
+def save_checkpoint(ckpt, raw_model, optimizer, scheduler, accelerator, history, key):
+    """The fold's state after an epoch, in one file written whole. (Not accelerate's save_state:
+    it writes a folder of files, which a kill leaves half old, half new; and our draws are keyed
+    on (seed, epoch), so there is no random state to keep.)"""
     if accelerator.is_main_process:
         state = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
-                     scheduler=scheduler.state_dict(), history=history,
-                     run=run_key(args, accelerator))
+                     scheduler=scheduler.state_dict(), history=history, run=key)
         if accelerator.scaler is not None:
             state["scaler"] = accelerator.scaler.state_dict()  # fp16's loss scale
-        atomic_write(path, lambda tmp: torch.save(state, tmp))
+        buffer = io.BytesIO()
+        torch.save(state, buffer)  # in memory: torch's own file writer hides a full disk
+        atomic_write(ckpt, lambda tmp: Path(tmp).write_bytes(buffer.getbuffer()))
     accelerator.wait_for_everyone()
 
 
-def load_checkpoint(path, raw_model, optimizer, scheduler, accelerator, args):
+def load_checkpoint(ckpt, raw_model, optimizer, scheduler, accelerator, args, key):
     """The finished epochs' history, their state loaded, with --resume (check_fold_outputs
     vetted the checkpoint); [] without a checkpoint or with --overwrite."""
-    if not path.exists():
+    if not ckpt.exists():
         return []
     if args.overwrite:  # starting over: the old state must not look resumable after an error
         if accelerator.is_main_process:
-            path.unlink(missing_ok=True)
+            ckpt.unlink(missing_ok=True)
         return []
-    state = read_checkpoint(path, run_key(args, accelerator))
+    state = read_checkpoint(ckpt, key)
     try:
         raw_model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
     except (RuntimeError, ValueError, KeyError) as e:
-        raise DataError(f"{path}: does not fit this model ({one_line(e)[:160]}); delete it or "
+        raise DataError(f"{ckpt}: does not fit this model ({one_line(e)[:160]}); delete it or "
                         "pass --overwrite")
     if accelerator.scaler is not None and "scaler" in state:
         accelerator.scaler.load_state_dict(state["scaler"])
-    accelerator.print(f"{path.name}: resuming after epoch {len(state['history'])}")
+    accelerator.print(f"{ckpt.name}: resuming after epoch {len(state['history'])}")
     return state["history"]
 
 
-@contextlib.contextmanager
-def fold_errors(fold, ckpt, args):
-    """An error in training names the fold and says what became of its checkpoint: it is kept
-    when it holds finished epochs, which --resume continues from."""
-    try:
-        yield
-    except (DataError, FloatingPointError) as e:
-        kept = f", last good checkpoint kept ({ckpt}; --resume continues from it)" \
-            if ckpt.exists() else ""
-        hint = ""
-        if isinstance(e, FloatingPointError):
-            hint = (f" (lower --lr-max {args.lr_max:g}, or check the augmentation: "
-                    f"{args.augs or 'the recipe stack'}{', --hair' if args.hair else ''}"
-                    f"{', --cutout' if args.cutout else ''})")
-        raise type(e)(f"fold {fold}: {one_line(e)}{hint}; the fold is not finished{kept}") from None
-
-
-def init_file(args, fold):
-    """--init-from's weights for `fold` (a plain run name is one in --out): the same fold's,
-    whose validation images that run never trained on, unlike another fold's."""
-    prefix = Path(args.out) / args.init_from if Path(args.init_from).name == args.init_from \
-        else Path(args.init_from)
-    return prefix.parent / f"{prefix.name}_fold{fold}.safetensors"
-
-
-def check_init_from(args):
-    """Every requested fold's --init-from weights must fit, before the first fold trains."""
-    if not args.init_from:
-        return
-    model = create_model(args.model, False, None, 0, args.head, args.dropout, args.msd)
-    for fold in args.fold:
-        path = init_file(args, fold)
-        if not path.is_file():
-            raise DataError(f"--init-from {args.init_from}: no {path} (fold {fold}'s weights; a "
-                            "plain run name is looked for in --out)")
-        load_weights(model, read_weights(path, "--init-from"), f"--init-from {path}", args.model,
-                     say=lambda line: None)  # the head is said when the fold trains
-
-
 # ----------------------------------------------------------------------------------------------
-# Metadata, external data, the diagnosis target and the image cache
+# Metadata and heads: --meta, --head, --dropout, --msd, and the model that takes them
 
 # The columns --meta reads from train.csv, test.csv and external data.
 META_COLUMNS = ["patient_id", "sex", "age_approx", "anatom_site_general_challenge"]
-# ISIC 2019's diagnoses, the classes of --target diagnosis in this order; only MEL is a melanoma.
-DIAGNOSES_2019 = ("MEL", "NV", "BCC", "BKL", "AK", "SCC", "VASC", "DF", "UNK")
-# The competition's diagnoses as ISIC 2019's classes, as the 1st place merged them.
-COMPETITION_DIAGNOSES = {
-    "melanoma": "MEL", "nevus": "NV", "seborrheic keratosis": "BKL", "lichenoid keratosis": "BKL",
-    "solar lentigo": "BKL", "lentigo NOS": "BKL", "unknown": "UNK", "cafe-au-lait macule": "UNK",
-    "atypical melanocytic proliferation": "UNK"}
+# The spellings of sex that --meta takes (any case), as one category each; "" is missing.
+SEXES = {"male": "male", "m": "male", "female": "female", "f": "female", "": "", "unknown": ""}
 
 
-def add_external(train, known_names, args, say):
-    """The training rows, then each --external folder's (ISIC 2019 in a competition layout,
-    train.csv with 2019's diagnosis codes) with fold -1, which trains every fold and validates
-    none; less the images already among `known_names` (ISIC 2019 holds some of 2020's)."""
-    for folder in args.external or []:
-        dirs = layout_of(folder)
-        if dirs is None:
-            raise DataError(f"--external {folder}: no train.csv with train/ (or jpeg/train/) there")
-        csv = Path(folder) / "train.csv"
-        extra = read_images_csv(csv, dirs[0], ["image_name", "diagnosis"], "external file",
-                                args.meta)
-        extra["code"] = diagnosis_codes(extra["diagnosis"], f"external file {csv}")
-        extra = extra.assign(target=(extra["code"] == "MEL").astype(int), fold=-1, external=True)
-        seen = extra["image_name"].isin(known_names)
-        known_names |= set(extra["image_name"])
-        say(f"--external {folder}: {int((~seen).sum())} images "
-            f"({int(extra['target'][~seen].sum())} melanomas) for training only; "
-            f"{int(seen.sum())} dropped, already among the training images")
-        train = pd.concat([train, extra[~seen]], ignore_index=True)
-    return train
-
-
-# The diagnosis target (--target diagnosis): the 1st place's classes, scored by P(melanoma)
-
-def diagnosis_codes(values, where):
-    """ISIC 2019's class of each diagnosis, in any case: the competition's names mapped
-    (COMPETITION_DIAGNOSES), 2019's codes as they are. Another value is refused by its row."""
-    text = values.astype(str).str.strip()
-    names = {name.lower(): code for name, code in COMPETITION_DIAGNOSES.items()}
-    codes = text.str.lower().map(names).fillna(text.str.upper())
-    refuse_rows(where, ~codes.isin(DIAGNOSES_2019), values,
-                f"diagnosis {{value!r}} is none of ISIC 2019's {', '.join(DIAGNOSES_2019)} nor "
-                f"the competition's {', '.join(COMPETITION_DIAGNOSES)}")
-    return codes
-
-
-def check_diagnoses(train, path):
-    """--target diagnosis: each competition row's class (column `code`) from its diagnosis,
-    which must agree with its target: 1 for a melanoma, 0 for anything else."""
-    where = f"train file {path}"
-    if "diagnosis" not in train.columns:
-        raise DataError(f"{where}: --target diagnosis needs a diagnosis column; there is none")
-    train["code"] = diagnosis_codes(train["diagnosis"], where)
-    said = "target " + train["target"].astype(str) + ", diagnosis " + train["diagnosis"].map(repr)
-    refuse_rows(where, (train["code"] == "MEL") != (train["target"] == 1), said,
-                "{value}: they disagree (a melanoma has target 1, any other diagnosis 0)")
-
-
-def target_classes(train, args):
-    """With --target diagnosis, the head's classes: those of the training rows of every fold and
-    the external ones, in ISIC 2019's order, so that every fold's model has the same outputs.
-    None for the melanoma target (one logit)."""
-    if args.target != "diagnosis":
-        return None
-    present = set(train["code"])
-    return [c for c in DIAGNOSES_2019 if c in present]
-
-
-def melanoma_output(classes):
-    """The index of the melanoma output: the one logit's, or MEL's among the classes."""
-    return classes.index("MEL") if classes else 0
-
-
-def loss_targets(rows, classes):
-    """What the loss compares each row's output with: its class's index among `classes`, or
-    without classes its target (float, for binary cross-entropy)."""
-    if classes is None:
-        return torch.tensor(rows["target"].to_numpy(), dtype=torch.float32)
-    return torch.tensor(rows["code"].map(classes.index).to_numpy(), dtype=torch.long)
-
-
-def class_counts(rows, classes):
-    """The training rows per class, as the end of a fold's first line ('' without classes). A
-    class with no image there keeps its output, which the loss only ever pushes down."""
-    if not classes:
-        return ""
-    counts = rows["code"].value_counts()
-    absent = [c for c in classes if not counts.get(c)]
-    note = f" ({', '.join(absent)}: no image here, only pushed down)" if absent else ""
-    return "; classes " + ", ".join(f"{c} {counts.get(c, 0)}" for c in classes) + note
-
-
-def add_meta(args, train, test):
-    """With --meta: (train, test with their metadata features, the encoding); else as given."""
-    if not args.meta:
-        return train, test, None
-    spec = fit_meta(train, test)
-    return with_meta(train, spec), with_meta(test, spec), spec
+def meta_columns(df, where):
+    """A table's metadata as --meta reads it: its columns checked, sex as one spelling, and each
+    row's patient's image count in this table."""
+    missing = [c for c in META_COLUMNS if c not in df.columns]
+    if missing:
+        raise DataError(f"{where}: --meta needs column(s) {', '.join(missing)}")
+    check_names(df, where, "patient_id", unique=False)
+    check_numbers(df, {c: "a finite number or empty" for c in ("age_approx", "width", "height")},
+                  where)
+    sex = df["sex"].str.strip().str.lower()
+    refuse_rows(where, ~sex.isin(list(SEXES)), df["sex"], "--meta: sex {value!r} is none of male, "
+                "female (m, f, in any case) or unknown (or empty)")
+    df["sex"] = sex.map(SEXES)
+    df["patient_images"] = df.groupby("patient_id")["image_name"].transform("size")
+    return df
 
 
 def fit_meta(train, test):
     """The metadata encoding, fitted once and saved with the run: categories from both tables,
-    so that one-hot columns agree, and scaling from the training rows."""
+    so that one-hot columns agree, and scaling from the training rows. (Not scikit-learn's
+    ColumnTransformer: its scaler's standard deviation divides by n, not n - 1, another number.)"""
     tables = [t for t in (train, test) if len(t)]
     size = "pixels" if all({"width", "height"} <= set(t.columns) for t in tables) else "bytes"
     spec = dict(size=size)
@@ -1542,26 +1507,210 @@ def meta_features(df, spec):
     return np.column_stack([np.asarray(c, np.float32) for c in columns])
 
 
-def meta_tensor(df):
-    """The rows' metadata features (the meta_* columns), or None without --meta."""
-    columns = [c for c in df.columns if str(c).startswith("meta_")]
-    return torch.tensor(df[columns].to_numpy(np.float32)) if columns else None
+def meta_inputs(rows):
+    """The rows' metadata features (their meta_* columns) as the model's further input."""
+    columns = [c for c in rows.columns if str(c).startswith("meta_")]
+    return [torch.tensor(rows[columns].to_numpy(np.float32))]
 
 
-def cached_load(path, size, cache):
-    """load_image through a cache of quality-95 JPEGs keyed on the source's path, size and mtime."""
+def model_shape(args, spec, classes):
+    """The one record of the model's shape (ExtrasNet's arguments): from the flags, the metadata
+    encoding (None without --meta) and the classes (None: one logit)."""
+    return dict(n_meta=meta_width(spec) if spec else 0, head=args.head, dropout=args.dropout,
+                msd=args.msd, outputs=len(classes) if classes else 1)
+
+
+class ExtrasNet(torch.nn.Module):
+    """The recipe's Net with the extras: the pooled features joined by the metadata MLP's when
+    there is metadata, then dropout and the head: one Linear layer (the recipe's Net, the same
+    weights and names) or a small MLP; `outputs` logits. Multi-sample dropout (msd > 1) averages
+    the head over that many dropout masks in training; in eval dropout is off and one pass is
+    the same. (Not timm's drop_rate: its one dropout cannot give several masks.)"""
+
+    def __init__(self, backbone, n_meta=0, head="linear", dropout=0.0, msd=1, outputs=1):
+        super().__init__()
+        self.backbone = backbone
+        width = backbone.num_features
+        self.meta = None
+        if n_meta:
+            # LayerNorm, not BatchNorm: a process's last batch may hold a single image
+            self.meta = torch.nn.Sequential(
+                torch.nn.Linear(n_meta, 128), torch.nn.LayerNorm(128), torch.nn.SiLU(),
+                torch.nn.Dropout(0.3),
+                torch.nn.Linear(128, 32), torch.nn.LayerNorm(32), torch.nn.SiLU(),
+                torch.nn.Dropout(0.3))
+            width += 32
+        self.dropout = torch.nn.Dropout(dropout)
+        if head == "linear":
+            self.head = torch.nn.Linear(width, outputs)
+        else:
+            self.head = torch.nn.Sequential(torch.nn.Linear(width, 256), torch.nn.SiLU(),
+                                            torch.nn.Dropout(dropout),
+                                            torch.nn.Linear(256, outputs))
+        self.msd = msd
+
+    def forward(self, x, meta=None):
+        return self.logit(self.backbone.forward_features(x), meta)
+
+    def logit(self, feature_map, meta=None):
+        """The logits from the backbone's last feature map, where Grad-CAM looks."""
+        features = self.backbone.forward_head(feature_map, pre_logits=True)
+        if self.meta is not None:
+            features = torch.cat([features, self.meta(meta)], dim=1)
+        if not self.training or self.msd == 1:
+            return self.head(self.dropout(features))
+        return torch.stack([self.head(self.dropout(features)) for _ in range(self.msd)]).mean(0)
+
+
+# ----------------------------------------------------------------------------------------------
+# External data and the diagnosis target (the 1st place's classes, scored by P(melanoma))
+
+# ISIC 2019's diagnoses, the classes of --target diagnosis in this order; only MEL is a melanoma.
+DIAGNOSES_2019 = ("MEL", "NV", "BCC", "BKL", "AK", "SCC", "VASC", "DF", "UNK")
+# The competition's diagnoses as ISIC 2019's classes, as the 1st place merged them.
+COMPETITION_DIAGNOSES = {
+    "melanoma": "MEL", "nevus": "NV", "seborrheic keratosis": "BKL", "lichenoid keratosis": "BKL",
+    "solar lentigo": "BKL", "lentigo NOS": "BKL", "unknown": "UNK", "cafe-au-lait macule": "UNK",
+    "atypical melanocytic proliferation": "UNK"}
+
+
+def add_external(train, hooks):
+    """The training rows, then each --external folder's (ISIC 2019 in a competition layout,
+    train.csv with 2019's diagnosis codes) with fold -1, which trains every fold and validates
+    none; less the images already among train.csv's (ISIC 2019 holds some of 2020's)."""
+    for folder in hooks.args.external:
+        dirs = layout_of(folder)
+        if dirs is None:
+            raise DataError(f"--external {folder}: no train.csv with train/ (or jpeg/train/) there")
+        csv = Path(folder) / "train.csv"
+        extra = read_images(csv, dirs[0], ["image_name", "diagnosis"], "external file", hooks)
+        extra["code"] = diagnosis_codes(extra["diagnosis"], f"external file {csv}")
+        extra = extra.assign(target=(extra["code"] == "MEL").astype(int), fold=-1, external=True)
+        seen = extra["image_name"].isin(hooks.names)
+        hooks.names |= set(extra["image_name"])
+        hooks.accelerator.print(
+            f"--external {folder}: {int((~seen).sum())} images "
+            f"({int(extra['target'][~seen].sum())} melanomas) for training only; "
+            f"{int(seen.sum())} dropped, already among the training images")
+        train = pd.concat([train, extra[~seen]], ignore_index=True)
+    return train
+
+
+def diagnosis_codes(values, where):
+    """ISIC 2019's class of each diagnosis, in any case: the competition's names mapped
+    (COMPETITION_DIAGNOSES), 2019's codes as they are. Another value is refused by its row."""
+    words = values.astype(str).str.strip()
+    names = {name.lower(): code for name, code in COMPETITION_DIAGNOSES.items()}
+    codes = words.str.lower().map(names).fillna(words.str.upper())
+    refuse_rows(where, ~codes.isin(DIAGNOSES_2019), values,
+                f"diagnosis {{value!r}} is none of ISIC 2019's {', '.join(DIAGNOSES_2019)} nor "
+                f"the competition's {', '.join(COMPETITION_DIAGNOSES)}")
+    return codes
+
+
+def check_diagnoses(train, where):
+    """--target diagnosis: each competition row's class (column `code`) from its diagnosis,
+    which must agree with its target: 1 for a melanoma, 0 for anything else."""
+    if "diagnosis" not in train.columns:
+        raise DataError(f"{where}: --target diagnosis needs a diagnosis column; there is none")
+    train["code"] = diagnosis_codes(train["diagnosis"], where)
+    said = "target " + train["target"].astype(str) + ", diagnosis " + train["diagnosis"].map(repr)
+    refuse_rows(where, (train["code"] == "MEL") != (train["target"] == 1), said,
+                "{value}: they disagree (a melanoma has target 1, any other diagnosis 0)")
+
+
+def target_classes(train):
+    """The head's classes: those of the training rows of every fold and the external ones, in
+    ISIC 2019's order, so that every fold's model has the same outputs."""
+    present = set(train["code"])
+    return [c for c in DIAGNOSES_2019 if c in present]
+
+
+def class_targets(rows, classes):
+    """What the loss compares each row's output with: its class's index among `classes`."""
+    return torch.tensor(rows["code"].map(classes.index).to_numpy(), dtype=torch.long)
+
+
+def class_counts(rows, classes):
+    """The training rows per class. A class with no image there keeps its output, which the loss
+    only ever pushes down."""
+    counts = rows["code"].value_counts()
+    absent = [c for c in classes if not counts.get(c)]
+    note = f" ({', '.join(absent)}: no image here, only pushed down)" if absent else ""
+    return "classes " + ", ".join(f"{c} {counts.get(c, 0)}" for c in classes) + note
+
+
+# ----------------------------------------------------------------------------------------------
+# Starting weights: --weights, --init-from
+
+def read_weights(file, flag="--weights"):
+    """(a state dict, the file's key) from .safetensors or a torch file that holds only tensors (a
+    pickle could run code), both from the same bytes: a file edited later is recorded as it was
+    loaded. (Not timm's load_state_dict: it reads the file itself, apart from its key.)"""
+    if not Path(file).is_file():
+        raise DataError(f"{flag} {file}: "
+                        f"{'a folder, not a file' if Path(file).is_dir() else 'no such file'}")
+    data = Path(file).read_bytes()
     try:
-        st = os.stat(path)
-    except OSError as e:
-        raise DataError(f"image {path}: {e.strerror}")
-    source = f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{size}"
-    key = hashlib.sha1(source.encode()).hexdigest()[:16]
-    hit = Path(cache) / f"{Path(path).stem}_{size}_{key}.jpg"
-    if not hit.is_file():
-        image = Image.fromarray(load_image(path, size))
-        atomic_write(hit, lambda tmp: image.save(tmp, "JPEG", quality=95))
-    with Image.open(hit) as im:
-        return np.array(im.convert("RGB"))
+        if str(file).endswith(".safetensors"):
+            sd = safetensors_load(data)
+        else:
+            sd = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise DataError(f"{flag} {file}: refused, it holds pickled objects, not only tensors "
+                        f"({str(e).splitlines()[0][:160]}); save a state_dict or a .safetensors "
+                        "file")
+    except Exception as e:  # safetensors' and torch's own errors for a file of another kind
+        raise DataError(f"{flag} {file}: not a weights file ({one_line(e)[:160]})")
+    for key in ("state_dict", "model"):
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+    if not (isinstance(sd, dict) and sd and all(torch.is_tensor(v) for v in sd.values())):
+        raise DataError(f"{flag} {file}: holds no state dict (names -> tensors)")
+    return sd, f"sha256:{hashlib.sha256(data).hexdigest()[:16]}"
+
+
+def load_weights(model, sd, what, name, say=print):
+    """Load what fits: every backbone tensor must; a head or metadata MLP of another shape
+    (another --head, --target or --meta) starts afresh, as one line through `say` tells."""
+    if not any(k.startswith("backbone.") for k in sd):  # a bare timm model's state dict
+        classifier = model.backbone.default_cfg.get("classifier", "~") + "."
+        sd = {f"backbone.{k}": v for k, v in sd.items() if not k.startswith(classifier)}
+    own = model.state_dict()
+    resized = {k for k in sd if k in own and sd[k].shape != own[k].shape}
+    missing, unexpected = model.load_state_dict(
+        {k: v for k, v in sd.items() if k not in resized}, strict=False)
+    lost = [k for k in list(missing) + sorted(resized) if k.startswith("backbone.")]
+    foreign = [k for k in unexpected if k.startswith("backbone.")]
+    if foreign or lost:
+        raise DataError(f"{what}: does not fit --model {name} "
+                        f"(missing {lost[:3]}, unexpected {foreign[:3]})")
+    afresh = [f"{k} {list(sd[k].shape)} there, {list(own[k].shape)} here" for k in sorted(resized)]
+    afresh += [f"{k} there only" for k in unexpected if not k.startswith("backbone.")]
+    if afresh:
+        say(f"{what}: the body loads; {', '.join(afresh[:4])}{', ...' if len(afresh) > 4 else ''}"
+            ": its head is another (another --head, --target or --meta), so the head's layers "
+            "start afresh")
+
+
+def init_file(args, fold):
+    """--init-from's weights for `fold` (a plain run name is one in --out): the same fold's,
+    whose validation images that run never trained on, unlike another fold's."""
+    prefix = Path(args.out) / args.init_from if Path(args.init_from).name == args.init_from \
+        else Path(args.init_from)
+    return prefix.parent / f"{prefix.name}_fold{fold}.safetensors"
+
+
+def check_init_from(args):
+    """Every requested fold's --init-from weights must fit, before the first fold trains."""
+    model = Net(Net.timm_backbone(args.model, False))
+    for fold in args.fold:
+        file = init_file(args, fold)
+        if not file.is_file():
+            raise DataError(f"--init-from {args.init_from}: no {file} (fold {fold}'s weights; a "
+                            "plain run name is looked for in --out)")
+        load_weights(model, read_weights(file, "--init-from")[0], f"--init-from {file}",
+                     args.model, say=lambda line: None)  # the head is said when the fold trains
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1634,64 +1783,63 @@ def segment_distance(yy, xx, a, b):
 OWN_AUGS = {"Hair": Hair}
 
 
-def read_augs(path, most_bytes=65536, most_entries=100):
-    """The entries of an --augs YAML file, a short list: YAML's aliases are refused, since a few
-    of them nested (a "billion laughs") expand to more than the memory holds."""
-    if Path(path).is_dir():
-        raise DataError(f"--augs {path}: a folder, not a YAML file")
-    try:
-        with open(path, "rb") as f:
-            content = f.read(most_bytes + 1).decode()
-    except FileNotFoundError:
-        raise DataError(f"--augs {path}: no such file")
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"--augs {path}: cannot read it ({one_line(e)})")
-    if len(content) > most_bytes:
-        raise DataError(f"--augs {path}: larger than {most_bytes} bytes; a stack is a few lines")
-    try:
-        if any(isinstance(event, yaml.AliasEvent) for event in yaml.parse(content)):
-            raise DataError(f"--augs {path}: YAML aliases (*name) are not taken; write it out")
-        entries = yaml.safe_load(content)
-    except yaml.YAMLError as e:
-        raise DataError(f"--augs {path}: not YAML ({one_line(e)[:200]})")
-    if not isinstance(entries, list) or len(entries) > most_entries:
-        got = f"a list of {len(entries)}" if isinstance(entries, list) else type(entries).__name__
-        raise DataError(f"--augs {path}: not a list of at most {most_entries} augmentations "
-                        f"(- name: RandomAffine ...), but {got}")
-    return entries
-
-
 def aug_entries(args):
-    """The random stack as entries: --augs or the recipe's, then Hair with --hair."""
+    """The random stack as entries, read once: --augs or the recipe's, then Hair with --hair."""
     entries = read_augs(args.augs) if args.augs else yaml.safe_load(DEFAULT_AUGS)
     return entries + [dict(name="Hair", p=args.hair)] if args.hair else entries
 
 
-def augmentations(args):
-    return build_augs(aug_entries(args))
+def read_augs(file, most_bytes=65536, most_entries=100):
+    """The entries of an --augs YAML file, a short list: YAML's aliases are refused, since a few
+    of them nested (a "billion laughs") expand to more than the memory holds."""
+    if Path(file).is_dir():
+        raise DataError(f"--augs {file}: a folder, not a YAML file")
+    try:
+        with open(file, "rb") as f:
+            content = f.read(most_bytes + 1).decode()
+    except FileNotFoundError:
+        raise DataError(f"--augs {file}: no such file")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"--augs {file}: cannot read it ({one_line(e)})")
+    if len(content) > most_bytes:
+        raise DataError(f"--augs {file}: larger than {most_bytes} bytes; a stack is a few lines")
+    try:
+        if any(isinstance(event, yaml.AliasEvent) for event in yaml.parse(content)):
+            raise DataError(f"--augs {file}: YAML aliases (*name) are not taken; write it out")
+        entries = yaml.safe_load(content)
+    except yaml.YAMLError as e:
+        raise DataError(f"--augs {file}: not YAML ({one_line(e)[:200]})")
+    if not isinstance(entries, list) or len(entries) > most_entries:
+        got = f"a list of {len(entries)}" if isinstance(entries, list) else type(entries).__name__
+        raise DataError(f"--augs {file}: not a list of at most {most_entries} augmentations "
+                        f"(- name: RandomAffine ...), but {got}")
+    return entries
 
 
-def check_augs(args):
-    """Each entry of --augs and --hair names a 2D augmentation (kornia's or one of OWN_AUGS) and
-    is built and run once on a batch of --size images before training: it must keep the batch's
-    shape (the model sees --size images) and make finite values."""
+def check_augs(entries, args):
+    """Each entry names a 2D augmentation (kornia's or one of OWN_AUGS), its probabilities in
+    [0, 1], and is built and run once on a batch of --size images before training: it must keep
+    the batch's shape (the model sees --size images) and make finite values."""
     where = f"--augs {args.augs}" if args.augs else "augmentation"
     known = [n for n in dir(K) if isinstance(getattr(K, n), type)
              and issubclass(getattr(K, n), K.AugmentationBase2D)] + list(OWN_AUGS)
-    for i, entry in enumerate(aug_entries(args), 1):
+    for i, entry in enumerate(entries, 1):
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
             raise DataError(f"{where}: entry {i}: needs a name (- name: RandomAffine), got "
                             f"{entry!r}")
         where_i = f"{where}: entry {i} ({entry['name']})"
-        if finite(entry) != entry:  # finite() turns NaN and infinities into None
+        if finite(entry) != entry:
             raise DataError(f"{where_i}: an argument is not a finite number")
         if entry["name"] not in known:
             close = difflib.get_close_matches(entry["name"], known, 3)
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             raise DataError(f"{where_i}: not a 2D augmentation of kornia.augmentation, nor one "
                             f"of {', '.join(OWN_AUGS)}{hint}")
+        for k in ("p", "p_batch"):
+            if isinstance(entry.get(k), (int, float)) and not 0 <= entry[k] <= 1:
+                raise DataError(f"{where_i}: {k} {entry[k]} is a probability: it must be in [0, 1]")
         try:
-            module, = build_augs([entry])
+            module, = Augment.build([entry], OWN_AUGS)
         except Exception as e:  # kornia's own errors for arguments it does not take
             raise DataError(f"{where_i}: bad arguments {entry}: {one_line(e)[:200]}")
         with seeded(0):
@@ -1710,62 +1858,85 @@ def check_augs(args):
 
 
 # ----------------------------------------------------------------------------------------------
+# The cache: images resized once
+
+def cached_load(file, size, cache):
+    """load_image through a cache of quality-95 JPEGs keyed on the source's path, size and
+    mtime; an entry that does not decode (damaged, or replaced) is made again."""
+    try:
+        st = os.stat(file)
+    except OSError as e:
+        raise DataError(f"image {file}: {e.strerror}")
+    source = f"{os.path.abspath(file)}|{st.st_size}|{st.st_mtime_ns}|{size}"
+    hit = Path(cache) / f"{Path(file).stem}_{size}_{hashlib.sha1(source.encode()).hexdigest()[:16]}.jpg"
+    if hit.is_file():
+        try:
+            with Image.open(hit) as im:
+                return np.array(im.convert("RGB"))
+        except (OSError, SyntaxError, ValueError):
+            pass  # damaged: made again below
+    image = Image.fromarray(load_image(file, size))
+    atomic_write(hit, lambda tmp: image.save(tmp, "JPEG", quality=95))
+    with Image.open(hit) as im:
+        return np.array(im.convert("RGB"))
+
+
+# ----------------------------------------------------------------------------------------------
 # Plots
-
-def save_figure(fig, path):
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-
 
 def loss_name(classes):
     """The training loss, as the plots name it."""
     return f"cross-entropy, {len(classes)} classes" if classes else "BCE"
 
 
-def plot_curves(path, result, stem):
-    """Training loss and validation AUC per epoch, and the learning rate below."""
-    history = result["epochs"]
+def png(fig):
+    """A figure's PNG bytes: drawn before any file is written (a bare Figure draws with Agg: no
+    pyplot, no display)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    return buffer.getvalue()
+
+
+def plot_fold(args, fold, result, oof):
+    """{name}_fold{k}_curves.png: training loss and validation AUC per epoch, the learning rate
+    below; {name}_fold{k}_roc.png: the OOF predictions' ROC curve, its AUC in the legend."""
+    stem, history, tta = f"{args.name}_fold{fold}", result["epochs"], result["args"]["tta"]
     epochs = [h["epoch"] for h in history]
-    # a bare Figure draws with Agg: no pyplot, no display
-    fig = Figure(figsize=(7, 5.5), layout="constrained")
-    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[2, 1])
+    curves = Figure(figsize=(7, 5.5), layout="constrained")
+    top, bottom = curves.subplots(2, 1, sharex=True, height_ratios=[2, 1])
     lines = top.plot(epochs, [h["loss"] for h in history], "o-", color="C0",
                      label="training loss")
     auc = top.twinx()
     lines += auc.plot(epochs, [h["val_auc"] for h in history], "s-", color="C1",
                       label="validation AUC, plain pass")
-    tta = result["args"]["tta"]
     lines += auc.plot(epochs[-1:], [result["oof_auc"]], "*", ms=14, color="C3",
                       label=f"OOF AUC with TTA x{tta}: {result['oof_auc']:.4f}")
     top.set_ylabel(f"training loss ({loss_name(result.get('classes'))})")
     auc.set_ylabel("AUC")
     top.legend(handles=lines, loc="lower center", bbox_to_anchor=(0.5, 1), ncols=3, fontsize=8,
                frameon=False)
-    fig.suptitle(f"{stem}: {result['n_train']} training images, {result['n_val']} validation",
-                 fontsize=10)
+    curves.suptitle(f"{stem}: {result['n_train']} training images, {result['n_val']} validation",
+                    fontsize=10)
     bottom.plot(epochs, [h["lr"] for h in history], "o-", color="C2")
     bottom.set(ylabel="learning rate\n(last step)", xlabel="epoch")
     bottom.xaxis.get_major_locator().set_params(integer=True)
-    save_figure(fig, path)
-
-
-def plot_roc(path, oof, result, stem):
-    """The OOF predictions' ROC curve, its AUC in the legend."""
     fpr, tpr, _ = roc_curve(oof["target"], oof["pred"])
-    fig = Figure(figsize=(5, 5), layout="constrained")
-    ax = fig.subplots()
-    ax.plot(fpr, tpr, color="C0", lw=2,
-            label=f"OOF, TTA x{result['args']['tta']}: AUC {result['oof_auc']:.4f}")
+    roc = Figure(figsize=(5, 5), layout="constrained")
+    ax = roc.subplots()
+    ax.plot(fpr, tpr, color="C0", lw=2, label=f"OOF, TTA x{tta}: AUC {result['oof_auc']:.4f}")
     ax.plot([0, 1], [0, 1], ":", color="0.5", label="chance: AUC 0.5")
     ax.set(aspect="equal", xlabel="false positive rate (benign lesions flagged)",
            ylabel="true positive rate (melanomas found)")
     ax.legend(loc="lower right")
     ax.set_title(f"{stem}: {len(oof)} images, {int(oof['target'].sum())} melanomas", fontsize=10)
-    save_figure(fig, path)
+    pngs = {fold_file(args, fold, "_curves.png"): png(curves),
+            fold_file(args, fold, "_roc.png"): png(roc)}
+    atomic_write_all({f: lambda tmp, b=b: Path(tmp).write_bytes(b) for f, b in pngs.items()})
 
 
-def plot_lr_find(path, curve, reading, title, loss="BCE"):
+def plot_lr_find(curve, reading, title, loss="BCE"):
     """Loss against learning rate (log axis): the steps, the smoothed loss and its noise band, the
-    class mix's entropy, and each rule's pick (read_lr_curve's reading)."""
+    class mix's entropy, and each rule's pick (read_lr_curve's reading); the PNG's bytes."""
     fig = Figure(figsize=(7, 4.8), layout="constrained")
     ax = fig.subplots()
     ax.plot(curve["lr"], curve["loss"], color="0.7", lw=0.8, label="loss per step")
@@ -1789,7 +1960,72 @@ def plot_lr_find(path, curve, reading, title, loss="BCE"):
            xlabel="learning rate (log scale)", ylabel=f"training loss ({loss})")
     ax.legend(fontsize=8, loc="best")
     ax.set_title(title, fontsize=10)
-    save_figure(fig, path)
+    return png(fig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Trackers: --log-with, through accelerate (init_trackers, log), on the main process only
+
+# How the trackers whose log_images we feed take a batch of images; the others take none.
+IMAGE_KWARGS = {"tensorboard": {"dataformats": "NHWC"}, "wandb": {}}
+
+
+def tracker_names(args):
+    """--log-with as accelerate's log_with, checked before training: accelerate drops a tracker
+    that is not installed with no more than a debug line, and a log folder that cannot be
+    written would end the run when its tracker opens."""
+    if not args.log_with:
+        return None
+    installed = [str(t) for t in get_available_trackers()]
+    if "all" in args.log_with and not installed:
+        raise DataError("--log-with all: none of accelerate's trackers is installed: "
+                        "pip install tensorboard (offline: tensorboard --logdir OUT/logs)")
+    for name in args.log_with:
+        if name != "all" and name not in installed:
+            raise DataError(f"--log-with {name}: not installed (or not a version accelerate "
+                            f"{ACCELERATE_VERSION} can use): pip install {name}")
+    logs = Path(args.out) / "logs"
+    for run in [f"{args.name}_fold{k}" for k in args.fold] + [f"{args.name}_lr_find"]:
+        if (logs / run).exists() and not (logs / run).is_dir():
+            raise DataError(f"--log-with: {logs / run} is a file where a run's log folder goes")
+        check_writable(logs / run, "--log-with's logs")
+    return installed if "all" in args.log_with else list(dict.fromkeys(args.log_with))
+
+
+def tracker_config(values):
+    """TensorBoard's hparams take numbers, text, booleans and None: a list (--external's folders)
+    goes in as its JSON."""
+    plain = (bool, int, float, str, type(None))
+    return {k: v if isinstance(v, plain) else json.dumps(v) for k, v in values.items()}
+
+
+def start_tracking(accelerator, run, step=None, values=None):
+    """Open tracker run `run`. From `step` on, TensorBoard's reader drops what an interrupted
+    process logged to it (purge_step): a resumed fold logs each step once."""
+    accelerator.init_trackers(run, None if values is None else tracker_config(values),
+                              {} if step is None else {"tensorboard": {"purge_step": step}})
+
+
+def end_tracking(accelerator, pngs, step=None):
+    """Log PNG files ({tag: path}) to the trackers that take images, and close the runs; not
+    with accelerator.end_training, which also ends the process group the next fold trains in."""
+    for tracker in accelerator.trackers:
+        if tracker.name in IMAGE_KWARGS:
+            images = {}
+            for tag, file in pngs.items():
+                with Image.open(file) as im:
+                    images[tag] = np.asarray(im.convert("RGB"))[None]
+            tracker.log_images(images, step, **IMAGE_KWARGS[tracker.name])
+        tracker.finish()
+    accelerator.trackers.clear()
+
+
+def log_epoch(accelerator, h, steps_per_epoch):
+    """An epoch's figures at its last step, before the step where a resumed fold's run starts
+    (and TensorBoard's reader purges)."""
+    accelerator.log({"train/epoch_loss": h["loss"], "train/lr": h["lr"],
+                     "train/images_per_s": h["images_per_s"], "val/auc": h["val_auc"]},
+                    step=h["epoch"] * steps_per_epoch - 1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1807,54 +2043,55 @@ def load_run(out, name):
                         f"{Path(out) / name}_fold{{k}}.safetensors)")
     runs = {}
     for fold, stem in folds.items():
-        path = stem.with_suffix(".safetensors")
-        if not path.is_file():
+        weights = stem.with_suffix(".safetensors")
+        if not weights.is_file():
             raise DataError(f"{stem.with_suffix('.json')}: a finished fold without its weights "
-                            f"({path.name}); retrain the fold or move its JSON away")
-        runs[fold] = (read_result(stem.with_suffix(".json")), path)
-    (first, first_path), *_ = runs.values()
-    for info, path in runs.values():
-        differ = differences(first["run"], info["run"], (first_path.name, path.name))
+                            f"({weights.name}); retrain the fold or move its JSON away")
+        runs[fold] = (read_result(stem.with_suffix(".json")), weights)
+    (first, first_weights), *_ = runs.values()
+    for info, weights in runs.values():
+        differ = differences(first["run"], info["run"], (first_weights.name, weights.name))
         if differ:
-            raise DataError(f"--name {name}: {path.name} and {first_path.name} are different "
+            raise DataError(f"--name {name}: {weights.name} and {first_weights.name} are different "
                             f"models ({'; '.join(differ)}); give each its own --name")
     return runs
 
 
-def load_trained(info, path, accelerator):
+def load_trained(info, weights, accelerator):
     """A finished fold's model on the device, and the augmentation it trained with (its TTA
     views) as its JSON records it: the --augs file may have been edited since."""
     a = SimpleNamespace(**info["args"])
     classes = info.get("classes")  # a run older than --target has none: one logit
-    raw_model = create_model(a.model, False, None, meta_width(info["meta"]) if info.get("meta")
-                             else 0, a.head, a.dropout, a.msd, len(classes) if classes else 1)
+    raw_model = ExtrasNet(Net.timm_backbone(a.model, False), **model_shape(a, info.get("meta"), classes))
     try:
-        raw_model.load_state_dict(load_file(path))
+        raw_model.load_state_dict(safetensors_load(Path(weights).read_bytes()))
     except Exception as e:  # safetensors' own error for a damaged file, torch's for a misfit
-        raise DataError(f"{path}: does not load into {a.model} ({one_line(e)[:160]})")
-    stack = build_augs(info["augs"]) if "augs" in info else augmentations(a)
-    return on_device(raw_model, a.cutout, stack, accelerator)
+        raise DataError(f"{weights}: does not load into {a.model} ({one_line(e)[:160]})")
+    entries = info["augs"] if "augs" in info else aug_entries(a)
+    return on_device(raw_model, a.cutout, Augment.build(entries, OWN_AUGS), accelerator)
 
 
-def images_to_predict(path, data_dir, meta):
+def images_to_predict(file, data_dir, meta):
     """Rows with image_name and path: every JPEG/PNG under a folder (named by their path relative
-    to it), or the rows of a CSV with image_name, found as test images are in training."""
-    path = Path(path)
-    if path.is_dir():
+    to it), or the rows of a CSV with image_name, each found where test and training images are
+    (the CSV's folder, or --data-dir: itself, jpeg/test, test, jpeg/train, train)."""
+    file = Path(file)
+    if file.is_dir():
         if meta:
-            raise DataError(f"--predict {path}: the model was trained with --meta: pass a CSV "
+            raise DataError(f"--predict {file}: the model was trained with --meta: pass a CSV "
                             f"with image_name and {', '.join(META_COLUMNS)}")
         # a broken link or a folder named like an image is kept: checking it reports it
-        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        files = sorted(p for p in file.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
-            raise DataError(f"--predict {path}: no images ({', '.join(IMAGE_SUFFIXES)}) in it")
-        return pd.DataFrame(dict(image_name=[p.relative_to(path).as_posix() for p in files],
+            raise DataError(f"--predict {file}: no images ({', '.join(IMAGE_SUFFIXES)}) in it")
+        return pd.DataFrame(dict(image_name=[p.relative_to(file).as_posix() for p in files],
                                  path=[str(p) for p in files]))
-    root = Path(data_dir) if data_dir else path.parent
-    first = read_csv(path, ["image_name"], "--predict file")["image_name"].iloc[0]
+    root = Path(data_dir) if data_dir else file.parent
+    rows = read_csv(file, ["image_name"], "--predict file")
     folders = [root / sub for sub in ("", "jpeg/test", "test", "jpeg/train", "train")]
-    folder = next((d for d in folders if (d / f"{first}.jpg").is_file()), root)
-    return read_images_csv(path, folder, ["image_name"], "--predict file", meta)
+    rows["path"] = [str(next((d / f"{n}.jpg" for d in folders if (d / f"{n}.jpg").is_file()),
+                             root / f"{n}.jpg")) for n in rows["image_name"]]
+    return meta_columns(rows, f"--predict file {file}") if meta else rows
 
 
 def predict_images(args, accelerator):
@@ -1870,20 +2107,23 @@ def predict_images(args, accelerator):
     check_output_files([out, skipped] + [fold_file(args, k, "_explain.png")
                                          for k in runs if args.explain])
     every = images_to_predict(args.predict, args.data_dir, spec is not None)
-    bad = check_images(every["path"], skip_bad=args.skip_bad,
+    bad = check_images(list(every["path"]), skip_bad=args.skip_bad,
                        hint="" if args.skip_bad else "; --skip-bad predicts the rest")
     rows = every[~every["path"].isin(bad)].reset_index(drop=True)
     rows = with_meta(rows, spec) if spec else rows
     scores = rows[["image_name"]].copy()
-    for fold, (info, path) in runs.items():
+    load = functools.partial(cached_load, cache=args.cache) if args.cache else load_image
+    for fold, (info, weights) in runs.items():
         a = SimpleNamespace(**info["args"])
-        raw_model, augment = load_trained(info, path, accelerator)
+        raw_model, augment = load_trained(info, weights, accelerator)
         model = accelerator.prepare_model(raw_model, evaluation_mode=True)
-        loader = make_loader(Images(rows["path"], a.size, args.cache), accelerator,
-                             SimpleNamespace(num_workers=args.num_workers, batch_size=a.batch_size))
+        images = Images(rows["path"], a.size, load, meta_inputs(rows) if spec else ())
+        loader = make_loader(images, accelerator, SimpleNamespace(num_workers=args.num_workers,
+                                                                  batch_size=a.batch_size))
+        classes = info.get("classes")
         scores[f"fold{fold}"] = predict(model, augment, loader, accelerator, args.tta, a.seed + 1,
-                                        f"fold {fold} TTA x{args.tta}", meta_tensor(rows),
-                                        melanoma_output(info.get("classes")))
+                                        f"fold {fold} TTA x{args.tta}",
+                                        classes.index("MEL") if classes else 0)
     scores["target"] = scores[[f"fold{k}" for k in runs]].mean(axis=1)
     if accelerator.is_main_process:
         write_csv(scores, out)
@@ -1901,13 +2141,13 @@ def predict_images(args, accelerator):
 
 def grad_cam(model, augment, x, meta=None, melanoma=0):
     """(probabilities, Grad-CAM maps in [0, 1] at the images' size). The gradient is that of the
-    melanoma log-odds (melanoma_logit): over several outputs, unlike log P(melanoma)'s, it does
-    not vanish on a confident melanoma."""
+    melanoma log-odds (Net.melanoma_logit): over several outputs, unlike log P(melanoma)'s, it
+    does not vanish on a confident melanoma."""
     model.eval()
     with torch.no_grad():  # the gradient is needed from the feature maps on, not before
         feature_map = model.backbone.forward_features(augment(x, random=False))
     feature_map.requires_grad_()
-    logits = melanoma_logit(model.logit(feature_map, meta), melanoma)
+    logits = Net.melanoma_logit(model.logit(feature_map, meta), melanoma)
     grads, = torch.autograd.grad(logits.sum(), feature_map)
     cam = F.relu((grads.mean(dim=(2, 3), keepdim=True) * feature_map).sum(1, keepdim=True))
     cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
@@ -1928,14 +2168,14 @@ def explain(args, accelerator, runs=None, new=None):
     (info, _), *_ = runs.values()  # one model: its folds share the data and the metadata encoding
     rows = training_rows(info) if any(fold_file(args, k, "_oof.csv").is_file() for k in runs) \
         else None
-    for fold, (info, path) in runs.items():
+    for fold, (info, weights) in runs.items():
         cases = explain_cases(args, fold, info, rows, new)
-        model, augment = load_trained(info, path, accelerator)
+        model, augment = load_trained(info, weights, accelerator)
         x = torch.stack([torch.from_numpy(load_image(p, info["args"]["size"])).permute(2, 0, 1)
                          for p in cases["path"]]).to(accelerator.device)
-        meta = meta_tensor(cases)
-        probs, cams = grad_cam(model, augment, x, None if meta is None else meta.to(x.device),
-                               melanoma_output(info.get("classes")))
+        meta = meta_inputs(cases)[0].to(x.device) if info.get("meta") else None
+        classes = info.get("classes")
+        probs, cams = grad_cam(model, augment, x, meta, classes.index("MEL") if classes else 0)
         figure = Figure(figsize=(5, 2.6 * len(cases)), layout="constrained")
         axes = figure.subplots(len(cases), 2, squeeze=False)
         for row, image, cam, case, p in zip(axes, x.permute(0, 2, 3, 1).cpu().numpy(),
@@ -1949,7 +2189,8 @@ def explain(args, accelerator, runs=None, new=None):
             row[0].axis("off")
             row[1].axis("off")
         target = fold_file(args, fold, "_explain.png")
-        save_figure(figure, target)
+        grid = png(figure)
+        atomic_write(target, lambda tmp: Path(tmp).write_bytes(grid))
         start_tracking(accelerator, f"{args.name}_fold{fold}")
         end_tracking(accelerator, {"explain": target})
         accelerator.print(f"wrote {target}: Grad-CAM of {len(cases)} images")
@@ -1957,11 +2198,14 @@ def explain(args, accelerator, runs=None, new=None):
 
 def training_rows(info):
     """The run's training images by image_name (target, path, and the metadata with --meta)."""
-    train_csv = Path(info["args"]["data_dir"]) / "train.csv"
-    rows = read_images_csv(train_csv, find_layout(info["args"]["data_dir"])[0],
-                           ["image_name", "target"], "train file", bool(info.get("meta")))
-    check_targets(rows, train_csv)
-    rows = with_meta(rows, info["meta"]) if info.get("meta") else rows
+    data_dir = info["args"]["data_dir"]
+    dirs = layout_of(data_dir)
+    if dirs is None:
+        raise DataError(f"{data_dir}: the run's data folder holds no competition data now")
+    rows = read_images(Path(data_dir) / "train.csv", dirs[0], ["image_name", "target"],
+                       "train file", Hooks(None, None), {"target": "0 or 1"})
+    if info.get("meta"):
+        rows = with_meta(meta_columns(rows, f"train file {data_dir}/train.csv"), info["meta"])
     return rows.set_index("image_name")
 
 
@@ -1971,14 +2215,13 @@ def explain_cases(args, fold, info, rows, new):
     n, cases = args.explain, []
     oof_file = fold_file(args, fold, "_oof.csv")
     if oof_file.is_file():
-        oof = read_csv(oof_file, ["image_name", "pred"], "OOF file")
+        oof = read_csv(oof_file, ["image_name", "pred"], "OOF file", {"pred": "a finite number"})
         unknown = oof["image_name"][~oof["image_name"].isin(rows.index)]
         if len(unknown):
             raise DataError(f"{oof_file}: {len(unknown)} image(s) not in the run's train.csv "
                             f"({Path(info['args']['data_dir']) / 'train.csv'}), e.g. "
                             f"{unknown.iloc[0]}")
-        scores = pd.to_numeric(oof["pred"], errors="coerce").to_numpy()
-        rows = rows.loc[oof["image_name"]].reset_index().assign(score=scores)
+        rows = rows.loc[oof["image_name"]].reset_index().assign(score=oof["pred"].to_numpy())
         cases += [rows[rows["target"] == 0].nlargest(n, "score").assign(case="false positive"),
                   rows[rows["target"] == 1].nsmallest(n, "score").assign(case="false negative")]
     if new is not None:
@@ -1991,98 +2234,6 @@ def explain_cases(args, fold, info, rows, new):
 
 
 # ----------------------------------------------------------------------------------------------
-# Trackers: --log-with, through accelerate (init_trackers, log), on the main process only
-
-# How the trackers whose log_images we feed take a batch of images; the others take none.
-IMAGE_KWARGS = {"tensorboard": {"dataformats": "NHWC"}, "wandb": {}}
-
-
-def tracker_names(args):
-    """--log-with as accelerate's log_with, checked before training: accelerate drops a tracker
-    that is not installed with no more than a debug line."""
-    if not args.log_with:
-        return None
-    installed = [str(t) for t in get_available_trackers()]
-    if "all" in args.log_with and not installed:
-        raise DataError("--log-with all: none of accelerate's trackers is installed: "
-                        "pip install tensorboard (offline: tensorboard --logdir OUT/logs)")
-    for name in args.log_with:
-        if name != "all" and name not in installed:
-            raise DataError(f"--log-with {name}: not installed (or not a version accelerate "
-                            f"{ACCELERATE_VERSION} can use): pip install {name}")
-    logs = Path(args.out) / "logs"
-    check_writable(logs, "--log-with's logs")
-    for run in [f"{args.name}_fold{k}" for k in args.fold] + [f"{args.name}_lr_find"]:
-        if (logs / run).exists() and not (logs / run).is_dir():
-            raise DataError(f"--log-with: {logs / run} is a file where a run's log folder goes")
-    return installed if "all" in args.log_with else list(dict.fromkeys(args.log_with))
-
-
-def tracker_config(settings):
-    """TensorBoard's hparams take numbers, text, booleans and None: a list (--external's folders)
-    goes in as its JSON."""
-    plain = (bool, int, float, str, type(None))
-    return {k: v if isinstance(v, plain) else json.dumps(v) for k, v in settings.items()}
-
-
-def start_tracking(accelerator, run, step=None, settings=None):
-    """Open tracker run `run`. From `step` on, TensorBoard's reader drops what an interrupted
-    process logged to it (purge_step): a resumed fold logs each step once."""
-    accelerator.init_trackers(run, None if settings is None else tracker_config(settings),
-                              {} if step is None else {"tensorboard": {"purge_step": step}})
-
-
-def end_tracking(accelerator, pngs, step=None):
-    """Log PNG files ({tag: path}) to the trackers that take images, and close the runs; not
-    with accelerator.end_training, which also ends the process group the next fold trains in."""
-    for tracker in accelerator.trackers:
-        if tracker.name in IMAGE_KWARGS:
-            images = {}
-            for tag, path in pngs.items():
-                with Image.open(path) as im:
-                    images[tag] = np.asarray(im.convert("RGB"))[None]
-            tracker.log_images(images, step, **IMAGE_KWARGS[tracker.name])
-        tracker.finish()
-    accelerator.trackers.clear()
-
-
-def track_fold(args, accelerator, fold, step):
-    """Open the fold's run from global step `step`: a resumed fold goes on after its last
-    finished epoch."""
-    if accelerator.log_with:  # else the run key would hash files for nothing
-        start_tracking(accelerator, f"{args.name}_fold{fold}", step,
-                       dict(run_key(args, accelerator), name=args.name, fold=fold))
-
-
-def log_epoch(accelerator, h, steps_per_epoch):
-    """An epoch's figures at its last step, before the step where a resumed fold's run starts
-    (and TensorBoard's reader purges)."""
-    accelerator.log({"train/epoch_loss": h["loss"], "train/lr": h["lr"],
-                     "train/images_per_s": h["images_per_s"], "val/auc": h["val_auc"]},
-                    step=h["epoch"] * steps_per_epoch - 1)
-
-
-def end_fold_tracking(args, accelerator, fold, result, steps_per_epoch):
-    step = args.epochs * steps_per_epoch - 1
-    accelerator.log({"oof/auc": result["oof_auc"], "oof/auc_no_tta": result["oof_auc_no_tta"]},
-                    step=step)
-    end_tracking(accelerator, {"curves": fold_file(args, fold, "_curves.png"),
-                               "roc": fold_file(args, fold, "_roc.png")}, step)
-
-
-def log_lr_find(args, accelerator, curve, png):
-    if not accelerator.log_with:
-        return
-    settings = {k: v for k, v in vars(args).items() if k.startswith("lr_find_")}
-    start_tracking(accelerator, f"{args.name}_lr_find", 0,
-                   dict(run_key(args, accelerator), name=args.name, fold=args.fold[0], **settings))
-    for row in curve.itertuples():
-        accelerator.log({"lr_find/loss": row.loss, "lr_find/smoothed": row.smoothed,
-                         "lr_find/lr": row.lr}, step=int(row.step))
-    end_tracking(accelerator, {"lr_find": png}, int(curve["step"].iloc[-1]))
-
-
-# ----------------------------------------------------------------------------------------------
 # Tools: folds, demo data, benchmark, LR range test
 
 def write_folds(args, accelerator):
@@ -2090,8 +2241,11 @@ def write_folds(args, accelerator):
     check_writable(args.out, "--out", folder=False)
     if Path(args.out).exists() and not args.overwrite:
         raise DataError(f"--out {args.out}: exists; pass --overwrite to replace it")
-    train = read_csv(args.make_folds, ["image_name", "patient_id", "target"], "train file")
-    folds = make_folds(train, args.n_folds, args.seed, args.make_folds)
+    where = f"train file {args.make_folds}"
+    train = read_csv(args.make_folds, ["image_name", "patient_id", "target"], "train file",
+                     {"target": "0 or 1", "tfrecord": "a whole number"})
+    check_names(train, where, "patient_id", unique=False)
+    folds = make_folds(train, args.n_folds, args.seed, where)
     write_csv(folds, args.out)
     counts = folds[folds["fold"] >= 0].groupby("fold")["target"].agg(["size", "sum"])
     per_fold = ", ".join(f"{k}: {n} images/{m} melanomas" for k, (n, m) in counts.iterrows())
@@ -2104,8 +2258,9 @@ TFRECORD_FOLDS = {2: 0, 4: 0, 5: 0, 1: 1, 10: 1, 13: 1, 0: 2, 9: 2, 12: 2, 3: 3,
                   6: 4, 7: 4, 14: 4}
 
 
-def make_folds(df, n_folds=5, seed=0, path="train.csv"):
+def make_folds(df, n_folds=5, seed=0, where="train.csv"):
     """Patient-grouped, stratified folds: image_name, patient_id, target, fold (-1: never used).
+    (Not scikit-learn's StratifiedGroupKFold: it deals patients otherwise, another split.)
 
     With a `tfrecord` column (the ISIC 2020 resized datasets), 5 folds are TFRECORD_FOLDS, the
     split the winners reported CV on (another t >= 0 goes to fold t % 5); other counts put t in
@@ -2114,20 +2269,15 @@ def make_folds(df, n_folds=5, seed=0, path="train.csv"):
     melanomas, then the others, largest first, to the fold with the fewest images (ties broken by
     a shuffle from `seed`).
     """
-    df = df.copy()
-    check_targets(df, path)
-    check_names(df, path)
-    check_names(df, path, "patient_id", unique=False)
     out = df[["image_name", "patient_id", "target"]].copy()
     if "tfrecord" in df.columns:
-        check_whole_numbers(df, "tfrecord", path)
         t = df["tfrecord"]
         published = t.map(TFRECORD_FOLDS) if n_folds == 5 else t % n_folds
         out["fold"] = np.where(t < 0, -1, published.fillna(t % n_folds)).astype(int)
         return out
     patients = out.groupby("patient_id", sort=True)["target"].agg(["sum", "size"])
     if n_folds > len(patients):
-        raise DataError(f"{path}: {n_folds} folds but only {len(patients)} patients")
+        raise DataError(f"{where}: {n_folds} folds but only {len(patients)} patients")
     patients = patients.iloc[np.random.default_rng(seed).permutation(len(patients))]
     patients = patients.sort_values(["sum", "size"], ascending=False, kind="stable")
     pos, size = np.zeros(n_folds), np.zeros(n_folds)  # melanomas and images per fold so far
@@ -2310,8 +2460,9 @@ def benchmark_steps(args, accelerator, files, cache):
     device = accelerator.device
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     size, bs, tta = args.size, args.batch_size, max(args.tta, 1)
-    steps = argparse.Namespace(**{**vars(args), "pretrained": False, "weights": None})
-    _, model, augment, optimizer, scheduler = build_training(steps, accelerator, 10**6)
+    raw_model = ExtrasNet(Net.timm_backbone(args.model, False), **model_shape(args, None, None))
+    _, model, augment, optimizer, scheduler = build_training(
+        args, accelerator, raw_model, Augment.build(aug_entries(args), OWN_AUGS), 10**6)
     x = torch.randint(0, 256, (bs, 3, size, size), dtype=torch.uint8, device=device)
     targets, idx = torch.zeros(bs), torch.arange(bs)
     print(f"(b) augmentation stack {bs / seconds(lambda: augment(x), sync=sync):10.1f} img/s")
@@ -2358,7 +2509,7 @@ def endless(loader, sampler, args, accelerator):
         yield from loader
 
 
-def lr_range_test(raw_model, augment, batches, targets, accelerator, args, meta=None, beta=0.98):
+def lr_range_test(raw_model, augment, batches, targets, accelerator, args, beta=0.98):
     """Steps of AdamW on a copy of raw_model (whose weights stay) at a rate rising exponentially
     over --lr-find's range, until the loss is not finite or its exponential average (with bias
     correction) passes 4x its lowest: then it has diverged. A step's loss is the mean over
@@ -2372,16 +2523,17 @@ def lr_range_test(raw_model, augment, batches, targets, accelerator, args, meta=
     rows = []
     mean, lowest = 0.0, math.inf
     for step in range(args.lr_find_steps):
-        chunk = [(x, targets[idx], None if meta is None else meta[idx])
-                 for x, idx in itertools.islice(batches, args.lr_find_batches)]
+        chunk = [(x, targets[idx], inputs)
+                 for x, *inputs, idx in itertools.islice(batches, args.lr_find_batches)]
         if len(chunk) < args.lr_find_batches:
             break
         lr = scheduler.get_last_lr()[0]
         with torch.no_grad():  # the extra batches measure the loss at these weights
-            losses = [batch_loss(model, augment, x, y, accelerator, m).item()
-                      for x, y, m in chunk[:-1]]
-        x, y, m = chunk[-1]
-        losses.append(train_step(model, augment, x, y, optimizer, scheduler, accelerator, m))
+            losses = [batch_loss(model, augment, x, y, accelerator, inputs).item()
+                      for x, y, inputs in chunk[:-1]]
+        x, y, inputs = chunk[-1]
+        losses.append(train_step(model, augment, x, y, optimizer, scheduler, accelerator,
+                                 inputs)[0])
         loss = sum(losses) / len(losses)
         if not math.isfinite(loss):
             break
@@ -2482,44 +2634,53 @@ def verdict_line(r):
     return line
 
 
+
+
 def lr_find(args, accelerator):
     """--lr-find: the range test on the first --fold's training images, with the model, inputs
-    and epoch samples that training would have; no weights are kept."""
+    and epoch samples that training would have (the same seams); no weights are kept."""
     if accelerator.num_processes > 1:
         raise DataError("--lr-find runs in one process: start it with python, not accelerate "
                         "launch or torchrun")
     stem = Path(args.out) / f"{args.name}_lr_find"
     check_output_files([f"{stem}.csv", f"{stem}.png"])
-    train, test = read_inputs(args, accelerator)
-    train, test, _ = add_meta(args, train, test)
+    check_run(args, accelerator)
+    hooks = Extras(args, accelerator)
+    train, _ = hooks.rows(*read_data(args, hooks, accelerator.print))
     fold = args.fold[0]
     trn, _ = split_fold(train, fold, args.frac, args.seed)
-    check_images(list(trn["path"]))
-    sampler = make_sampler(trn, args, accelerator)
-    loader = make_loader(Images(trn["path"], args.size, args.cache), accelerator, args, sampler)
-    meta, classes = meta_tensor(trn), target_classes(train, args)
-    raw_model, augment = build_model(args, accelerator, fold, 0 if meta is None else meta.shape[1],
-                                     classes)
-    targets = loss_targets(trn, classes)
+    sampler = hooks.sampler(trn)
+    loader = make_loader(hooks.images(trn), accelerator, args, sampler)
+    seed_all(args.seed, INIT)
+    raw_model, targets, _ = hooks.model(fold, trn)
+    raw_model, augment = on_device(raw_model, args.cutout, hooks.augmentations(), accelerator)
     start = time.time()
     curve = lr_range_test(raw_model, augment, endless(loader, sampler, args, accelerator), targets,
-                          accelerator, args, meta)
+                          accelerator, args)
     if len(curve) < 10:
         raise DataError(f"--lr-find: the loss diverged after {len(curve)} step(s), at a rate of "
                         f"{curve['lr'].iloc[-1] if len(curve) else args.lr_find_start:.1e}: lower "
                         "--lr-find-start, or --lr-find-end for a slower rise")
     diverged = len(curve) < args.lr_find_steps
-    sample = epoch_indices(sampler.targets, sampler.per_epoch, args.seed, 0, sampler.pools)
+    sample = EpochSampler.indices(sampler.targets, sampler.per_epoch, args.seed, 0, sampler.pools)
     reading = read_lr_curve(curve, class_mix_entropy(targets.long()[sample]), diverged)
     curve = curve.assign(**{k: reading[k] for k in ("smoothed", "band_low", "band_high")})
-    write_csv(curve, f"{stem}.csv")
     last = curve["lr"].iloc[-1]
     ended = "the loss diverged" if diverged else "end of the range"
     batches = f" x {args.lr_find_batches} per step" if args.lr_find_batches > 1 else ""
     title = (f"{args.name}: LR range test, fold {fold}, {args.size} px, batch {args.batch_size}"
              f"{batches}\n{len(curve)} steps up to {last:.1e} ({ended}): {reading['verdict']}")
-    plot_lr_find(f"{stem}.png", curve, reading, title, loss_name(classes))
-    log_lr_find(args, accelerator, curve, f"{stem}.png")
+    plot = plot_lr_find(curve, reading, title, loss_name(hooks.classes))
+    atomic_write_all({f"{stem}.csv": lambda tmp: curve.to_csv(tmp, index=False),
+                      f"{stem}.png": lambda tmp: Path(tmp).write_bytes(plot)})  # both, or neither
+    if accelerator.log_with:
+        values = {k: v for k, v in vars(args).items() if k.startswith("lr_find_")}
+        start_tracking(accelerator, f"{args.name}_lr_find", 0,
+                       dict(run_key(args, accelerator), name=args.name, fold=fold, **values))
+        for row in curve.itertuples():
+            accelerator.log({"lr_find/loss": row.loss, "lr_find/smoothed": row.smoothed,
+                             "lr_find/lr": row.lr}, step=int(row.step))
+        end_tracking(accelerator, {"lr_find": f"{stem}.png"}, int(curve["step"].iloc[-1]))
     print(f"lr-find: {verdict_line(reading)}; {len(curve)} steps up to {last:.1e} ({ended}), "
           f"{time.time() - start:.0f} s; wrote {stem}.csv and {stem}.png")
 
@@ -2539,10 +2700,14 @@ def main(argv=None):
     args = get_args(argv)
     try:
         accelerator = Accelerator(cpu=args.cpu, mixed_precision=args.mixed_precision,
-                                  log_with=tracker_names(args),
+                                  log_with=tracker_names(args) if args.log_with else None,
                                   project_dir=Path(args.out) / "logs")
-        tool = next((TOOLS[t] for t in TOOLS if getattr(args, t)), train_folds)
-        tool(args, accelerator)
+        tool = next((TOOLS[t] for t in TOOLS if getattr(args, t)), None)
+        if tool:
+            tool(args, accelerator)
+        else:
+            check_run(args, accelerator)
+            train_folds(args, accelerator, Extras(args, accelerator))
         sys.stdout.flush()
     except (DataError, FloatingPointError) as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
