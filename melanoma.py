@@ -799,9 +799,11 @@ DEMO = ("--data-dir demo_data --model test_efficientnet --no-pretrained --size 6
 
 
 class Extras(Hooks):
-    """The recipe's seams with the extras attached. What the run learns on the way (its settings,
-    the metadata encoding, the classes, the augmentations, the starting weights) is taken once,
-    when read, and recorded as it was used."""
+    """The recipe's seams with the extras attached, in the order a run meets them. What the run
+    learns on the way (its settings, the metadata encoding, the classes, the augmentations, the
+    starting weights) is taken once, when read, and recorded as it was used. A fold's checkpoint
+    lives here: checked before any fold trains, loaded, saved each epoch, removed when the fold
+    is finished."""
 
     def __init__(self, args, accelerator):
         super().__init__(args, accelerator)
@@ -810,7 +812,7 @@ class Extras(Hooks):
         self.finished = {}    # {fold: result} of the folds an earlier run finished, kept
         self.spec = None      # the metadata encoding (--meta)
         self.classes = None   # the classes the head learns (--target diagnosis)
-        self.entries = None   # the augmentation stack as entries (--augs, --hair)
+        self.entries = yaml.safe_load(DEFAULT_AUGS)  # the augmentations (--augs, --hair)
         self.init = {}        # {fold: its --init-from weights' key}, taken as they were loaded
 
     def table(self, df, what, path):
@@ -830,14 +832,14 @@ class Extras(Hooks):
             split_fold(train, fold, args.frac, args.seed)
         if args.target == "diagnosis":
             self.classes = target_classes(train)
-        self.entries = aug_entries(args)
         if args.augs or args.hair:
+            self.entries = aug_entries(args)
             check_augs(self.entries, args)
         if args.init_from:
             check_init_from(args)
         if not args.lr_find:  # the range test writes no fold
             self.key = run_key(args, accelerator)  # the settings as the inputs were read
-            self.finished = check_fold_outputs(args, accelerator, self.key)
+            self.check_outputs()
         if set(args.fold) - set(self.finished):  # all finished: no image will be read
             check_images(list(train["path"]) + ([] if args.lr_find else list(test["path"])),
                          accelerator)
@@ -845,6 +847,75 @@ class Extras(Hooks):
             self.spec = fit_meta(train, test)
             train, test = with_meta(train, self.spec), with_meta(test, self.spec)
         return train, test
+
+    def check_outputs(self):
+        """Before any fold trains, the outputs: the ledger must take a row; one --name is one
+        model (--runs, ensemble.py and --predict average its folds as one); a finished fold (its
+        JSON exists) is kept, whole, only if it had the same settings and starting weights; an
+        unfinished fold's checkpoint needs --resume (same settings) or --overwrite."""
+        args, ledger = self.args, Path(self.args.out) / LEDGER_FILE
+        if ledger.is_dir() or ledger.is_symlink() and not ledger.exists():
+            raise DataError(f"{ledger}: a folder, or a link to nowhere (or to itself), where the "
+                            "ledger goes: cannot append to it")
+        if ledger.exists():  # a fold whose row cannot be written would count as finished
+            try:
+                open(ledger, "a").close()
+            except OSError as e:
+                raise DataError(f"{ledger}: cannot append to the ledger ({e.strerror or e})")
+            if ledger.stat().st_size:
+                read_ledger(ledger)  # a damaged ledger would take the row into its damage
+        for fold, stem in run_folds(args.out, args.name).items():
+            json_file = stem.with_suffix(".json")
+            if fold in args.fold or not json_file.is_file():
+                continue  # a requested fold is reused only with the same settings, or retrained
+            changed = differences(read_result(json_file)["run"], self.key)
+            if changed:
+                raise DataError(f"--name {args.name}: fold {fold} ({json_file.name}) was trained "
+                                f"with other settings ({'; '.join(changed)}); one --name is one "
+                                "model: give this run its own --name")
+        for fold in args.fold:
+            for suffix in FOLD_OUTPUTS:
+                if fold_file(args, fold, suffix).is_dir():
+                    raise DataError(f"{fold_file(args, fold, suffix)}: a folder where an output "
+                                    "file goes")
+            done, ckpt = fold_file(args, fold, ".json"), fold_file(args, fold, "_last.pt")
+            if done.exists() and not args.overwrite:
+                self.finished[fold] = read_result(done, self.key)
+                for suffix in (".safetensors", "_oof.csv"):
+                    if not fold_file(args, fold, suffix).is_file():
+                        raise DataError(f"{fold_file(args, fold, suffix)}: missing from a finished "
+                                        "fold (its JSON is there); --overwrite retrains the fold")
+                if args.init_from:
+                    init = content_key(init_file(args, fold))
+                    if self.finished[fold].get("init", init) != init:
+                        raise DataError(f"{done}: this fold finished from other --init-from "
+                                        f"weights ({init_file(args, fold).name} changed since): "
+                                        "give the new run its own --name, or --overwrite")
+            elif ckpt.exists() and not (args.resume or args.overwrite):
+                raise DataError(f"{ckpt}: an unfinished run is there: pass --resume to continue "
+                                "it or --overwrite to start over")
+            elif ckpt.exists() and args.resume:
+                self.checkpoint(ckpt)
+            elif args.resume:
+                self.accelerator.print(f"fold {fold}: --resume found no checkpoint ({ckpt}): "
+                                       "starting from scratch")
+
+    def checkpoint(self, ckpt):
+        """A checkpoint saved with these settings, read without unpickling code."""
+        try:
+            state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated, not a torch file, or objects that would run code
+            raise DataError(f"{ckpt}: not a readable checkpoint ({one_line(e)[:160]}); delete it "
+                            "or pass --overwrite")
+        if not (isinstance(state, dict) and isinstance(state.get("run"), dict)
+                and {"model", "optimizer", "scheduler", "history"} <= set(state)):
+            raise DataError(f"{ckpt}: not a checkpoint of melanoma.py; delete it or pass "
+                            "--overwrite")
+        changed = differences(state["run"], self.key)
+        if changed:
+            raise DataError(f"{ckpt}: saved with other settings, cannot --resume: "
+                            + "; ".join(changed))
+        return state
 
     @contextlib.contextmanager
     def fold(self, fold):
@@ -892,8 +963,8 @@ class Extras(Hooks):
         args = self.args
         start = init_file(args, fold) if args.init_from else args.weights
         raw_model = ExtrasNet(Net.timm_backbone(args.model, args.pretrained and not start),
-                              **model_shape(args, self.spec, self.classes))
-        if start:
+                              **ExtrasNet.shape(args, self.spec, self.classes))
+        if args.init_from or args.weights:
             flag = "--init-from" if args.init_from else "--weights"
             weights, key = read_weights(start, flag)
             load_weights(raw_model, weights, f"{flag} {start}", args.model, self.accelerator.print)
@@ -907,20 +978,48 @@ class Extras(Hooks):
         return Augment.build(self.entries, OWN_AUGS)
 
     def resume(self, fold, raw_model, optimizer, scheduler, steps_per_epoch):
+        """With --resume, the finished epochs of the fold's checkpoint (check_outputs vetted it),
+        their state loaded; with --overwrite the checkpoint goes: after an error, the old state
+        must not look resumable."""
         args, accelerator = self.args, self.accelerator
-        history = load_checkpoint(fold_file(args, fold, "_last.pt"), raw_model, optimizer,
-                                  scheduler, accelerator, args, self.key)
+        ckpt, history = fold_file(args, fold, "_last.pt"), []
+        if ckpt.exists() and args.overwrite and accelerator.is_main_process:
+            ckpt.unlink(missing_ok=True)
+        elif ckpt.exists() and not args.overwrite:
+            state = self.checkpoint(ckpt)
+            try:
+                raw_model.load_state_dict(state["model"])
+                optimizer.load_state_dict(state["optimizer"])
+                scheduler.load_state_dict(state["scheduler"])
+            except (RuntimeError, ValueError, KeyError) as e:
+                raise DataError(f"{ckpt}: does not fit this model ({one_line(e)[:160]}); delete "
+                                "it or pass --overwrite")
+            if accelerator.scaler is not None and "scaler" in state:
+                accelerator.scaler.load_state_dict(state["scaler"])
+            history = state["history"]
+            accelerator.print(f"{ckpt.name}: resuming after epoch {len(history)}")
         if accelerator.log_with:
             start_tracking(accelerator, f"{args.name}_fold{fold}", len(history) * steps_per_epoch,
                            dict(self.key, name=args.name, fold=fold))
         return history
 
     def epoch(self, fold, history, raw_model, optimizer, scheduler, steps_per_epoch):
+        """The fold's state after the epoch, in one file written whole. (Not accelerate's
+        save_state: it writes a folder of files, which a kill leaves half old, half new; and our
+        draws are keyed on (seed, epoch), so there is no random state to keep.)"""
         args, accelerator = self.args, self.accelerator
         if accelerator.log_with:
             log_epoch(accelerator, history[-1], steps_per_epoch)
-        save_checkpoint(fold_file(args, fold, "_last.pt"), raw_model, optimizer, scheduler,
-                        accelerator, history, self.key)
+        if accelerator.is_main_process:
+            state = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
+                         scheduler=scheduler.state_dict(), history=history, run=self.key)
+            if accelerator.scaler is not None:
+                state["scaler"] = accelerator.scaler.state_dict()  # fp16's loss scale
+            buffer = io.BytesIO()
+            torch.save(state, buffer)  # in memory: torch's own file writer hides a full disk
+            atomic_write(fold_file(args, fold, "_last.pt"),
+                         lambda tmp: Path(tmp).write_bytes(buffer.getbuffer()))
+        accelerator.wait_for_everyone()
 
     def outputs(self, fold, result, trn, oof):
         args = self.args
@@ -946,15 +1045,6 @@ class Extras(Hooks):
 
 # ----------------------------------------------------------------------------------------------
 # Flags and input checks: flags when parsed, files when first read, outputs before the first epoch
-
-def cache_folder(value):
-    """--cache's type: its images are re-encoded (other pixels), so a run's settings count
-    whether it is on (key), not where."""
-    return text(value)
-
-
-cache_folder.key = lambda folder: True
-
 
 @functools.cache
 def get_parser():
@@ -995,8 +1085,9 @@ def get_parser():
     g.add_argument("--hair", type=bounded(float, 0, 1), default=0.0, metavar="P",
                    help="draw dark hairs over an image with probability P (appends Hair(p=P))")
     g = flag_group(p, "cache", setting=True)
-    g.add_argument("--cache", type=cache_folder, help="directory for images resized to --size "
-                   "(written once, reused; re-encoded, so the pixels differ slightly)")
+    g.add_argument("--cache", type=text, help="directory for images resized to --size (written "
+                   "once, reused; re-encoded, so the pixels differ slightly)"
+                   ).key = lambda folder: True  # other pixels: on or off counts, not where
     g = flag_group(p, "resume, trackers and the demo", setting=False)
     g.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from its last epoch")
@@ -1038,6 +1129,9 @@ def get_parser():
     g.add_argument("--explain", type=bounded(int, 1, 32), metavar="N",
                    help="Grad-CAM grids of run --name: the N most confident false positives and "
                    "negatives of each fold's OOF (and with --predict the N top new images)")
+    # the flags of the setting groups: resume, finished folds, the ledger and the model record
+    p.settings = [a for g in p._action_groups if getattr(g, "setting", False)
+                  for a in g._group_actions]
     return p
 
 
@@ -1116,11 +1210,68 @@ def check_images(paths, accelerator=None, skip_bad=False, hint=""):
     """{path: why} of the images that cannot be used, named all at once before training rather
     than one in its middle; each process checks a share. They stop the run unless --predict's
     --skip-bad; `hint` ends the error."""
+    def check(path):
+        """Refuse a missing, empty, implausibly large (a decompression bomb) or cut-short image; cheap
+        for a JPEG (its header and its end), whole for a PNG (its data is compressed as one)."""
+        if os.path.isdir(path):
+            raise DataError(f"image {path}: a folder, not an image")
+        kind = None
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(path) as im:
+                    # a camera's multi-picture JPEG (MPO) is a JPEG with more images after the first
+                    (width, height), kind = im.size, {"MPO": "JPEG"}.get(im.format, im.format)
+                    if kind == "PNG":
+                        im.load()
+        except FileNotFoundError as e:
+            raise DataError(f"image {path}: {e.strerror}")
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise DataError(f"image {path}: more than {Image.MAX_IMAGE_PIXELS} pixels, refused as a "
+                            "possible decompression bomb")
+        except (OSError, SyntaxError, ValueError) as e:
+            try:
+                with open(path, "rb") as f:
+                    head = f.read(3)
+            except OSError as unreadable:  # a broken or looping link, a file without read access
+                raise DataError(f"image {path}: {unreadable.strerror or unreadable}")
+            reason = ("empty file" if not head else f"not a complete {kind} ({e})" if kind else
+                      "not a complete JPEG (truncated)" if head == b"\xff\xd8\xff" else
+                      f"not an image ({e})")
+            raise DataError(f"image {path}: {reason}")
+        if path.lower().endswith((".jpg", ".jpeg")) and kind != "JPEG":
+            raise DataError(f"image {path}: not a JPEG but {kind} (no JPEG header)")
+        if width * height > Image.MAX_IMAGE_PIXELS or min(width, height) < 1:
+            raise DataError(f"image {path}: {width}x{height} pixels, refused as implausible "
+                            f"(at most {Image.MAX_IMAGE_PIXELS} pixels)")
+        if kind != "JPEG":
+            return
+
+        # a JPEG's scans hold no end marker (their 0xFF bytes are followed by 0 or a restart), so
+        # one after the first scan's start is the image's end; the segment headers' lengths lead
+        # there past an embedded thumbnail, whose own end marker would pass a cut-short file
+        with open(path, "rb") as f:
+            pos, start = 2, None
+            while start is None:
+                f.seek(pos)
+                head = f.read(4)
+                if len(head) < 4 or head[0] != 0xFF:
+                    break
+                if head[1] == 0xDA:
+                    start = pos
+                pos += 2 + int.from_bytes(head[2:4], "big") if head[1] != 0xFF else 1
+            size = f.seek(0, os.SEEK_END)
+            for begin in (max(start, size - 1024), start) if start is not None else ():
+                f.seek(begin)  # the last kilobyte first, then all from the scan on
+                if b"\xff\xd9" in f.read():
+                    return
+        raise DataError(f"image {path}: not a complete JPEG (truncated)")
+
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     bad = {}
     for path in progress(paths[rank::world], "checking images", rank == 0 and len(paths) >= 2000):
         try:
-            check_image(path)
+            check(path)
         except DataError as e:
             bad[path] = str(e)
     if world > 1:
@@ -1132,80 +1283,14 @@ def check_images(paths, accelerator=None, skip_bad=False, hint=""):
     return bad
 
 
-def check_image(path):
-    """Refuse a missing, empty, implausibly large (a decompression bomb) or cut-short image; cheap
-    for a JPEG (its header and its end), whole for a PNG (its data is compressed as one)."""
-    if os.path.isdir(path):
-        raise DataError(f"image {path}: a folder, not an image")
-    kind = None
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                # a camera's multi-picture JPEG (MPO) is a JPEG with more images after the first
-                (width, height), kind = im.size, {"MPO": "JPEG"}.get(im.format, im.format)
-                if kind == "PNG":
-                    im.load()
-    except FileNotFoundError as e:
-        raise DataError(f"image {path}: {e.strerror}")
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise DataError(f"image {path}: more than {Image.MAX_IMAGE_PIXELS} pixels, refused as a "
-                        "possible decompression bomb")
-    except (OSError, SyntaxError, ValueError) as e:
-        try:
-            with open(path, "rb") as f:
-                head = f.read(3)
-        except OSError as unreadable:  # a broken or looping link, a file without read access
-            raise DataError(f"image {path}: {unreadable.strerror or unreadable}")
-        reason = ("empty file" if not head else f"not a complete {kind} ({e})" if kind else
-                  "not a complete JPEG (truncated)" if head == b"\xff\xd8\xff" else
-                  f"not an image ({e})")
-        raise DataError(f"image {path}: {reason}")
-    if path.lower().endswith((".jpg", ".jpeg")) and kind != "JPEG":
-        raise DataError(f"image {path}: not a JPEG but {kind} (no JPEG header)")
-    if width * height > Image.MAX_IMAGE_PIXELS or min(width, height) < 1:
-        raise DataError(f"image {path}: {width}x{height} pixels, refused as implausible "
-                        f"(at most {Image.MAX_IMAGE_PIXELS} pixels)")
-    if kind != "JPEG":
-        return
-
-    def scan_start(f):
-        """Where the first scan starts, or None; the segment headers' lengths skip an embedded
-        thumbnail, whose own end marker would pass a cut-short file."""
-        pos = 2
-        while True:
-            f.seek(pos)
-            head = f.read(4)
-            if len(head) < 4 or head[0] != 0xFF:
-                return None
-            if head[1] == 0xDA:
-                return pos
-            pos += 2 + int.from_bytes(head[2:4], "big") if head[1] != 0xFF else 1
-
-    # a JPEG's scans hold no end marker (their 0xFF bytes are followed by 0 or a restart), so one
-    # after the first scan's start is the image's end; its last kilobyte is read first
-    with open(path, "rb") as f:
-        start, size = scan_start(f), f.seek(0, os.SEEK_END)
-        for begin in (max(start, size - 1024), start) if start is not None else ():
-            f.seek(begin)
-            if b"\xff\xd9" in f.read():
-                return
-    raise DataError(f"image {path}: not a complete JPEG (truncated)")
-
-
 # ----------------------------------------------------------------------------------------------
 # Resume and finished folds: what shaped a fold, derived from the flags of the setting groups
-
-def setting_actions():
-    return [a for g in get_parser()._action_groups if getattr(g, "setting", False)
-            for a in g._group_actions]
-
 
 def settings(args, defaults):
     """The setting flags that differ from their defaults (--demo's with --demo), as the ledger
     shows them: a command-line fragment as given, before the data location is filled in."""
     parts = ["--demo"] if args.demo else []
-    for a in setting_actions():
+    for a in get_parser().settings:
         value, flag = getattr(args, a.dest), a.option_strings[0]
         if value == getattr(defaults, a.dest):
             continue
@@ -1220,15 +1305,7 @@ def settings(args, defaults):
     return shlex.join(parts)
 
 
-@functools.cache
-def digest(path, stamp):
-    """A file's SHA-256; `stamp` (size, mtime) is in the cache's key, so an edited file is read
-    again."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return f"sha256:{h.hexdigest()[:16]}"
+DIGESTS = {}  # content_key's SHA-256s by (path, size, mtime): an edited file is read again
 
 
 def content_key(p):
@@ -1241,17 +1318,23 @@ def content_key(p):
                 for t in ("train", "test")]
     if not os.path.isfile(p):
         return str(p)
-    st = os.stat(p)
-    return digest(p, (st.st_size, st.st_mtime_ns))
+    stamp = (str(p), os.stat(p).st_size, os.stat(p).st_mtime_ns)
+    if stamp not in DIGESTS:
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        DIGESTS[stamp] = f"sha256:{h.hexdigest()[:16]}"
+    return DIGESTS[stamp]
 
 
 def run_key(args, accelerator):
     """Everything that shaped a fold's outputs: each setting flag (a path by its content, a type
     with a key by that), the mixed precision and the number of processes (the global batch)."""
     key = {}
-    for a in setting_actions():
-        value, count = getattr(args, a.dest), getattr(a.type, "key", content_key
-                                                         if a.type is path else None)
+    for a in get_parser().settings:
+        value, count = getattr(args, a.dest), getattr(a, "key", content_key if a.type is path
+                                                      else None)
         if count and value is not None:
             value = [count(v) for v in value] if isinstance(value, list) else count(value)
         key[a.dest] = value
@@ -1263,7 +1346,7 @@ def differences(saved, key, labels=("saved", "now")):
     """The settings of `key` that `saved` holds otherwise, as '--flag old (saved) vs new (now)'.
     A setting that `saved` lacks, from a run older than its flag, counts as the flag's default:
     a new flag's default is the behaviour from before it."""
-    defaults = {a.dest: a.default for a in setting_actions()}
+    defaults = {a.dest: a.default for a in get_parser().settings}
     old = {k: saved.get(k, defaults.get(k)) for k in key}
     return [f"--{k.replace('_', '-')} {old[k]!r} ({labels[0]}) vs {v!r} ({labels[1]})"
             for k, v in key.items() if old[k] != v]
@@ -1300,122 +1383,10 @@ FOLD_OUTPUTS = ("_oof.csv", "_test.csv", ".json", ".safetensors", "_last.pt", "_
                 "_roc.png")
 
 
-def check_fold_outputs(args, accelerator, key):
-    """Before any fold trains, the outputs: the ledger must take a row; one --name is one model
-    (--runs, ensemble.py and --predict average its folds as one); a finished fold (its JSON
-    exists) is kept, whole, only if it had the same settings and starting weights; an unfinished
-    fold's checkpoint needs --resume (same settings) or --overwrite. Returns the kept folds'
-    results by fold."""
-    check_ledger(Path(args.out) / LEDGER_FILE)
-    for fold, stem in run_folds(args.out, args.name).items():
-        path = stem.with_suffix(".json")
-        if fold in args.fold or not path.is_file():
-            continue  # a requested fold is reused only with the same settings, or retrained
-        changed = differences(read_result(path)["run"], key)
-        if changed:
-            raise DataError(f"--name {args.name}: fold {fold} ({path.name}) was trained "
-                            f"with other settings ({'; '.join(changed)}); one --name is one "
-                            "model: give this run its own --name")
-    finished = {}
-    for fold in args.fold:
-        check_output_files(fold_file(args, fold, suffix) for suffix in FOLD_OUTPUTS)
-        done, ckpt = fold_file(args, fold, ".json"), fold_file(args, fold, "_last.pt")
-        if done.exists() and not args.overwrite:
-            finished[fold] = read_result(done, key)
-            for suffix in (".safetensors", "_oof.csv"):
-                if not fold_file(args, fold, suffix).is_file():
-                    raise DataError(f"{fold_file(args, fold, suffix)}: missing from a finished "
-                                    "fold (its JSON is there); --overwrite retrains the fold")
-            init = content_key(init_file(args, fold)) if args.init_from else None
-            if finished[fold].get("init", init) != init:
-                raise DataError(f"{done}: this fold finished from other --init-from weights "
-                                f"({init_file(args, fold).name} changed since): give the new run "
-                                "its own --name, or --overwrite to retrain it")
-        elif ckpt.exists() and not (args.resume or args.overwrite):
-            raise DataError(f"{ckpt}: an unfinished run is there: pass --resume to continue it "
-                            "or --overwrite to start over")
-        elif ckpt.exists() and args.resume:
-            read_checkpoint(ckpt, key)
-        elif args.resume:
-            accelerator.print(f"fold {fold}: --resume found no checkpoint ({ckpt}): "
-                              "starting from scratch")
-    return finished
-
-
 def check_output_files(paths):
     for p in paths:
         if Path(p).is_dir():
             raise DataError(f"{p}: a folder where an output file goes")
-
-
-def check_ledger(ledger):
-    """A fold whose ledger row cannot be written would count as finished with its row lost: the
-    ledger is checked before training, not after."""
-    check_output_files([ledger])
-    if ledger.is_symlink() and not ledger.exists():
-        raise DataError(f"{ledger}: a link to nowhere (or to itself): cannot append to the ledger")
-    if ledger.exists():
-        try:
-            open(ledger, "a").close()
-        except OSError as e:
-            raise DataError(f"{ledger}: cannot append to the ledger ({e.strerror or e})")
-        if ledger.stat().st_size:
-            read_ledger(ledger)  # a damaged ledger would take the row into its damage
-
-
-def read_checkpoint(ckpt, key):
-    """A checkpoint saved with the settings `key`, read without unpickling code."""
-    try:
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, not a torch file, or objects that would run code
-        raise DataError(f"{ckpt}: not a readable checkpoint ({one_line(e)[:160]}); delete it or "
-                        "pass --overwrite")
-    if not (isinstance(state, dict) and {"model", "optimizer", "scheduler", "history"} <= set(state)
-            and isinstance(state.get("run"), dict)):
-        raise DataError(f"{ckpt}: not a checkpoint of melanoma.py; delete it or pass --overwrite")
-    changed = differences(state["run"], key)
-    if changed:
-        raise DataError(f"{ckpt}: saved with other settings, cannot --resume: "
-                        + "; ".join(changed))
-    return state
-
-
-def save_checkpoint(ckpt, raw_model, optimizer, scheduler, accelerator, history, key):
-    """The fold's state after an epoch, in one file written whole. (Not accelerate's save_state:
-    it writes a folder of files, which a kill leaves half old, half new; and our draws are keyed
-    on (seed, epoch), so there is no random state to keep.)"""
-    if accelerator.is_main_process:
-        state = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
-                     scheduler=scheduler.state_dict(), history=history, run=key)
-        if accelerator.scaler is not None:
-            state["scaler"] = accelerator.scaler.state_dict()  # fp16's loss scale
-        buffer = io.BytesIO()
-        torch.save(state, buffer)  # in memory: torch's own file writer hides a full disk
-        atomic_write(ckpt, lambda tmp: Path(tmp).write_bytes(buffer.getbuffer()))
-    accelerator.wait_for_everyone()
-
-
-def load_checkpoint(ckpt, raw_model, optimizer, scheduler, accelerator, args, key):
-    """The finished epochs' history, their state loaded, with --resume (check_fold_outputs
-    vetted the checkpoint); [] without a checkpoint or with --overwrite."""
-    if not ckpt.exists():
-        return []
-    if args.overwrite:  # starting over: the old state must not look resumable after an error
-        if accelerator.is_main_process:
-            ckpt.unlink(missing_ok=True)
-        return []
-    state = read_checkpoint(ckpt, key)
-    try:
-        raw_model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-    except (RuntimeError, ValueError, KeyError) as e:
-        raise DataError(f"{ckpt}: does not fit this model ({one_line(e)[:160]}); delete it or "
-                        "pass --overwrite")
-    if accelerator.scaler is not None and "scaler" in state:
-        accelerator.scaler.load_state_dict(state["scaler"])
-    accelerator.print(f"{ckpt.name}: resuming after epoch {len(state['history'])}")
-    return state["history"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1478,15 +1449,9 @@ def meta_raw(df, spec):
 
 def with_meta(df, spec):
     """df with its metadata features as columns meta_0, meta_1, ..."""
-    features = meta_features(df, spec) if len(df) else np.zeros((0, meta_width(spec)), np.float32)
+    features = meta_features(df, spec)
     names = [f"meta_{i}" for i in range(features.shape[1])]
     return pd.concat([df.reset_index(drop=True), pd.DataFrame(features, columns=names)], axis=1)
-
-
-def meta_width(spec):
-    """The number of metadata features: one-hot sex and site with a missing category each,
-    age with its missing indicator, patient image count, size with its missing indicator."""
-    return len(spec["sexes"]) + 1 + len(spec["sites"]) + 1 + 2 + 1 + 2
 
 
 def meta_features(df, spec):
@@ -1511,13 +1476,6 @@ def meta_inputs(rows):
     """The rows' metadata features (their meta_* columns) as the model's further input."""
     columns = [c for c in rows.columns if str(c).startswith("meta_")]
     return [torch.tensor(rows[columns].to_numpy(np.float32))]
-
-
-def model_shape(args, spec, classes):
-    """The one record of the model's shape (ExtrasNet's arguments): from the flags, the metadata
-    encoding (None without --meta) and the classes (None: one logit)."""
-    return dict(n_meta=meta_width(spec) if spec else 0, head=args.head, dropout=args.dropout,
-                msd=args.msd, outputs=len(classes) if classes else 1)
 
 
 class ExtrasNet(torch.nn.Module):
@@ -1548,6 +1506,16 @@ class ExtrasNet(torch.nn.Module):
                                             torch.nn.Dropout(dropout),
                                             torch.nn.Linear(256, outputs))
         self.msd = msd
+
+    @staticmethod
+    def shape(args, spec, classes):
+        """The one record of the model's shape, ExtrasNet's arguments: from the flags, the metadata
+        encoding (None without --meta; its features: one-hot sex and site, each with a missing
+        category, age and size each with a missing indicator, the patient's image count) and the
+        classes (None: one logit)."""
+        return dict(n_meta=len(spec["sexes"]) + len(spec["sites"]) + 7 if spec else 0,
+                    head=args.head, dropout=args.dropout, msd=args.msd,
+                    outputs=len(classes) if classes else 1)
 
     def forward(self, x, meta=None):
         return self.logit(self.backbone.forward_features(x), meta)
@@ -1884,17 +1852,11 @@ def cached_load(file, size, cache):
 # ----------------------------------------------------------------------------------------------
 # Plots
 
-def loss_name(classes):
-    """The training loss, as the plots name it."""
-    return f"cross-entropy, {len(classes)} classes" if classes else "BCE"
-
-
-def png(fig):
-    """A figure's PNG bytes: drawn before any file is written (a bare Figure draws with Agg: no
-    pyplot, no display)."""
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    return buffer.getvalue()
+def save_pngs(figures):
+    """Write {path: Figure} as PNGs, all or none (a bare Figure draws with Agg: no pyplot, no
+    display)."""
+    atomic_write_all({p: lambda tmp, fig=fig: fig.savefig(tmp, format="png", dpi=100)
+                      for p, fig in figures.items()})
 
 
 def plot_fold(args, fold, result, oof):
@@ -1911,7 +1873,8 @@ def plot_fold(args, fold, result, oof):
                       label="validation AUC, plain pass")
     lines += auc.plot(epochs[-1:], [result["oof_auc"]], "*", ms=14, color="C3",
                       label=f"OOF AUC with TTA x{tta}: {result['oof_auc']:.4f}")
-    top.set_ylabel(f"training loss ({loss_name(result.get('classes'))})")
+    classes = result.get("classes")
+    top.set_ylabel(f"training loss ({f'cross-entropy, {len(classes)} classes' if classes else 'BCE'})")
     auc.set_ylabel("AUC")
     top.legend(handles=lines, loc="lower center", bbox_to_anchor=(0.5, 1), ncols=3, fontsize=8,
                frameon=False)
@@ -1929,14 +1892,12 @@ def plot_fold(args, fold, result, oof):
            ylabel="true positive rate (melanomas found)")
     ax.legend(loc="lower right")
     ax.set_title(f"{stem}: {len(oof)} images, {int(oof['target'].sum())} melanomas", fontsize=10)
-    pngs = {fold_file(args, fold, "_curves.png"): png(curves),
-            fold_file(args, fold, "_roc.png"): png(roc)}
-    atomic_write_all({f: lambda tmp, b=b: Path(tmp).write_bytes(b) for f, b in pngs.items()})
+    save_pngs({fold_file(args, fold, "_curves.png"): curves, fold_file(args, fold, "_roc.png"): roc})
 
 
 def plot_lr_find(curve, reading, title, loss="BCE"):
     """Loss against learning rate (log axis): the steps, the smoothed loss and its noise band, the
-    class mix's entropy, and each rule's pick (read_lr_curve's reading); the PNG's bytes."""
+    class mix's entropy, and each rule's pick (read_lr_curve's reading)."""
     fig = Figure(figsize=(7, 4.8), layout="constrained")
     ax = fig.subplots()
     ax.plot(curve["lr"], curve["loss"], color="0.7", lw=0.8, label="loss per step")
@@ -1960,7 +1921,7 @@ def plot_lr_find(curve, reading, title, loss="BCE"):
            xlabel="learning rate (log scale)", ylabel=f"training loss ({loss})")
     ax.legend(fontsize=8, loc="best")
     ax.set_title(title, fontsize=10)
-    return png(fig)
+    return fig
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2062,7 +2023,7 @@ def load_trained(info, weights, accelerator):
     views) as its JSON records it: the --augs file may have been edited since."""
     a = SimpleNamespace(**info["args"])
     classes = info.get("classes")  # a run older than --target has none: one logit
-    raw_model = ExtrasNet(Net.timm_backbone(a.model, False), **model_shape(a, info.get("meta"), classes))
+    raw_model = ExtrasNet(Net.timm_backbone(a.model, False), **ExtrasNet.shape(a, info.get("meta"), classes))
     try:
         raw_model.load_state_dict(safetensors_load(Path(weights).read_bytes()))
     except Exception as e:  # safetensors' own error for a damaged file, torch's for a misfit
@@ -2189,8 +2150,7 @@ def explain(args, accelerator, runs=None, new=None):
             row[0].axis("off")
             row[1].axis("off")
         target = fold_file(args, fold, "_explain.png")
-        grid = png(figure)
-        atomic_write(target, lambda tmp: Path(tmp).write_bytes(grid))
+        save_pngs({target: figure})
         start_tracking(accelerator, f"{args.name}_fold{fold}")
         end_tracking(accelerator, {"explain": target})
         accelerator.print(f"wrote {target}: Grad-CAM of {len(cases)} images")
@@ -2460,7 +2420,7 @@ def benchmark_steps(args, accelerator, files, cache):
     device = accelerator.device
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     size, bs, tta = args.size, args.batch_size, max(args.tta, 1)
-    raw_model = ExtrasNet(Net.timm_backbone(args.model, False), **model_shape(args, None, None))
+    raw_model = ExtrasNet(Net.timm_backbone(args.model, False), **ExtrasNet.shape(args, None, None))
     _, model, augment, optimizer, scheduler = build_training(
         args, accelerator, raw_model, Augment.build(aug_entries(args), OWN_AUGS), 10**6)
     x = torch.randint(0, 256, (bs, 3, size, size), dtype=torch.uint8, device=device)
@@ -2670,9 +2630,10 @@ def lr_find(args, accelerator):
     batches = f" x {args.lr_find_batches} per step" if args.lr_find_batches > 1 else ""
     title = (f"{args.name}: LR range test, fold {fold}, {args.size} px, batch {args.batch_size}"
              f"{batches}\n{len(curve)} steps up to {last:.1e} ({ended}): {reading['verdict']}")
-    plot = plot_lr_find(curve, reading, title, loss_name(hooks.classes))
-    atomic_write_all({f"{stem}.csv": lambda tmp: curve.to_csv(tmp, index=False),
-                      f"{stem}.png": lambda tmp: Path(tmp).write_bytes(plot)})  # both, or neither
+    fig = plot_lr_find(curve, reading, title, f"cross-entropy, {len(hooks.classes)} classes"
+                       if hooks.classes else "BCE")
+    atomic_write_all({f"{stem}.csv": lambda tmp: curve.to_csv(tmp, index=False),  # both or none
+                      f"{stem}.png": lambda tmp: fig.savefig(tmp, format="png", dpi=100)})
     if accelerator.log_with:
         values = {k: v for k, v in vars(args).items() if k.startswith("lr_find_")}
         start_tracking(accelerator, f"{args.name}_lr_find", 0,
