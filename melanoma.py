@@ -40,7 +40,6 @@ plain decode and resize; 15-pass TTA decoding once runs 5.7x faster than re-read
 """
 import argparse, contextlib, functools, io, json, math, os, sys, time
 from pathlib import Path
-
 import kornia.augmentation as K
 import numpy as np
 import pandas as pd
@@ -53,14 +52,12 @@ from PIL import Image, ImageOps
 from safetensors.torch import save as safetensors_bytes
 from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
-
 # torch-free helpers shared with ensemble.py, which stays free of torch so that it starts at once
 from ensemble import DataError, atomic_write, read_csv
 
 # Where the data is looked for without --data-dir: a folder in the working folder, then the
 # competition as Kaggle notebooks mount it.
 DATA_LOCATIONS = ("data", "/kaggle/input/siim-isic-melanoma-classification")
-
 # Random streams. Every random draw comes from a generator keyed on (seed, STREAM, ...), never
 # from a global state, so that each process and a resumed run draw the same numbers, and no two
 # uses of randomness share a stream.
@@ -75,32 +72,6 @@ AUGMENT = 6    # the training augmentation: key (seed, AUGMENT, epoch, process)
 # ----------------------------------------------------------------------------------------------
 # Flags. The groups marked setting=True hold every flag that shapes a fold's outputs.
 
-def bounded(kind, low=-math.inf, high=math.inf, low_open=False, high_open=False):
-    """An argparse type: a finite `kind` (int or float) in [low, high], either end open."""
-    def parse(value):
-        try:
-            number = kind(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {value!r}")
-        if not math.isfinite(number):
-            raise argparse.ArgumentTypeError(f"must be a finite number, got {value}")
-        if number < low or low_open and number == low:
-            least = {0: "positive" if low_open else "0 or more"}.get(low, f"at least {low}")
-            raise argparse.ArgumentTypeError(f"must be {least}, got {value}")
-        if number > high or high_open and number == high:
-            raise argparse.ArgumentTypeError(f"must be {'below' if high_open else 'at most'} "
-                                             f"{high}, got {value}")
-        return number
-    return parse
-
-
-def path(value):
-    """An argparse type: an absolute path, so that a run's JSON serves from any folder."""
-    if not value.strip():
-        raise argparse.ArgumentTypeError("empty; give a value")
-    return str(Path(value).resolve())
-
-
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows a flag's default unless its help already says it, or there is none."""
 
@@ -108,12 +79,6 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if "default" in action.help or action.default in (None, False, argparse.SUPPRESS):
             return action.help
         return super()._get_help_string(action)
-
-
-def flag_group(p, title, setting):
-    group = p.add_argument_group(title)
-    group.setting = setting
-    return group
 
 
 def recipe_flags(p):
@@ -170,6 +135,38 @@ def recipe_flags(p):
     return p
 
 
+def flag_group(p, title, setting):
+    group = p.add_argument_group(title)
+    group.setting = setting
+    return group
+
+
+def path(value):
+    """An argparse type: an absolute path, so that a run's JSON serves from any folder."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("empty; give a value")
+    return str(Path(value).resolve())
+
+
+def bounded(kind, low=-math.inf, high=math.inf, low_open=False, high_open=False):
+    """An argparse type: a finite `kind` (int or float) in [low, high], either end open."""
+    def parse(value):
+        try:
+            number = kind(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {value!r}")
+        if not math.isfinite(number):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {value}")
+        if number < low or low_open and number == low:
+            least = {0: "positive" if low_open else "0 or more"}.get(low, f"at least {low}")
+            raise argparse.ArgumentTypeError(f"must be {least}, got {value}")
+        if number > high or high_open and number == high:
+            raise argparse.ArgumentTypeError(f"must be {'below' if high_open else 'at most'} "
+                                             f"{high}, got {value}")
+        return number
+    return parse
+
+
 def run_names(args):
     """--out and --name when not given: preds/ and {model}_{size}."""
     args.out = args.out or "preds"
@@ -178,24 +175,33 @@ def run_names(args):
 
 
 # ----------------------------------------------------------------------------------------------
-# Data
+# The run: the folds in turn, read from the data, each trained, validated and predicted. Each
+# hooks.X call is a seam where an extra may attach; the recipe's own behaviour is class Hooks'.
 
-def layout_of(data_dir):
-    """(train image dir, test image dir) of the official layout (jpeg/train) or a resized one
-    (train/), or None."""
-    d = Path(data_dir)
-    for train, test in ((d / "jpeg" / "train", d / "jpeg" / "test"), (d / "train", d / "test")):
-        if (d / "train.csv").is_file() and train.is_dir():
-            return train, test
-    return None
+def recipe(argv=None):
+    """Parse the recipe's flags (argv, else the command line), then train, validate and predict
+    the requested folds."""
+    p = argparse.ArgumentParser(description="Train, validate and predict melanoma classifiers.",
+                                formatter_class=HelpFormatter, allow_abbrev=False)
+    args = run_names(recipe_flags(p).parse_args(argv))
+    accelerator = Accelerator(cpu=args.cpu, mixed_precision=args.mixed_precision)
+    return train_folds(args, accelerator, Hooks(args, accelerator))
 
 
-def read_images(path, image_dir, columns, what, hooks, numbers=None):
-    """A CSV of images with `columns` (`numbers`: the kinds of its numeric ones), each row given
-    the path of its image; the extras' hooks.table sees it as read."""
-    df = read_csv(path, columns, what, numbers)
-    df["path"] = [str(Path(image_dir) / f"{n}.jpg") for n in df["image_name"]]
-    return hooks.table(df, what, path)
+def train_folds(args, accelerator, hooks):
+    """Train --fold's folds in turn (an extra may keep finished ones), then score their
+    concatenated OOF predictions: one AUC, as the competition scores."""
+    train, test = hooks.rows(*read_data(args, hooks, accelerator.print))
+    results = []
+    for fold in args.fold:
+        with hooks.fold(fold) as finished:
+            results.append(finished or train_fold(args, accelerator, train, test, fold, hooks))
+    if len(results) > 1 and accelerator.is_main_process:
+        oof = pd.concat([pd.read_csv(fold_file(args, r["fold"], "_oof.csv")) for r in results])
+        folds = ", ".join(str(r["fold"]) for r in results)
+        print(f"CV AUC over folds {folds}: {roc_auc_score(oof['target'], oof['pred']):.4f} "
+              "(one AUC over their concatenated OOF predictions)")
+    return results
 
 
 def read_data(args, hooks, say=print):
@@ -243,6 +249,175 @@ def read_data(args, hooks, say=print):
     return train, read_images(test_csv, dirs[1], ["image_name"], "test file", hooks)
 
 
+def layout_of(data_dir):
+    """(train image dir, test image dir) of the official layout (jpeg/train) or a resized one
+    (train/), or None."""
+    d = Path(data_dir)
+    for train, test in ((d / "jpeg" / "train", d / "jpeg" / "test"), (d / "train", d / "test")):
+        if (d / "train.csv").is_file() and train.is_dir():
+            return train, test
+    return None
+
+
+def read_images(path, image_dir, columns, what, hooks, numbers=None):
+    """A CSV of images with `columns` (`numbers`: the kinds of its numeric ones), each row given
+    the path of its image; the extras' hooks.table sees it as read."""
+    df = read_csv(path, columns, what, numbers)
+    df["path"] = [str(Path(image_dir) / f"{n}.jpg") for n in df["image_name"]]
+    return hooks.table(df, what, path)
+
+
+def train_fold(args, accelerator, train, test, fold, hooks):
+    """Train on every fold but `fold`, score it each epoch, then predict it and the test set with
+    TTA."""
+    start = time.time()
+    # data: `fold` validates, the other folds (a --frac share of them) train
+    trn, val = split_fold(train, fold, args.frac, args.seed)
+    sampler = hooks.sampler(trn)
+    train_loader = make_loader(hooks.images(trn), accelerator, args, sampler)
+    val_loader = make_loader(hooks.images(val), accelerator, args)
+    # the model, what it learns, its augmentation and what trains it
+    seed_all(args.seed, INIT)
+    raw_model, targets, melanoma = hooks.model(fold, trn)
+    raw_model, model, augment, optimizer, scheduler = build_training(
+        args, accelerator, raw_model, hooks.augmentations(), len(sampler))
+    history = hooks.resume(fold, raw_model, optimizer, scheduler, len(sampler))
+    accelerator.print(f"fold {fold}: {len(trn)} training images ({int(trn['target'].sum())} "
+                      f"melanomas; {sampler.n} per epoch), {len(val)} validation, {len(test)} "
+                      f"test, {accelerator.num_processes} process(es) on {accelerator.device}")
+    for epoch in range(len(history), args.epochs):
+        # train on the epoch's fresh sample, score the validation fold (one plain pass)
+        seed_all(args.seed, AUGMENT, epoch, accelerator.process_index)
+        sampler.set_epoch(epoch)
+        t0 = time.time()
+        loss, images, lr = train_one_epoch(model, augment, train_loader, optimizer, scheduler,
+                                           accelerator, targets, epoch, args.epochs)
+        train_s = time.time() - t0
+        val_pred = predict(model, augment, val_loader, accelerator, 0, args.seed, "validate",
+                           melanoma)
+        history.append(dict(epoch=epoch + 1, loss=loss, val_auc=roc_auc_score(val["target"],
+                            val_pred), lr=lr, images=images, images_per_s=images / train_s,
+                            seconds=time.time() - t0))
+        h = history[-1]
+        accelerator.print(f"fold {fold} epoch {h['epoch']:2d}/{args.epochs}  loss {h['loss']:.4f}  "
+                          f"val_auc {h['val_auc']:.4f}  lr {h['lr']:.2e}  "
+                          f"{h['images_per_s']:.0f} img/s  {h['seconds']:.0f} s")
+        hooks.epoch(fold, history, raw_model, optimizer, scheduler, len(sampler))
+    # the last epoch's model predicts with TTA: picking an epoch on the validation fold
+    # would inflate the CV
+    oof = predict(model, augment, val_loader, accelerator, args.tta, args.seed,
+                  f"OOF TTA x{args.tta}", melanoma)
+    test_pred = np.zeros(0)
+    if len(test):
+        test_pred = predict(model, augment, make_loader(hooks.images(test), accelerator, args),
+                            accelerator, args.tta, args.seed + 1, f"test TTA x{args.tta}", melanoma)
+    result = dict(fold=fold, oof_auc=float(roc_auc_score(val["target"], oof)),
+                  oof_auc_no_tta=history[-1]["val_auc"], n_train=len(trn), n_val=len(val),
+                  n_test=len(test), wall_s=time.time() - start, epochs=history,
+                  augmentations=[str(m) for m in augment.random])
+    write_outputs(args, accelerator, fold, trn, val.assign(pred=oof, fold=fold),
+                  test.assign(target=test_pred), result, raw_model, hooks)
+    hooks.finish(fold, result, len(sampler))
+    return result
+
+
+class Hooks:
+    """The seams of the recipe. Each method here is the recipe's own behaviour; main() passes
+    the extras' subclass (Extras, below the banner), which overrides them."""
+
+    def __init__(self, args, accelerator):
+        self.args, self.accelerator = args, accelerator
+
+    def table(self, df, what, path):
+        """A table as read (train.csv, test.csv): the extras' checks and columns."""
+        return df
+
+    def rows(self, train, test):
+        """The training and test rows before the first fold: the extras' checks, rows, columns."""
+        return train, test
+
+    def fold(self, fold):
+        """A context around each fold; it gives an earlier run's result to keep, or None."""
+        return contextlib.nullcontext()
+
+    def sampler(self, trn):
+        """The batch sampler of the training rows."""
+        a, acc = self.args, self.accelerator
+        per_epoch = EpochSampler.per_pool(trn["target"], a.epochs, a.neg_ratio)
+        return EpochSampler(trn["target"], a.batch_size, per_epoch, a.seed, acc.process_index,
+                            acc.num_processes)
+
+    def images(self, rows):
+        """The dataset of the rows' images (and the model's further inputs)."""
+        return Images(rows["path"], self.args.size)
+
+    def model(self, fold, trn):
+        """(the model, the loss's targets of the training rows, the melanoma output's index)."""
+        targets = torch.tensor(trn["target"].to_numpy(), dtype=torch.float32)
+        return Net(Net.timm_backbone(self.args.model, self.args.pretrained)), targets, 0
+
+    def augmentations(self):
+        """The random stack of augmentations."""
+        return Augment.build(yaml.safe_load(DEFAULT_AUGS))
+
+    def resume(self, fold, raw_model, optimizer, scheduler, steps_per_epoch):
+        """The history of the fold's finished epochs, their state loaded: [] starts afresh."""
+        return []
+
+    def epoch(self, fold, history, raw_model, optimizer, scheduler, steps_per_epoch):
+        """After each epoch."""
+
+    def outputs(self, fold, result, trn, oof):
+        """On the main process, after the predictions and weights, before the fold's JSON."""
+
+    def finish(self, fold, result, steps_per_epoch):
+        """After the fold's JSON: the fold is finished."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: the fold's rows and loaders, the random streams, the images, and the sampler, which
+# takes every melanoma each epoch and a fresh share of the benign images
+
+def split_fold(train, fold, frac, seed):
+    """(training rows: every fold but `fold`, a `frac` share of them; validation rows: `fold`).
+    Each must hold both classes: the one to learn, the other for its AUC to exist."""
+    trn = train[train["fold"] != fold].reset_index(drop=True)
+    if frac < 1:
+        keep = rng(seed, FRAC).permutation(len(trn))[:max(1, round(frac * len(trn)))]
+        trn = trn.iloc[np.sort(keep)].reset_index(drop=True)
+    val = train[train["fold"] == fold].reset_index(drop=True)
+    for rows, what in ((trn, "training"), (val, "validation")):
+        if rows["target"].nunique() < 2:
+            raise DataError(f"--fold {fold}: its {what} images hold only one class "
+                            f"({len(rows)} images, {int(rows['target'].sum())} melanomas)")
+    return trn, val
+
+
+def make_loader(dataset, accelerator, args, batch_sampler=None):
+    """Training: our batch sampler, which deals batches to processes itself. Prediction: a plain
+    loader that accelerate shards, padding the last batch (gather_for_metrics drops the pad)."""
+    kw = dict(num_workers=args.num_workers, pin_memory=accelerator.device.type == "cuda",
+              persistent_workers=args.num_workers > 0)
+    if batch_sampler is not None:
+        return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, **kw)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size * 2, **kw)
+    return accelerator.prepare(loader)
+
+
+def rng(*key):
+    return np.random.default_rng([abs(int(k)) for k in key])
+
+
+def seed_all(*key):
+    """Seed torch's global generators (CPU and every GPU) from `key`."""
+    torch.manual_seed(int(rng(*key).integers(2**62)))
+
+
+def progress(iterable, desc, show=True, **kw):
+    """A progress bar on a terminal; none in a log file, where the one line per epoch says it."""
+    return tqdm(iterable, desc=desc, leave=False, disable=not (show and sys.stderr.isatty()), **kw)
+
+
 def load_image(path, size):
     """RGB uint8 array (size, size, 3), upright as its EXIF orientation says (a phone's picture
     is stored sideways); a JPEG is decoded at the smallest DCT scale >= size."""
@@ -271,18 +446,6 @@ class Images(torch.utils.data.Dataset):
     def __getitem__(self, i):
         image = torch.from_numpy(self.load(self.paths[i], self.size)).permute(2, 0, 1)
         return image, *(t[i] for t in self.inputs), i
-
-
-# ----------------------------------------------------------------------------------------------
-# Sampler: every melanoma each epoch, a fresh share of the benign images
-
-def rng(*key):
-    return np.random.default_rng([abs(int(k)) for k in key])
-
-
-def seed_all(*key):
-    """Seed torch's global generators (CPU and every GPU) from `key`."""
-    torch.manual_seed(int(rng(*key).integers(2**62)))
 
 
 class EpochSampler:
@@ -354,7 +517,31 @@ class EpochSampler:
 
 
 # ----------------------------------------------------------------------------------------------
-# Augmentation and TTA, on the device
+# Model and training: Net (a timm backbone, one Linear layer), the augmentation on the
+# device, AdamW and OneCycle
+
+def build_training(args, accelerator, raw_model, stack, steps_per_epoch):
+    """The model and its augmentation on the device, AdamW on every parameter and the OneCycle
+    schedule over all epochs. `raw_model` is the plain module whose weights are saved and
+    loaded; `model` the same module as accelerate (and torch.compile) wrapped it, for the
+    forward passes."""
+    raw_model, augment = on_device(raw_model, args.cutout, stack, accelerator)
+    optimizer = torch.optim.AdamW(raw_model.parameters(), lr=args.lr_max, weight_decay=args.wd)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=args.lr_max, div_factor=args.lr_max / args.lr_min,
+        total_steps=args.epochs * steps_per_epoch)
+    model = torch.compile(raw_model) if args.compile else raw_model
+    model, optimizer = accelerator.prepare(model, optimizer)
+    return raw_model, model, augment, optimizer, scheduler
+
+
+def on_device(raw_model, cutout, stack, accelerator):
+    """The model and its augmentation (normalised as its backbone was trained) on the device."""
+    cfg = raw_model.backbone.pretrained_cfg
+    augment = Augment(cfg["mean"], cfg["std"], cutout, stack)
+    return (raw_model.to(accelerator.device, memory_format=torch.channels_last),
+            augment.to(accelerator.device))
+
 
 # The recipe's random stack, in the form --augs reads: kornia.augmentation class names and
 # their arguments, applied in this order to float [0, 1] images before normalising.
@@ -402,30 +589,6 @@ class Augment(torch.nn.Module):
         return x.contiguous(memory_format=torch.channels_last)
 
 
-@contextlib.contextmanager
-def seeded(*key):
-    """Draw from a generator keyed on `key` without touching the global random state."""
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices):
-        seed_all(*key)
-        yield
-
-
-def predict_batch(model, augment, x, tta, key, inputs=(), melanoma=0):
-    """Melanoma probability per image: one plain pass (tta=0) or the mean of `tta` augmented
-    views of the same decoded batch. `melanoma`: the melanoma output's index."""
-    if tta == 0:
-        return torch.sigmoid(Net.melanoma_logit(model(augment(x, random=False), *inputs), melanoma))
-    total = 0
-    for view in range(tta):
-        with seeded(*key, view):
-            total = total + torch.sigmoid(Net.melanoma_logit(model(augment(x), *inputs), melanoma))
-    return total / tta
-
-
-# ----------------------------------------------------------------------------------------------
-# Model
-
 class Net(torch.nn.Module):
     """A timm backbone's pooled features and one Linear layer: the melanoma logit. (Not timm's
     own classifier through num_classes=1: it starts from other weights, another number.)"""
@@ -467,94 +630,6 @@ class Net(torch.nn.Module):
         return output[:, melanoma] - torch.logsumexp(others, 1)
 
 
-# ----------------------------------------------------------------------------------------------
-# Training and evaluation
-
-def progress(iterable, desc, show=True, **kw):
-    """A progress bar on a terminal; none in a log file, where the one line per epoch says it."""
-    return tqdm(iterable, desc=desc, leave=False, disable=not (show and sys.stderr.isatty()), **kw)
-
-
-def make_loader(dataset, accelerator, args, batch_sampler=None):
-    """Training: our batch sampler, which deals batches to processes itself. Prediction: a plain
-    loader that accelerate shards, padding the last batch (gather_for_metrics drops the pad)."""
-    kw = dict(num_workers=args.num_workers, pin_memory=accelerator.device.type == "cuda",
-              persistent_workers=args.num_workers > 0)
-    if batch_sampler is not None:
-        return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, **kw)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size * 2, **kw)
-    return accelerator.prepare(loader)
-
-
-def split_fold(train, fold, frac, seed):
-    """(training rows: every fold but `fold`, a `frac` share of them; validation rows: `fold`).
-    Each must hold both classes: the one to learn, the other for its AUC to exist."""
-    trn = train[train["fold"] != fold].reset_index(drop=True)
-    if frac < 1:
-        keep = rng(seed, FRAC).permutation(len(trn))[:max(1, round(frac * len(trn)))]
-        trn = trn.iloc[np.sort(keep)].reset_index(drop=True)
-    val = train[train["fold"] == fold].reset_index(drop=True)
-    for rows, what in ((trn, "training"), (val, "validation")):
-        if rows["target"].nunique() < 2:
-            raise DataError(f"--fold {fold}: its {what} images hold only one class "
-                            f"({len(rows)} images, {int(rows['target'].sum())} melanomas)")
-    return trn, val
-
-
-def on_device(raw_model, cutout, stack, accelerator):
-    """The model and its augmentation (normalised as its backbone was trained) on the device."""
-    cfg = raw_model.backbone.pretrained_cfg
-    augment = Augment(cfg["mean"], cfg["std"], cutout, stack)
-    return (raw_model.to(accelerator.device, memory_format=torch.channels_last),
-            augment.to(accelerator.device))
-
-
-def build_training(args, accelerator, raw_model, stack, steps_per_epoch):
-    """The model and its augmentation on the device, AdamW on every parameter and the OneCycle
-    schedule over all epochs. `raw_model` is the plain module whose weights are saved and
-    loaded; `model` the same module as accelerate (and torch.compile) wrapped it, for the
-    forward passes."""
-    raw_model, augment = on_device(raw_model, args.cutout, stack, accelerator)
-    optimizer = torch.optim.AdamW(raw_model.parameters(), lr=args.lr_max, weight_decay=args.wd)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=args.lr_max, div_factor=args.lr_max / args.lr_min,
-        total_steps=args.epochs * steps_per_epoch)
-    model = torch.compile(raw_model) if args.compile else raw_model
-    model, optimizer = accelerator.prepare(model, optimizer)
-    return raw_model, model, augment, optimizer, scheduler
-
-
-def batch_loss(model, augment, x, y, accelerator, inputs=()):
-    """The loss of a batch (and the model's further inputs), augmented on the device: binary
-    cross-entropy on one logit (y: the targets, float), cross-entropy over several (y: the class
-    indices)."""
-    x = x.to(accelerator.device, non_blocking=True)
-    y = y.to(accelerator.device, non_blocking=True)
-    inputs = [t.to(accelerator.device, non_blocking=True) for t in inputs]
-    output = model(augment(x), *inputs).float()
-    if output.shape[1] == 1:
-        return F.binary_cross_entropy_with_logits(output.squeeze(1), y)
-    return F.cross_entropy(output, y)
-
-
-def train_step(model, augment, x, y, optimizer, scheduler, accelerator, inputs=()):
-    """One step on a batch: (its loss before the step, whether the step was taken). No process
-    steps when a process's loss is not finite: the others would wait in the gradients'
-    all-reduce for one that never comes."""
-    loss = batch_loss(model, augment, x, y, accelerator, inputs)
-    loss_value = loss.item()  # a CPU-GPU sync point: it catches a bad step at once
-    finite = math.isfinite(loss_value)
-    if accelerator.num_processes > 1:
-        bad = torch.tensor(float(not finite), device=accelerator.device)
-        finite = accelerator.reduce(bad, "sum").item() == 0
-    if finite:
-        accelerator.backward(loss)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-    return loss_value, finite
-
-
 def train_one_epoch(model, augment, loader, optimizer, scheduler, accelerator, targets, epoch,
                     epochs):
     """One pass over the loader's batches: (mean loss and image count over all processes, the
@@ -579,6 +654,40 @@ def train_one_epoch(model, augment, loader, optimizer, scheduler, accelerator, t
     return loss_sum / seen, int(seen), lr
 
 
+def train_step(model, augment, x, y, optimizer, scheduler, accelerator, inputs=()):
+    """One step on a batch: (its loss before the step, whether the step was taken). No process
+    steps when a process's loss is not finite: the others would wait in the gradients'
+    all-reduce for one that never comes."""
+    loss = batch_loss(model, augment, x, y, accelerator, inputs)
+    loss_value = loss.item()  # a CPU-GPU sync point: it catches a bad step at once
+    finite = math.isfinite(loss_value)
+    if accelerator.num_processes > 1:
+        bad = torch.tensor(float(not finite), device=accelerator.device)
+        finite = accelerator.reduce(bad, "sum").item() == 0
+    if finite:
+        accelerator.backward(loss)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    return loss_value, finite
+
+
+def batch_loss(model, augment, x, y, accelerator, inputs=()):
+    """The loss of a batch (and the model's further inputs), augmented on the device: binary
+    cross-entropy on one logit (y: the targets, float), cross-entropy over several (y: the class
+    indices)."""
+    x = x.to(accelerator.device, non_blocking=True)
+    y = y.to(accelerator.device, non_blocking=True)
+    inputs = [t.to(accelerator.device, non_blocking=True) for t in inputs]
+    output = model(augment(x), *inputs).float()
+    if output.shape[1] == 1:
+        return F.binary_cross_entropy_with_logits(output.squeeze(1), y)
+    return F.cross_entropy(output, y)
+
+
+# ----------------------------------------------------------------------------------------------
+# Prediction with TTA, and the outputs
+
 def predict(model, augment, loader, accelerator, tta, seed, desc, melanoma=0):
     """Probabilities for every row of loader's dataset, each exactly once, on every process;
     `melanoma`: the melanoma output's index."""
@@ -602,16 +711,25 @@ def predict(model, augment, loader, accelerator, tta, seed, desc, melanoma=0):
     return out
 
 
-# ----------------------------------------------------------------------------------------------
-# Outputs
+def predict_batch(model, augment, x, tta, key, inputs=(), melanoma=0):
+    """Melanoma probability per image: one plain pass (tta=0) or the mean of `tta` augmented
+    views of the same decoded batch. `melanoma`: the melanoma output's index."""
+    if tta == 0:
+        return torch.sigmoid(Net.melanoma_logit(model(augment(x, random=False), *inputs), melanoma))
+    total = 0
+    for view in range(tta):
+        with seeded(*key, view):
+            total = total + torch.sigmoid(Net.melanoma_logit(model(augment(x), *inputs), melanoma))
+    return total / tta
 
-def fold_file(args, fold, suffix):
-    """A fold's output: {out}/{name}_fold{k}{suffix}."""
-    return Path(args.out) / f"{args.name}_fold{fold}{suffix}"
 
-
-def write_csv(df, path):
-    atomic_write(path, lambda tmp: df.to_csv(tmp, index=False))
+@contextlib.contextmanager
+def seeded(*key):
+    """Draw from a generator keyed on `key` without touching the global random state."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        seed_all(*key)
+        yield
 
 
 def write_outputs(args, accelerator, fold, trn, oof, test, result, raw_model, hooks):
@@ -634,140 +752,15 @@ def write_outputs(args, accelerator, fold, trn, oof, test, result, raw_model, ho
                       f"{result['oof_auc_no_tta']:.4f} without; {result['wall_s']:.0f} s")
 
 
-# ----------------------------------------------------------------------------------------------
-# The folds, and the seams where the extras attach
-
-class Hooks:
-    """The seams of the recipe. Each method here is the recipe's own behaviour; main() passes
-    the extras' subclass (Extras, below the banner), which overrides them."""
-
-    def __init__(self, args, accelerator):
-        self.args, self.accelerator = args, accelerator
-
-    def table(self, df, what, path):
-        """A table as read (train.csv, test.csv): the extras' checks and columns."""
-        return df
-
-    def rows(self, train, test):
-        """The training and test rows before the first fold: the extras' checks, rows, columns."""
-        return train, test
-
-    def fold(self, fold):
-        """A context around each fold; it gives an earlier run's result to keep, or None."""
-        return contextlib.nullcontext()
-
-    def sampler(self, trn):
-        """The batch sampler of the training rows."""
-        a, acc = self.args, self.accelerator
-        per_epoch = EpochSampler.per_pool(trn["target"], a.epochs, a.neg_ratio)
-        return EpochSampler(trn["target"], a.batch_size, per_epoch, a.seed, acc.process_index,
-                            acc.num_processes)
-
-    def images(self, rows):
-        """The dataset of the rows' images (and the model's further inputs)."""
-        return Images(rows["path"], self.args.size)
-
-    def model(self, fold, trn):
-        """(the model, the loss's targets of the training rows, the melanoma output's index)."""
-        targets = torch.tensor(trn["target"].to_numpy(), dtype=torch.float32)
-        return Net(Net.timm_backbone(self.args.model, self.args.pretrained)), targets, 0
-
-    def augmentations(self):
-        """The random stack of augmentations."""
-        return Augment.build(yaml.safe_load(DEFAULT_AUGS))
-
-    def resume(self, fold, raw_model, optimizer, scheduler, steps_per_epoch):
-        """The history of the fold's finished epochs, their state loaded: [] starts afresh."""
-        return []
-
-    def epoch(self, fold, history, raw_model, optimizer, scheduler, steps_per_epoch):
-        """After each epoch."""
-
-    def outputs(self, fold, result, trn, oof):
-        """On the main process, after the predictions and weights, before the fold's JSON."""
-
-    def finish(self, fold, result, steps_per_epoch):
-        """After the fold's JSON: the fold is finished."""
+def fold_file(args, fold, suffix):
+    """A fold's output: {out}/{name}_fold{k}{suffix}."""
+    return Path(args.out) / f"{args.name}_fold{fold}{suffix}"
 
 
-def train_fold(args, accelerator, train, test, fold, hooks):
-    """Train on every fold but `fold`, score it each epoch, then predict it and the test set with
-    TTA."""
-    start = time.time()
-    # data: `fold` validates, the other folds (a --frac share of them) train
-    trn, val = split_fold(train, fold, args.frac, args.seed)
-    sampler = hooks.sampler(trn)
-    train_loader = make_loader(hooks.images(trn), accelerator, args, sampler)
-    val_loader = make_loader(hooks.images(val), accelerator, args)
-    # the model, what it learns, its augmentation and what trains it
-    seed_all(args.seed, INIT)
-    raw_model, targets, melanoma = hooks.model(fold, trn)
-    raw_model, model, augment, optimizer, scheduler = build_training(
-        args, accelerator, raw_model, hooks.augmentations(), len(sampler))
-    history = hooks.resume(fold, raw_model, optimizer, scheduler, len(sampler))
-    accelerator.print(f"fold {fold}: {len(trn)} training images ({int(trn['target'].sum())} "
-                      f"melanomas; {sampler.n} per epoch), {len(val)} validation, {len(test)} "
-                      f"test, {accelerator.num_processes} process(es) on {accelerator.device}")
-    for epoch in range(len(history), args.epochs):
-        # train on the epoch's fresh sample, score the validation fold (one plain pass)
-        seed_all(args.seed, AUGMENT, epoch, accelerator.process_index)
-        sampler.set_epoch(epoch)
-        t0 = time.time()
-        loss, images, lr = train_one_epoch(model, augment, train_loader, optimizer, scheduler,
-                                           accelerator, targets, epoch, args.epochs)
-        train_s = time.time() - t0
-        val_pred = predict(model, augment, val_loader, accelerator, 0, args.seed, "validate",
-                           melanoma)
-        history.append(dict(epoch=epoch + 1, loss=loss, val_auc=roc_auc_score(val["target"],
-                            val_pred), lr=lr, images=images, images_per_s=images / train_s,
-                            seconds=time.time() - t0))
-        h = history[-1]
-        accelerator.print(f"fold {fold} epoch {h['epoch']:2d}/{args.epochs}  loss {h['loss']:.4f}  "
-                          f"val_auc {h['val_auc']:.4f}  lr {h['lr']:.2e}  "
-                          f"{h['images_per_s']:.0f} img/s  {h['seconds']:.0f} s")
-        hooks.epoch(fold, history, raw_model, optimizer, scheduler, len(sampler))
-    # the last epoch's model predicts with TTA: picking an epoch on the validation fold
-    # would inflate the CV
-    oof = predict(model, augment, val_loader, accelerator, args.tta, args.seed,
-                  f"OOF TTA x{args.tta}", melanoma)
-    test_pred = np.zeros(0)
-    if len(test):
-        test_pred = predict(model, augment, make_loader(hooks.images(test), accelerator, args),
-                            accelerator, args.tta, args.seed + 1, f"test TTA x{args.tta}", melanoma)
-    result = dict(fold=fold, oof_auc=float(roc_auc_score(val["target"], oof)),
-                  oof_auc_no_tta=history[-1]["val_auc"], n_train=len(trn), n_val=len(val),
-                  n_test=len(test), wall_s=time.time() - start, epochs=history,
-                  augmentations=[str(m) for m in augment.random])
-    write_outputs(args, accelerator, fold, trn, val.assign(pred=oof, fold=fold),
-                  test.assign(target=test_pred), result, raw_model, hooks)
-    hooks.finish(fold, result, len(sampler))
-    return result
+def write_csv(df, path):
+    atomic_write(path, lambda tmp: df.to_csv(tmp, index=False))
 
 
-def train_folds(args, accelerator, hooks):
-    """Train --fold's folds in turn (an extra may keep finished ones), then score their
-    concatenated OOF predictions: one AUC, as the competition scores."""
-    train, test = hooks.rows(*read_data(args, hooks, accelerator.print))
-    results = []
-    for fold in args.fold:
-        with hooks.fold(fold) as finished:
-            results.append(finished or train_fold(args, accelerator, train, test, fold, hooks))
-    if len(results) > 1 and accelerator.is_main_process:
-        oof = pd.concat([pd.read_csv(fold_file(args, r["fold"], "_oof.csv")) for r in results])
-        folds = ", ".join(str(r["fold"]) for r in results)
-        print(f"CV AUC over folds {folds}: {roc_auc_score(oof['target'], oof['pred']):.4f} "
-              "(one AUC over their concatenated OOF predictions)")
-    return results
-
-
-def recipe(argv=None):
-    """Parse the recipe's flags (argv, else the command line), then train, validate and predict
-    the requested folds."""
-    p = argparse.ArgumentParser(description="Train, validate and predict melanoma classifiers.",
-                                formatter_class=HelpFormatter, allow_abbrev=False)
-    args = run_names(recipe_flags(p).parse_args(argv))
-    accelerator = Accelerator(cpu=args.cpu, mixed_precision=args.mixed_precision)
-    return train_folds(args, accelerator, Hooks(args, accelerator))
 
 
 # ==============================================================================================
@@ -782,21 +775,206 @@ def recipe(argv=None):
 import copy, difflib, glob, hashlib, itertools, pickle, re, resource, shlex, signal, tempfile
 import warnings
 from types import SimpleNamespace
-
 from accelerate import __version__ as ACCELERATE_VERSION
 from accelerate.tracking import get_available_trackers
 from accelerate.utils import LoggerType, gather_object
 from matplotlib.figure import Figure
 from safetensors.torch import load as safetensors_load
 from sklearn.metrics import roc_curve
-
 from ensemble import LEDGER_FILE, ArgumentParser, append_run, atomic_write_all, check_names, \
     check_numbers, check_writable, finite, print_runs, read_ledger, refuse_rows, text
+
+
+# ----------------------------------------------------------------------------------------------
+# Flags of the extras, and the run's checks: flags when parsed, the device and the output
+# folders before any data is read
 
 # --demo: these flags come first, so that the command line can override any of them
 DEMO = ("--data-dir demo_data --model test_efficientnet --no-pretrained --size 64 --epochs 12 "
         "--batch-size 32 --lr-max 2e-3 --tta 4 --num-workers 0 --name demo")
 
+
+def get_args(argv=None):
+    p = get_parser()
+    argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
+    demo = shlex.split(DEMO) if "--demo" in argv else []
+    args = p.parse_args(demo + argv)
+    check_flags(p, args)
+    args.settings = settings(args, p.parse_args(demo))
+    args.out = args.out or ("folds.csv" if args.make_folds else None)
+    return run_names(args)
+
+
+@functools.cache
+def get_parser():
+    """The recipe's flags, then a group for each extra."""
+    p = recipe_flags(ArgumentParser(description="Train, validate and predict melanoma "
+                                    "classifiers.", formatter_class=HelpFormatter,
+                                    allow_abbrev=False))
+    g = flag_group(p, "metadata and heads", setting=True)
+    g.add_argument("--meta", action="store_true", help="join the patient metadata (sex, age, "
+                   "site, the patient's image count, image size) to the image features")
+    g.add_argument("--head", choices=["linear", "mlp"], default="linear",
+                   help="one Linear layer (the recipe), or Linear-SiLU-Dropout-Linear")
+    g.add_argument("--dropout", type=bounded(float, 0, 1, high_open=True), default=0.0,
+                   help="dropout before the head, [0, 1)")
+    g.add_argument("--msd", type=bounded(int, 1, 32), default=1,
+                   help="multi-sample dropout: the head averaged over this many dropout masks")
+    g = flag_group(p, "external data and the diagnosis target", setting=True)
+    g.add_argument("--external", metavar="DIR", type=path, action="append", help="ISIC 2019 "
+                   "data (train.csv with image_name, diagnosis; train/*.jpg) that only trains; "
+                   "repeatable")
+    g.add_argument("--external-neg-ratio", type=bounded(float, 0, low_open=True), help="benign "
+                   "external images per external melanoma per epoch, drawn apart from the "
+                   "competition's (default: one pool)")
+    g.add_argument("--target", choices=["melanoma", "diagnosis"], default="melanoma",
+                   help="what the head learns: melanoma (one logit, BCE: the recipe) or diagnosis "
+                   "(softmax over the diagnosis column's classes, the 1st place's 9 with ISIC "
+                   "2019); either way every score is P(melanoma)")
+    g = flag_group(p, "starting weights", setting=True)
+    g.add_argument("--weights", type=path,
+                   help="weights file to start from (.safetensors or a torch state dict)")
+    g.add_argument("--init-from", metavar="RUN", type=text, help="start each fold from the same "
+                   "fold's weights of an earlier run: a run name in --out, or a path prefix "
+                   "(other/preds/NAME), read as {RUN}_fold{k}.safetensors")
+    g = flag_group(p, "augmentation files and hair", setting=True)
+    g.add_argument("--augs", metavar="FILE", type=path, help="YAML list of kornia.augmentation "
+                   "classes and arguments (- name: RandomAffine / degrees: 180 ...) replacing the "
+                   "recipe's random stack (default: DEFAULT_AUGS in melanoma.py)")
+    g.add_argument("--hair", type=bounded(float, 0, 1), default=0.0, metavar="P",
+                   help="draw dark hairs over an image with probability P (appends Hair(p=P))")
+    g = flag_group(p, "cache", setting=True)
+    g.add_argument("--cache", type=text, help="directory for images resized to --size (written "
+                   "once, reused; re-encoded, so the pixels differ slightly)"
+                   ).key = lambda folder: True  # other pixels: on or off counts, not where
+    g = flag_group(p, "resume, trackers and the demo", setting=False)
+    g.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from its last epoch")
+    g.add_argument("--overwrite", action="store_true",
+                   help="retrain folds that already have outputs")
+    g.add_argument("--log-with", nargs="+", choices=LoggerType.list(), metavar="NAME",
+                   help="experiment trackers (accelerate's: "
+                   f"{', '.join(LoggerType.list())}; all: every one installed) that training, "
+                   "--lr-find and --explain log to, a tracker run per fold "
+                   "({name}_fold{k}); TensorBoard's in {out}/logs")
+    g.add_argument("--demo", action="store_true", help="make a small synthetic dataset once and "
+                   f"train on it with CPU-sized defaults: {DEMO}")
+    g = flag_group(p, "tools (one at a time; --explain also goes with --predict)", setting=False)
+    g.add_argument("--make-folds", metavar="TRAIN_CSV", type=path,
+                   help="write patient-grouped folds of TRAIN_CSV to --out")
+    g.add_argument("--n-folds", type=bounded(int, 2, 100), default=5,
+                   help="number of folds for --make-folds")
+    g.add_argument("--benchmark", action="store_true",
+                   help="measure loading, augmentation, step and TTA speed")
+    g.add_argument("--lr-find", action="store_true", help="LR range test on the first --fold: "
+                   "writes {name}_lr_find.csv and .png in --out, prints --lr-min and --lr-max")
+    g.add_argument("--lr-find-start", type=bounded(float, 1e-12), default=1e-7,
+                   metavar="LR", help="--lr-find's first learning rate")
+    g.add_argument("--lr-find-end", type=bounded(float, 1e-12, 1e9), default=1.0,
+                   metavar="LR", help="--lr-find's last learning rate (the rate rises "
+                   "exponentially)")
+    g.add_argument("--lr-find-steps", type=bounded(int, 10, 10**5), default=200, metavar="N",
+                   help="--lr-find's steps from start to end, unless the loss diverges first")
+    g.add_argument("--lr-find-batches", type=bounded(int, 1, 64), default=1, metavar="N",
+                   help="--lr-find's batches per step: a step's loss is their mean, measured at "
+                   "the same weights (one of them trains), which cuts the noise by sqrt(N)")
+    g.add_argument("--runs", nargs="?", type=text, const="preds", metavar="OUT",
+                   help="print the experiments of OUT/runs.csv (default OUT: preds), best first")
+    g.add_argument("--predict", metavar="PATH", type=path, help="score a folder of images "
+                   "(recursively) or a CSV with image_name with every fold of run --name in "
+                   "--out; no training")
+    g.add_argument("--skip-bad", action="store_true", help="with --predict: leave out unreadable "
+                   "images (listed in {name}_predict_skipped.tsv) instead of stopping")
+    g.add_argument("--explain", type=bounded(int, 1, 32), metavar="N",
+                   help="Grad-CAM grids of run --name: the N most confident false positives and "
+                   "negatives of each fold's OOF (and with --predict the N top new images)")
+    # the flags of the setting groups: resume, finished folds, the ledger and the model record
+    p.settings = [a for g in p._action_groups if getattr(g, "setting", False)
+                  for a in g._group_actions]
+    return p
+
+
+def check_flags(p, args):
+    """The checks that each flag's type cannot make: a text value (empty, from an unset shell
+    variable, or undecodable), --name, and the flags that relate to each other."""
+    for a in p._actions:
+        value = getattr(args, a.dest, None)
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, str):
+                try:
+                    text(v)
+                except argparse.ArgumentTypeError as e:
+                    p.error(f"argument {'/'.join(a.option_strings)}: {e}")
+    tools = [f"--{t.replace('_', '-')}" for t in TOOLS if getattr(args, t)]
+    name = args.name or ""
+    for wrong, message in (
+            (set(name) & set("/\\\0\n\r") or name.startswith((".", "-")) or len(name) > 150,
+             "argument --name: must be a plain file-name part of at most 150 characters on one "
+             f"line, not starting with '.' or '-', got {name[:160]!r}"),
+            (args.lr_min > args.lr_max, f"need --lr-min <= --lr-max, got --lr-min {args.lr_min} "
+             f"--lr-max {args.lr_max}"),
+            (args.external_neg_ratio is not None and not args.external,
+             "--external-neg-ratio needs --external"),
+            (args.msd > 1 and args.dropout == 0,
+             "--msd averages over dropout masks: it needs --dropout above 0"),
+            (args.resume and args.overwrite,
+             "--resume continues a checkpoint and --overwrite discards it: pass one"),
+            (len(set(args.fold)) < len(args.fold),
+             f"--fold lists a fold twice: {' '.join(map(str, args.fold))}"),
+            (args.skip_bad and not args.predict, "--skip-bad goes with --predict"),
+            (args.weights and args.init_from,
+             "--weights and --init-from both set the starting weights: pass one"),
+            (args.lr_find_start >= args.lr_find_end, "need --lr-find-start < --lr-find-end, got "
+             f"{args.lr_find_start} and {args.lr_find_end}"),
+            (len(tools) > 1 and tools != ["--predict", "--explain"],
+             f"{' and '.join(tools[:2])} are two tools: pass one")):
+        if wrong:
+            p.error(message)
+
+
+def settings(args, defaults):
+    """The setting flags that differ from their defaults (--demo's with --demo), as the ledger
+    shows them: a command-line fragment as given, before the data location is filled in."""
+    parts = ["--demo"] if args.demo else []
+    for a in get_parser().settings:
+        value, flag = getattr(args, a.dest), a.option_strings[0]
+        if value == getattr(defaults, a.dest):
+            continue
+        if isinstance(a, argparse.BooleanOptionalAction):
+            parts.append(a.option_strings[0 if value else 1])
+        elif value is True:
+            parts.append(flag)
+        elif isinstance(value, list) and a.nargs is None:  # a repeatable flag
+            parts += [token for v in value for token in (flag, str(v))]
+        else:
+            parts += [flag, *map(str, value if isinstance(value, list) else [value])]
+    return shlex.join(parts)
+
+
+def check_run(args, accelerator):
+    """Before any data is read: the precision the device can run, the output folders, and the
+    demo's data, which the main process makes once, before the others read it."""
+    if accelerator.device.type == "cpu" and accelerator.mixed_precision == "fp16":
+        raise DataError("--mixed-precision fp16 needs a GPU; on the CPU use bf16 or no")
+    with accelerator.main_process_first():
+        if args.demo and not (Path(args.data_dir) / "train.csv").exists():
+            make_demo_data(args.data_dir, seed=args.seed)
+    check_writable(args.out, "--out")
+    if args.cache:
+        check_writable(args.cache, "--cache")
+
+
+def one_line(e):
+    """An error raised in a loader process carries its traceback: its last line is the
+    message."""
+    lines = str(e).strip().splitlines() or [type(e).__name__]
+    if lines[0].startswith(("Caught DataError", "Traceback")):
+        return lines[-1].split("DataError: ")[-1]
+    return " ".join(line.strip() for line in lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# The extras at the recipe's seams
 
 class Extras(Hooks):
     """The recipe's seams with the extras attached, in the order a run meets them. What the run
@@ -1044,167 +1222,94 @@ class Extras(Hooks):
 
 
 # ----------------------------------------------------------------------------------------------
-# Flags and input checks: flags when parsed, files when first read, outputs before the first epoch
+# Resume and finished folds: what shaped a fold, derived from the flags of the setting groups
 
-@functools.cache
-def get_parser():
-    """The recipe's flags, then a group for each extra."""
-    p = recipe_flags(ArgumentParser(description="Train, validate and predict melanoma "
-                                    "classifiers.", formatter_class=HelpFormatter,
-                                    allow_abbrev=False))
-    g = flag_group(p, "metadata and heads", setting=True)
-    g.add_argument("--meta", action="store_true", help="join the patient metadata (sex, age, "
-                   "site, the patient's image count, image size) to the image features")
-    g.add_argument("--head", choices=["linear", "mlp"], default="linear",
-                   help="one Linear layer (the recipe), or Linear-SiLU-Dropout-Linear")
-    g.add_argument("--dropout", type=bounded(float, 0, 1, high_open=True), default=0.0,
-                   help="dropout before the head, [0, 1)")
-    g.add_argument("--msd", type=bounded(int, 1, 32), default=1,
-                   help="multi-sample dropout: the head averaged over this many dropout masks")
-    g = flag_group(p, "external data and the diagnosis target", setting=True)
-    g.add_argument("--external", metavar="DIR", type=path, action="append", help="ISIC 2019 "
-                   "data (train.csv with image_name, diagnosis; train/*.jpg) that only trains; "
-                   "repeatable")
-    g.add_argument("--external-neg-ratio", type=bounded(float, 0, low_open=True), help="benign "
-                   "external images per external melanoma per epoch, drawn apart from the "
-                   "competition's (default: one pool)")
-    g.add_argument("--target", choices=["melanoma", "diagnosis"], default="melanoma",
-                   help="what the head learns: melanoma (one logit, BCE: the recipe) or diagnosis "
-                   "(softmax over the diagnosis column's classes, the 1st place's 9 with ISIC "
-                   "2019); either way every score is P(melanoma)")
-    g = flag_group(p, "starting weights", setting=True)
-    g.add_argument("--weights", type=path,
-                   help="weights file to start from (.safetensors or a torch state dict)")
-    g.add_argument("--init-from", metavar="RUN", type=text, help="start each fold from the same "
-                   "fold's weights of an earlier run: a run name in --out, or a path prefix "
-                   "(other/preds/NAME), read as {RUN}_fold{k}.safetensors")
-    g = flag_group(p, "augmentation files and hair", setting=True)
-    g.add_argument("--augs", metavar="FILE", type=path, help="YAML list of kornia.augmentation "
-                   "classes and arguments (- name: RandomAffine / degrees: 180 ...) replacing the "
-                   "recipe's random stack (default: DEFAULT_AUGS in melanoma.py)")
-    g.add_argument("--hair", type=bounded(float, 0, 1), default=0.0, metavar="P",
-                   help="draw dark hairs over an image with probability P (appends Hair(p=P))")
-    g = flag_group(p, "cache", setting=True)
-    g.add_argument("--cache", type=text, help="directory for images resized to --size (written "
-                   "once, reused; re-encoded, so the pixels differ slightly)"
-                   ).key = lambda folder: True  # other pixels: on or off counts, not where
-    g = flag_group(p, "resume, trackers and the demo", setting=False)
-    g.add_argument("--resume", action="store_true",
-                   help="continue an interrupted run from its last epoch")
-    g.add_argument("--overwrite", action="store_true",
-                   help="retrain folds that already have outputs")
-    g.add_argument("--log-with", nargs="+", choices=LoggerType.list(), metavar="NAME",
-                   help="experiment trackers (accelerate's: "
-                   f"{', '.join(LoggerType.list())}; all: every one installed) that training, "
-                   "--lr-find and --explain log to, a tracker run per fold "
-                   "({name}_fold{k}); TensorBoard's in {out}/logs")
-    g.add_argument("--demo", action="store_true", help="make a small synthetic dataset once and "
-                   f"train on it with CPU-sized defaults: {DEMO}")
-    g = flag_group(p, "tools (one at a time; --explain also goes with --predict)", setting=False)
-    g.add_argument("--make-folds", metavar="TRAIN_CSV", type=path,
-                   help="write patient-grouped folds of TRAIN_CSV to --out")
-    g.add_argument("--n-folds", type=bounded(int, 2, 100), default=5,
-                   help="number of folds for --make-folds")
-    g.add_argument("--benchmark", action="store_true",
-                   help="measure loading, augmentation, step and TTA speed")
-    g.add_argument("--lr-find", action="store_true", help="LR range test on the first --fold: "
-                   "writes {name}_lr_find.csv and .png in --out, prints --lr-min and --lr-max")
-    g.add_argument("--lr-find-start", type=bounded(float, 1e-12), default=1e-7,
-                   metavar="LR", help="--lr-find's first learning rate")
-    g.add_argument("--lr-find-end", type=bounded(float, 1e-12, 1e9), default=1.0,
-                   metavar="LR", help="--lr-find's last learning rate (the rate rises "
-                   "exponentially)")
-    g.add_argument("--lr-find-steps", type=bounded(int, 10, 10**5), default=200, metavar="N",
-                   help="--lr-find's steps from start to end, unless the loss diverges first")
-    g.add_argument("--lr-find-batches", type=bounded(int, 1, 64), default=1, metavar="N",
-                   help="--lr-find's batches per step: a step's loss is their mean, measured at "
-                   "the same weights (one of them trains), which cuts the noise by sqrt(N)")
-    g.add_argument("--runs", nargs="?", type=text, const="preds", metavar="OUT",
-                   help="print the experiments of OUT/runs.csv (default OUT: preds), best first")
-    g.add_argument("--predict", metavar="PATH", type=path, help="score a folder of images "
-                   "(recursively) or a CSV with image_name with every fold of run --name in "
-                   "--out; no training")
-    g.add_argument("--skip-bad", action="store_true", help="with --predict: leave out unreadable "
-                   "images (listed in {name}_predict_skipped.tsv) instead of stopping")
-    g.add_argument("--explain", type=bounded(int, 1, 32), metavar="N",
-                   help="Grad-CAM grids of run --name: the N most confident false positives and "
-                   "negatives of each fold's OOF (and with --predict the N top new images)")
-    # the flags of the setting groups: resume, finished folds, the ledger and the model record
-    p.settings = [a for g in p._action_groups if getattr(g, "setting", False)
-                  for a in g._group_actions]
-    return p
+def run_key(args, accelerator):
+    """Everything that shaped a fold's outputs: each setting flag (a path by its content, a type
+    with a key by that), the mixed precision and the number of processes (the global batch)."""
+    key = {}
+    for a in get_parser().settings:
+        value, count = getattr(args, a.dest), getattr(a, "key", content_key if a.type is path
+                                                      else None)
+        if count and value is not None:
+            value = [count(v) for v in value] if isinstance(value, list) else count(value)
+        key[a.dest] = value
+    return dict(key, mixed_precision=accelerator.mixed_precision,
+                processes=accelerator.num_processes)
 
 
-def get_args(argv=None):
-    p = get_parser()
-    argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
-    demo = shlex.split(DEMO) if "--demo" in argv else []
-    args = p.parse_args(demo + argv)
-    check_flags(p, args)
-    args.settings = settings(args, p.parse_args(demo))
-    args.out = args.out or ("folds.csv" if args.make_folds else None)
-    return run_names(args)
+DIGESTS = {}  # content_key's SHA-256s by (path, size, mtime): an edited file is read again
 
 
-def check_flags(p, args):
-    """The checks that each flag's type cannot make: a text value (empty, from an unset shell
-    variable, or undecodable), --name, and the flags that relate to each other."""
-    for a in p._actions:
-        value = getattr(args, a.dest, None)
-        for v in value if isinstance(value, list) else [value]:
-            if isinstance(v, str):
-                try:
-                    text(v)
-                except argparse.ArgumentTypeError as e:
-                    p.error(f"argument {'/'.join(a.option_strings)}: {e}")
-    tools = [f"--{t.replace('_', '-')}" for t in TOOLS if getattr(args, t)]
-    name = args.name or ""
-    for wrong, message in (
-            (set(name) & set("/\\\0\n\r") or name.startswith((".", "-")) or len(name) > 150,
-             "argument --name: must be a plain file-name part of at most 150 characters on one "
-             f"line, not starting with '.' or '-', got {name[:160]!r}"),
-            (args.lr_min > args.lr_max, f"need --lr-min <= --lr-max, got --lr-min {args.lr_min} "
-             f"--lr-max {args.lr_max}"),
-            (args.external_neg_ratio is not None and not args.external,
-             "--external-neg-ratio needs --external"),
-            (args.msd > 1 and args.dropout == 0,
-             "--msd averages over dropout masks: it needs --dropout above 0"),
-            (args.resume and args.overwrite,
-             "--resume continues a checkpoint and --overwrite discards it: pass one"),
-            (len(set(args.fold)) < len(args.fold),
-             f"--fold lists a fold twice: {' '.join(map(str, args.fold))}"),
-            (args.skip_bad and not args.predict, "--skip-bad goes with --predict"),
-            (args.weights and args.init_from,
-             "--weights and --init-from both set the starting weights: pass one"),
-            (args.lr_find_start >= args.lr_find_end, "need --lr-find-start < --lr-find-end, got "
-             f"{args.lr_find_start} and {args.lr_find_end}"),
-            (len(tools) > 1 and tools != ["--predict", "--explain"],
-             f"{' and '.join(tools[:2])} are two tools: pass one")):
-        if wrong:
-            p.error(message)
+def content_key(p):
+    """A path flag counts by its content: by its path an edited file would pass for the same. A
+    data folder counts by its tables' (hashing its images would take minutes), a table it lacks
+    as None, so that a copy elsewhere is the same; another missing path by itself (reading it
+    says why)."""
+    if os.path.isdir(p):
+        return [content_key(Path(p) / f"{t}.csv") if (Path(p) / f"{t}.csv").exists() else None
+                for t in ("train", "test")]
+    if not os.path.isfile(p):
+        return str(p)
+    stamp = (str(p), os.stat(p).st_size, os.stat(p).st_mtime_ns)
+    if stamp not in DIGESTS:
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        DIGESTS[stamp] = f"sha256:{h.hexdigest()[:16]}"
+    return DIGESTS[stamp]
 
 
-def one_line(e):
-    """An error raised in a loader process carries its traceback: its last line is the
-    message."""
-    lines = str(e).strip().splitlines() or [type(e).__name__]
-    if lines[0].startswith(("Caught DataError", "Traceback")):
-        return lines[-1].split("DataError: ")[-1]
-    return " ".join(line.strip() for line in lines)
+def run_folds(out, name):
+    """{fold: {out}/{name}_fold{k}} for every fold of run `name` with a JSON or weights there."""
+    pattern = re.compile(rf"^{re.escape(name)}_fold(\d+)\.(json|safetensors)$")
+    found = (pattern.match(p.name) for p in Path(out).glob(f"{glob.escape(name)}_fold*"))
+    return {int(m[1]): Path(out) / f"{name}_fold{m[1]}" for m in sorted(
+        filter(None, found), key=lambda m: int(m[1]))}
 
 
-def check_run(args, accelerator):
-    """Before any data is read: the precision the device can run, the output folders, and the
-    demo's data, which the main process makes once, before the others read it."""
-    if accelerator.device.type == "cpu" and accelerator.mixed_precision == "fp16":
-        raise DataError("--mixed-precision fp16 needs a GPU; on the CPU use bf16 or no")
-    with accelerator.main_process_first():
-        if args.demo and not (Path(args.data_dir) / "train.csv").exists():
-            make_demo_data(args.data_dir, seed=args.seed)
-    check_writable(args.out, "--out")
-    if args.cache:
-        check_writable(args.cache, "--cache")
+def read_result(path, key=None):
+    """A finished fold's JSON, which must have been trained with the settings `key` (None: any)."""
+    try:
+        result = json.loads(path.read_text())
+        if not (isinstance(result.get("args"), dict) and isinstance(result.get("run"), dict)):
+            raise TypeError("its args or run is not an object")
+        if result.get("classes") is not None and "MEL" not in result["classes"]:
+            raise ValueError("its classes have no melanoma (MEL)")
+        changed = differences(result["run"], key) if key is not None else []
+    except (OSError, ValueError, AttributeError, TypeError) as e:
+        raise DataError(f"{path}: a finished fold's JSON that cannot be read ({one_line(e)}); "
+                        "retrain the fold (--overwrite) or move the JSON away")
+    if changed:
+        raise DataError(f"{path}: this fold finished with other settings ({'; '.join(changed)}): "
+                        "give the new run its own --name, or --overwrite to retrain it")
+    return result
 
+
+def differences(saved, key, labels=("saved", "now")):
+    """The settings of `key` that `saved` holds otherwise, as '--flag old (saved) vs new (now)'.
+    A setting that `saved` lacks, from a run older than its flag, counts as the flag's default:
+    a new flag's default is the behaviour from before it."""
+    defaults = {a.dest: a.default for a in get_parser().settings}
+    old = {k: saved.get(k, defaults.get(k)) for k in key}
+    return [f"--{k.replace('_', '-')} {old[k]!r} ({labels[0]}) vs {v!r} ({labels[1]})"
+            for k, v in key.items() if old[k] != v]
+
+
+# What a fold writes in --out, after {name}_fold{k}
+FOLD_OUTPUTS = ("_oof.csv", "_test.csv", ".json", ".safetensors", "_last.pt", "_curves.png",
+                "_roc.png")
+
+
+def check_output_files(paths):
+    for p in paths:
+        if Path(p).is_dir():
+            raise DataError(f"{p}: a folder where an output file goes")
+
+
+# ----------------------------------------------------------------------------------------------
+# Image checks: every image before the first epoch
 
 def check_images(paths, accelerator=None, skip_bad=False, hint=""):
     """{path: why} of the images that cannot be used, named all at once before training rather
@@ -1284,116 +1389,12 @@ def check_images(paths, accelerator=None, skip_bad=False, hint=""):
 
 
 # ----------------------------------------------------------------------------------------------
-# Resume and finished folds: what shaped a fold, derived from the flags of the setting groups
-
-def settings(args, defaults):
-    """The setting flags that differ from their defaults (--demo's with --demo), as the ledger
-    shows them: a command-line fragment as given, before the data location is filled in."""
-    parts = ["--demo"] if args.demo else []
-    for a in get_parser().settings:
-        value, flag = getattr(args, a.dest), a.option_strings[0]
-        if value == getattr(defaults, a.dest):
-            continue
-        if isinstance(a, argparse.BooleanOptionalAction):
-            parts.append(a.option_strings[0 if value else 1])
-        elif value is True:
-            parts.append(flag)
-        elif isinstance(value, list) and a.nargs is None:  # a repeatable flag
-            parts += [token for v in value for token in (flag, str(v))]
-        else:
-            parts += [flag, *map(str, value if isinstance(value, list) else [value])]
-    return shlex.join(parts)
-
-
-DIGESTS = {}  # content_key's SHA-256s by (path, size, mtime): an edited file is read again
-
-
-def content_key(p):
-    """A path flag counts by its content: by its path an edited file would pass for the same. A
-    data folder counts by its tables' (hashing its images would take minutes), a table it lacks
-    as None, so that a copy elsewhere is the same; another missing path by itself (reading it
-    says why)."""
-    if os.path.isdir(p):
-        return [content_key(Path(p) / f"{t}.csv") if (Path(p) / f"{t}.csv").exists() else None
-                for t in ("train", "test")]
-    if not os.path.isfile(p):
-        return str(p)
-    stamp = (str(p), os.stat(p).st_size, os.stat(p).st_mtime_ns)
-    if stamp not in DIGESTS:
-        h = hashlib.sha256()
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        DIGESTS[stamp] = f"sha256:{h.hexdigest()[:16]}"
-    return DIGESTS[stamp]
-
-
-def run_key(args, accelerator):
-    """Everything that shaped a fold's outputs: each setting flag (a path by its content, a type
-    with a key by that), the mixed precision and the number of processes (the global batch)."""
-    key = {}
-    for a in get_parser().settings:
-        value, count = getattr(args, a.dest), getattr(a, "key", content_key if a.type is path
-                                                      else None)
-        if count and value is not None:
-            value = [count(v) for v in value] if isinstance(value, list) else count(value)
-        key[a.dest] = value
-    return dict(key, mixed_precision=accelerator.mixed_precision,
-                processes=accelerator.num_processes)
-
-
-def differences(saved, key, labels=("saved", "now")):
-    """The settings of `key` that `saved` holds otherwise, as '--flag old (saved) vs new (now)'.
-    A setting that `saved` lacks, from a run older than its flag, counts as the flag's default:
-    a new flag's default is the behaviour from before it."""
-    defaults = {a.dest: a.default for a in get_parser().settings}
-    old = {k: saved.get(k, defaults.get(k)) for k in key}
-    return [f"--{k.replace('_', '-')} {old[k]!r} ({labels[0]}) vs {v!r} ({labels[1]})"
-            for k, v in key.items() if old[k] != v]
-
-
-def read_result(path, key=None):
-    """A finished fold's JSON, which must have been trained with the settings `key` (None: any)."""
-    try:
-        result = json.loads(path.read_text())
-        if not (isinstance(result.get("args"), dict) and isinstance(result.get("run"), dict)):
-            raise TypeError("its args or run is not an object")
-        if result.get("classes") is not None and "MEL" not in result["classes"]:
-            raise ValueError("its classes have no melanoma (MEL)")
-        changed = differences(result["run"], key) if key is not None else []
-    except (OSError, ValueError, AttributeError, TypeError) as e:
-        raise DataError(f"{path}: a finished fold's JSON that cannot be read ({one_line(e)}); "
-                        "retrain the fold (--overwrite) or move the JSON away")
-    if changed:
-        raise DataError(f"{path}: this fold finished with other settings ({'; '.join(changed)}): "
-                        "give the new run its own --name, or --overwrite to retrain it")
-    return result
-
-
-def run_folds(out, name):
-    """{fold: {out}/{name}_fold{k}} for every fold of run `name` with a JSON or weights there."""
-    pattern = re.compile(rf"^{re.escape(name)}_fold(\d+)\.(json|safetensors)$")
-    found = (pattern.match(p.name) for p in Path(out).glob(f"{glob.escape(name)}_fold*"))
-    return {int(m[1]): Path(out) / f"{name}_fold{m[1]}" for m in sorted(
-        filter(None, found), key=lambda m: int(m[1]))}
-
-
-# What a fold writes in --out, after {name}_fold{k}
-FOLD_OUTPUTS = ("_oof.csv", "_test.csv", ".json", ".safetensors", "_last.pt", "_curves.png",
-                "_roc.png")
-
-
-def check_output_files(paths):
-    for p in paths:
-        if Path(p).is_dir():
-            raise DataError(f"{p}: a folder where an output file goes")
-
-
-# ----------------------------------------------------------------------------------------------
 # Metadata and heads: --meta, --head, --dropout, --msd, and the model that takes them
 
 # The columns --meta reads from train.csv, test.csv and external data.
 META_COLUMNS = ["patient_id", "sex", "age_approx", "anatom_site_general_challenge"]
+
+
 # The spellings of sex that --meta takes (any case), as one category each; "" is missing.
 SEXES = {"male": "male", "m": "male", "female": "female", "f": "female", "": "", "unknown": ""}
 
@@ -1535,6 +1536,8 @@ class ExtrasNet(torch.nn.Module):
 
 # ISIC 2019's diagnoses, the classes of --target diagnosis in this order; only MEL is a melanoma.
 DIAGNOSES_2019 = ("MEL", "NV", "BCC", "BKL", "AK", "SCC", "VASC", "DF", "UNK")
+
+
 # The competition's diagnoses as ISIC 2019's classes, as the 1st place merged them.
 COMPETITION_DIAGNOSES = {
     "melanoma": "MEL", "nevus": "NV", "seborrheic keratosis": "BKL", "lichenoid keratosis": "BKL",
@@ -2592,8 +2595,6 @@ def verdict_line(r):
         line += ("; the loss still fell at the end of the range: a higher --lr-find-end shows "
                  "where it diverges")
     return line
-
-
 
 
 def lr_find(args, accelerator):
