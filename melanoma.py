@@ -10,36 +10,29 @@ features + one Linear layer, AdamW (weight decay 0.1) with OneCycle 5e-6 -> 2e-4
     accelerate launch --multi_gpu --num_processes 4 --mixed_precision bf16 melanoma.py \\
         --data-dir DATA --size 512 --fold 0 1 2 3 4
     ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 melanoma.py --demo   # two CPU processes
-    python melanoma.py --make-folds train.csv --out folds.csv    # patient-grouped folds
-    python melanoma.py --benchmark --size 512                    # loading, step and TTA speed
-    python melanoma.py --predict photos/ --name NAME --explain 4  # score new images, Grad-CAM
     python melanoma.py --demo --lr-find                          # LR range test: --lr-min/--lr-max
-    python melanoma.py --demo --augs augs.yaml --hair 0.3 --name hair   # other augmentations
     python melanoma.py --demo --size 96 --init-from demo --name demo96  # from smaller weights
-    python melanoma.py --demo --target diagnosis --name diag     # the 1st place's classes
     python melanoma.py --runs                                    # the experiments, best first
-    python melanoma.py --demo --log-with tensorboard             # tensorboard --logdir preds/logs
+    python melanoma.py --predict photos/ --name NAME --explain 4  # score new images, Grad-CAM
+    python melanoma.py --help   # and README.md: --make-folds, --benchmark, --augs, --hair, --meta,
+                                # --external, --target diagnosis, --log-with tensorboard, ...
 
-Outputs land in --out (default preds/): {name}_fold{k}_oof.csv, {name}_fold{k}_test.csv,
-{name}_fold{k}.json, {name}_fold{k}.safetensors, learning curves and the OOF ROC curve
-({name}_fold{k}_curves.png, _roc.png), and a row per finished fold in runs.csv;
-`python ensemble.py preds/*.csv` blends them.
+Outputs, in --out (default preds/): {name}_fold{k}_oof.csv and _test.csv (predictions), .json
+(arguments and figures), .safetensors (weights), _curves.png and _roc.png, and a row per finished
+fold in runs.csv; `python ensemble.py preds/*.csv` blends them.
 
-Above the banner `# Beyond the recipe` stands the recipe and nothing else: its flags, data,
-sampler, augmentation and TTA, model, training, outputs, and recipe(), which trains the requested
-folds. Cut the file there and the top trains on its own, byte for byte. Below the banner, the
-extras (input checks, resume, metadata, external data and the diagnosis target, hair and --augs,
-the cache, plots, the ledger, trackers, using a trained model, the tools) add their flags and
-attach through the seams of class Hooks; main() runs them.
+Above the banner `# Beyond the recipe` stands the recipe alone: recipe() trains the folds, and the
+file cut there trains them byte for byte as a whole. Below it, the extras attach at the seams of
+class Hooks, and main() runs them.
 
 Measured on 2 CPU cores (README.md has the details): the demo trains and predicts fold 0 in about
-10 s after a 7 s start (OOF AUC 0.90; 5-fold CV 0.85, and 0.86 with --target diagnosis, a
-difference within the noise); a 6000x4000 JPEG loads at 512 px in 0.05 s against 0.30 s for a
-plain decode and resize; 15-pass TTA decoding once runs 5.7x faster than re-reading at 256 px,
-2.0x at 512 px. GPU figures: not measured yet.
+10 s after a 7 s start (OOF AUC 0.90; 5-fold CV 0.85); a 6000x4000 JPEG loads at 512 px in 0.05 s
+against 0.30 s for a plain decode and resize; 15-pass TTA decoding once runs 5.7x faster than
+re-reading at 256 px, 2.0x at 512 px. GPU figures: not measured yet.
 """
 import argparse, contextlib, functools, io, json, math, os, sys, time
 from pathlib import Path
+
 import kornia.augmentation as K
 import numpy as np
 import pandas as pd
@@ -52,12 +45,10 @@ from PIL import Image, ImageOps
 from safetensors.torch import save as safetensors_bytes
 from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
-# torch-free helpers shared with ensemble.py, which stays free of torch so that it starts at once
-from ensemble import DataError, atomic_write, read_csv
 
-# Where the data is looked for without --data-dir: a folder in the working folder, then the
-# competition as Kaggle notebooks mount it.
-DATA_LOCATIONS = ("data", "/kaggle/input/siim-isic-melanoma-classification")
+# torch-free helpers shared with ensemble.py, which stays free of torch so that it starts at once
+from ensemble import DataError, atomic_write_all, read_csv
+
 # Random streams. Every random draw comes from a generator keyed on (seed, STREAM, ...), never
 # from a global state, so that each process and a resumed run draw the same numbers, and no two
 # uses of randomness share a stream.
@@ -72,32 +63,21 @@ AUGMENT = 6    # the training augmentation: key (seed, AUGMENT, epoch, process)
 # ----------------------------------------------------------------------------------------------
 # Flags. The groups marked setting=True hold every flag that shapes a fold's outputs.
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows a flag's default unless its help already says it, or there is none."""
-
-    def _get_help_string(self, action):
-        if "default" in action.help or action.default in (None, False, argparse.SUPPRESS):
-            return action.help
-        return super()._get_help_string(action)
-
-
 def recipe_flags(p):
     """The recipe's flags on parser p; main() adds the extras' groups after them."""
     g = flag_group(p, "data", setting=True)
     g.add_argument("--data-dir", type=path, help="competition data: train.csv, test.csv and "
-                   "jpeg/train/ (official) or train/ (resized datasets); default: the first of "
-                   f"{', '.join(DATA_LOCATIONS)} that holds them")
-    g.add_argument("--folds", type=path, help="fold file joined on image_name (default: "
-                   "folds.csv in the data folder if there is one, else the folds.csv beside "
-                   "melanoma.py)")
+                   "jpeg/train/ (official) or train/ (resized datasets) (default: data/; "
+                   "melanoma.py also looks in /kaggle/input/siim-isic-melanoma-classification)")
+    g.add_argument("--folds", type=path, help="fold file joined on image_name (default: the "
+                   "data folder's folds.csv, else the one beside melanoma.py)")
     g.add_argument("--frac", type=bounded(float, 0, 1, low_open=True), default=1.0,
                    help="fraction of the training images to use (0, 1]")
     g.add_argument("--size", type=bounded(int, 0, 4096, low_open=True), default=512,
                    help="image side in pixels after resizing")
     g = flag_group(p, "sampler", setting=True)
     g.add_argument("--neg-ratio", type=bounded(float, 0, low_open=True), help="benign images per "
-                   "melanoma per epoch (default: the smallest ratio whose --epochs epochs cover "
-                   "every benign image)")
+                   "melanoma per epoch (default: the fewest that cover all in --epochs epochs)")
     g = flag_group(p, "augmentation", setting=True)
     g.add_argument("--cutout", action="store_true",
                    help="add RandomErasing(p=0.5) to the augmentations")
@@ -123,8 +103,7 @@ def recipe_flags(p):
     g = flag_group(p, "run", setting=False)
     g.add_argument("--fold", type=bounded(int, 0), nargs="+", default=[0],
                    help="validation fold(s) to train")
-    g.add_argument("--out", help="output directory (default preds/; with --make-folds the CSV "
-                   "path, default folds.csv)")
+    g.add_argument("--out", help="output directory (default preds/; --make-folds: folds.csv)")
     g.add_argument("--name", help="run name in output files (default {model}_{size})")
     g.add_argument("--num-workers", type=bounded(int, 0, 64), default=min(8, os.cpu_count() or 1),
                    help="image-loading processes per training process")
@@ -175,14 +154,12 @@ def run_names(args):
 
 
 # ----------------------------------------------------------------------------------------------
-# The run: the folds in turn, read from the data, each trained, validated and predicted. Each
-# hooks.X call is a seam where an extra may attach; the recipe's own behaviour is class Hooks'.
+# The run: the folds in turn, each trained, validated and predicted; hooks.X: a seam (class Hooks)
 
 def recipe(argv=None):
-    """Parse the recipe's flags (argv, else the command line), then train, validate and predict
-    the requested folds."""
+    """Parse the recipe's flags (argv, else the command line); train, validate, predict folds."""
     p = argparse.ArgumentParser(description="Train, validate and predict melanoma classifiers.",
-                                formatter_class=HelpFormatter, allow_abbrev=False)
+                                allow_abbrev=False)
     args = run_names(recipe_flags(p).parse_args(argv))
     accelerator = Accelerator(cpu=args.cpu, mixed_precision=args.mixed_precision)
     return train_folds(args, accelerator, Hooks(args, accelerator))
@@ -206,19 +183,8 @@ def train_folds(args, accelerator, hooks):
 
 def read_data(args, hooks, say=print):
     """(training rows with their fold, test rows), each with an image `path`; rows of fold -1 are
-    never used. Without --data-dir: the first of DATA_LOCATIONS with a competition layout; without
-    --folds: the folds.csv in the data folder, else the one beside this file."""
-    if args.data_dir is None:
-        found = [d for d in DATA_LOCATIONS if layout_of(d)]
-        if not found:
-            raise DataError(f"no competition data found in {' or '.join(DATA_LOCATIONS)} "
-                            "(train.csv with jpeg/train/ or train/): download it with `kaggle "
-                            "competitions download -c siim-isic-melanoma-classification` and unzip "
-                            "it into data/ (or put a resized dataset there in the train/ layout), "
-                            "pass --data-dir DIR, or run --demo, which needs no data")
-        args.data_dir = path(found[0])
-        say(f"data: {found[0]} (the first default location that holds a competition layout; "
-            "--data-dir chooses another)")
+    never used. Without --folds: the folds.csv in the data folder, else the one beside this file."""
+    args.data_dir = args.data_dir or path("data")
     if args.folds is None:
         beside = Path(args.data_dir) / "folds.csv"
         args.folds = path(str(beside if beside.is_file() else Path(__file__).parent / "folds.csv"))
@@ -250,8 +216,7 @@ def read_data(args, hooks, say=print):
 
 
 def layout_of(data_dir):
-    """(train image dir, test image dir) of the official layout (jpeg/train) or a resized one
-    (train/), or None."""
+    """(train, test image dirs) of the official layout (jpeg/) or a resized one, or None."""
     d = Path(data_dir)
     for train, test in ((d / "jpeg" / "train", d / "jpeg" / "test"), (d / "train", d / "test")):
         if (d / "train.csv").is_file() and train.is_dir():
@@ -260,16 +225,14 @@ def layout_of(data_dir):
 
 
 def read_images(path, image_dir, columns, what, hooks, numbers=None):
-    """A CSV of images with `columns` (`numbers`: the kinds of its numeric ones), each row given
-    the path of its image; the extras' hooks.table sees it as read."""
+    """A CSV of images with `columns` (`numbers`: their kinds), each row given its image's path."""
     df = read_csv(path, columns, what, numbers)
     df["path"] = [str(Path(image_dir) / f"{n}.jpg") for n in df["image_name"]]
     return hooks.table(df, what, path)
 
 
 def train_fold(args, accelerator, train, test, fold, hooks):
-    """Train on every fold but `fold`, score it each epoch, then predict it and the test set with
-    TTA."""
+    """Train on every fold but `fold`, score it each epoch, then predict it and the test set."""
     start = time.time()
     # data: `fold` validates, the other folds (a --frac share of them) train
     trn, val = split_fold(train, fold, args.frac, args.seed)
@@ -278,7 +241,7 @@ def train_fold(args, accelerator, train, test, fold, hooks):
     val_loader = make_loader(hooks.images(val), accelerator, args)
     # the model, what it learns, its augmentation and what trains it
     seed_all(args.seed, INIT)
-    raw_model, targets, melanoma = hooks.model(fold, trn)
+    raw_model, targets, score = hooks.model(fold, trn)
     raw_model, model, augment, optimizer, scheduler = build_training(
         args, accelerator, raw_model, hooks.augmentations(), len(sampler))
     history = hooks.resume(fold, raw_model, optimizer, scheduler, len(sampler))
@@ -294,7 +257,7 @@ def train_fold(args, accelerator, train, test, fold, hooks):
                                            accelerator, targets, epoch, args.epochs)
         train_s = time.time() - t0
         val_pred = predict(model, augment, val_loader, accelerator, 0, args.seed, "validate",
-                           melanoma)
+                           score)
         history.append(dict(epoch=epoch + 1, loss=loss, val_auc=roc_auc_score(val["target"],
                             val_pred), lr=lr, images=images, images_per_s=images / train_s,
                             seconds=time.time() - t0))
@@ -306,11 +269,11 @@ def train_fold(args, accelerator, train, test, fold, hooks):
     # the last epoch's model predicts with TTA: picking an epoch on the validation fold
     # would inflate the CV
     oof = predict(model, augment, val_loader, accelerator, args.tta, args.seed,
-                  f"OOF TTA x{args.tta}", melanoma)
+                  f"OOF TTA x{args.tta}", score)
     test_pred = np.zeros(0)
     if len(test):
         test_pred = predict(model, augment, make_loader(hooks.images(test), accelerator, args),
-                            accelerator, args.tta, args.seed + 1, f"test TTA x{args.tta}", melanoma)
+                            accelerator, args.tta, args.seed + 1, f"test TTA x{args.tta}", score)
     result = dict(fold=fold, oof_auc=float(roc_auc_score(val["target"], oof)),
                   oof_auc_no_tta=history[-1]["val_auc"], n_train=len(trn), n_val=len(val),
                   n_test=len(test), wall_s=time.time() - start, epochs=history,
@@ -322,65 +285,57 @@ def train_fold(args, accelerator, train, test, fold, hooks):
 
 
 class Hooks:
-    """The seams of the recipe. Each method here is the recipe's own behaviour; main() passes
-    the extras' subclass (Extras, below the banner), which overrides them."""
+    """The recipe's seams: each method is the recipe's own behaviour at one place of the run,
+    which an extra may extend or replace by overriding it (main() passes Extras, which does)."""
 
     def __init__(self, args, accelerator):
         self.args, self.accelerator = args, accelerator
 
-    def table(self, df, what, path):
-        """A table as read (train.csv, test.csv): the extras' checks and columns."""
+    def table(self, df, what, path):  # each table as read
         return df
 
-    def rows(self, train, test):
-        """The training and test rows before the first fold: the extras' checks, rows, columns."""
+    def rows(self, train, test):  # all rows, before the first fold
         return train, test
 
-    def fold(self, fold):
-        """A context around each fold; it gives an earlier run's result to keep, or None."""
+    def fold(self, fold):  # a context around each fold; it gives a result to keep, or None
         return contextlib.nullcontext()
 
     def sampler(self, trn):
-        """The batch sampler of the training rows."""
         a, acc = self.args, self.accelerator
         per_epoch = EpochSampler.per_pool(trn["target"], a.epochs, a.neg_ratio)
         return EpochSampler(trn["target"], a.batch_size, per_epoch, a.seed, acc.process_index,
                             acc.num_processes)
 
     def images(self, rows):
-        """The dataset of the rows' images (and the model's further inputs)."""
         return Images(rows["path"], self.args.size)
 
-    def model(self, fold, trn):
-        """(the model, the loss's targets of the training rows, the melanoma output's index)."""
+    def model(self, fold, trn):  # the model, the loss's targets, the melanoma logit of its outputs
         targets = torch.tensor(trn["target"].to_numpy(), dtype=torch.float32)
-        return Net(Net.timm_backbone(self.args.model, self.args.pretrained)), targets, 0
+        return (Net(Net.timm_backbone(self.args.model, self.args.pretrained)), targets,
+                lambda output: output[:, 0])
 
     def augmentations(self):
-        """The random stack of augmentations."""
         return Augment.build(yaml.safe_load(DEFAULT_AUGS))
 
     def resume(self, fold, raw_model, optimizer, scheduler, steps_per_epoch):
-        """The history of the fold's finished epochs, their state loaded: [] starts afresh."""
-        return []
+        return []  # the history of the epochs finished already, their state loaded
 
     def epoch(self, fold, history, raw_model, optimizer, scheduler, steps_per_epoch):
-        """After each epoch."""
+        pass  # after each epoch
 
     def outputs(self, fold, result, trn, oof):
-        """On the main process, after the predictions and weights, before the fold's JSON."""
+        pass  # on the main process, after the predictions and weights, before the fold's JSON
 
     def finish(self, fold, result, steps_per_epoch):
-        """After the fold's JSON: the fold is finished."""
+        pass  # after the fold's JSON: the fold is finished
 
 
 # ----------------------------------------------------------------------------------------------
-# Data: the fold's rows and loaders, the random streams, the images, and the sampler, which
-# takes every melanoma each epoch and a fresh share of the benign images
+# Data: rows, loaders, random streams, images; the sampler: every melanoma, fresh benign ones
 
 def split_fold(train, fold, frac, seed):
-    """(training rows: every fold but `fold`, a `frac` share of them; validation rows: `fold`).
-    Each must hold both classes: the one to learn, the other for its AUC to exist."""
+    """(training rows: a `frac` share of every fold but `fold`; validation rows: `fold`), each
+    with both classes: to learn, and for the AUC to exist."""
     trn = train[train["fold"] != fold].reset_index(drop=True)
     if frac < 1:
         keep = rng(seed, FRAC).permutation(len(trn))[:max(1, round(frac * len(trn)))]
@@ -394,8 +349,8 @@ def split_fold(train, fold, frac, seed):
 
 
 def make_loader(dataset, accelerator, args, batch_sampler=None):
-    """Training: our batch sampler, which deals batches to processes itself. Prediction: a plain
-    loader that accelerate shards, padding the last batch (gather_for_metrics drops the pad)."""
+    """Training: our batch sampler deals batches to processes. Prediction: accelerate shards a
+    plain loader, padding the last batch (gather_for_metrics drops the pad)."""
     kw = dict(num_workers=args.num_workers, pin_memory=accelerator.device.type == "cuda",
               persistent_workers=args.num_workers > 0)
     if batch_sampler is not None:
@@ -413,14 +368,9 @@ def seed_all(*key):
     torch.manual_seed(int(rng(*key).integers(2**62)))
 
 
-def progress(iterable, desc, show=True, **kw):
-    """A progress bar on a terminal; none in a log file, where the one line per epoch says it."""
-    return tqdm(iterable, desc=desc, leave=False, disable=not (show and sys.stderr.isatty()), **kw)
-
-
 def load_image(path, size):
-    """RGB uint8 array (size, size, 3), upright as its EXIF orientation says (a phone's picture
-    is stored sideways); a JPEG is decoded at the smallest DCT scale >= size."""
+    """RGB uint8 (size, size, 3), upright as its EXIF says (a phone stores a picture sideways); a
+    JPEG is decoded at the smallest DCT scale >= size."""
     try:
         with Image.open(path) as im:
             im.draft("RGB", (size, size))
@@ -434,8 +384,8 @@ def load_image(path, size):
 
 
 class Images(torch.utils.data.Dataset):
-    """Per row: its uint8 CHW image, any further inputs of the model (`inputs`, tensors by row:
-    the extras' metadata), and its index; augmentation happens later, on the device."""
+    """Per row: its uint8 CHW image, the model's further inputs if any (tensors by row: the
+    extras' metadata), and its index; augmentation happens later, on the device."""
 
     def __init__(self, paths, size, load=load_image, inputs=()):
         self.paths, self.size, self.load, self.inputs = list(paths), size, load, inputs
@@ -449,10 +399,9 @@ class Images(torch.utils.data.Dataset):
 
 
 class EpochSampler:
-    """Batch sampler over each epoch's sample (indices): every positive, and per_epoch negatives
-    from each pool of benign images. The sample is cut into global batches of at most
-    batch_size * world images and each is dealt across processes, so processes run the same
-    number of steps, their indices are disjoint, and together they cover the sample."""
+    """Batch sampler over each epoch's sample (indices), cut into global batches of at most
+    batch_size * world images, each dealt across processes: they run the same number of steps,
+    their indices are disjoint, and together they cover the sample."""
 
     def __init__(self, targets, batch_size, per_epoch, seed=0, rank=0, world=1, pools=None):
         self.targets, self.pools, self.per_epoch = np.asarray(targets), pools, per_epoch
@@ -473,8 +422,7 @@ class EpochSampler:
 
     @staticmethod
     def per_pool(targets, epochs, neg_ratio=None):
-        """Negatives an epoch takes: neg_ratio per positive, or by default the fewest whose
-        `epochs` epochs cover every negative."""
+        """Negatives an epoch takes: neg_ratio per positive, or the fewest that cover them all."""
         n_pos = int(np.sum(targets))
         n_neg = len(targets) - n_pos
         if neg_ratio is None:
@@ -484,7 +432,7 @@ class EpochSampler:
     @staticmethod
     def indices(targets, per_epoch, seed, epoch, pools=None):
         """The epoch's sample, shuffled, the same on every process: all positives, and per_epoch
-        negatives drawn from each pool (one pool, or one count per pool id)."""
+        negatives of each pool of benign images (one, or a count per pool id)."""
         targets = np.asarray(targets)
         pools = np.zeros(len(targets), int) if pools is None else np.asarray(pools)
         chosen = [np.flatnonzero(targets == 1)]
@@ -517,14 +465,11 @@ class EpochSampler:
 
 
 # ----------------------------------------------------------------------------------------------
-# Model and training: Net (a timm backbone, one Linear layer), the augmentation on the
-# device, AdamW and OneCycle
+# Model and training: the augmentation on the device, Net, AdamW and OneCycle
 
 def build_training(args, accelerator, raw_model, stack, steps_per_epoch):
-    """The model and its augmentation on the device, AdamW on every parameter and the OneCycle
-    schedule over all epochs. `raw_model` is the plain module whose weights are saved and
-    loaded; `model` the same module as accelerate (and torch.compile) wrapped it, for the
-    forward passes."""
+    """On the device, AdamW on every parameter and OneCycle over all epochs. `raw_model`'s weights
+    are saved and loaded; `model`, the same as accelerate (and torch.compile) wrapped it, runs."""
     raw_model, augment = on_device(raw_model, args.cutout, stack, accelerator)
     optimizer = torch.optim.AdamW(raw_model.parameters(), lr=args.lr_max, weight_decay=args.wd)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
@@ -559,9 +504,8 @@ DEFAULT_AUGS = """\
 
 
 class Augment(torch.nn.Module):
-    """uint8 NCHW batch -> normalised float, channels-last. A random stack (by default the
-    recipe's: affine, flip, colour jitter), then optional cutout; random=False gives the plain
-    view."""
+    """uint8 NCHW batch -> normalised float, channels-last: a random stack (the recipe's: affine,
+    flip, colour jitter), then optional cutout; random=False gives the plain view."""
 
     def __init__(self, mean, std, cutout=False, stack=None):
         super().__init__()
@@ -603,8 +547,7 @@ class Net(torch.nn.Module):
 
     @staticmethod
     def timm_backbone(name, pretrained=True):
-        """timm's model `name` without its classifier, from its pretrained weights (downloaded
-        once) or fresh ones."""
+        """timm's model `name` without its classifier, pretrained (downloaded once) or fresh."""
         if not timm.is_model(name):
             close = timm.list_models(f"*{name.split('.')[0]}*")[:5]
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
@@ -618,25 +561,15 @@ class Net(torch.nn.Module):
                             f"{str(e).splitlines()[0][:200]}). Offline, pass --weights FILE, or "
                             "--no-pretrained to train from scratch")
 
-    @staticmethod
-    def melanoma_logit(output, melanoma=0):
-        """The log-odds of melanoma per image, whose sigmoid is P(melanoma): the one logit, or
-        over several outputs the melanoma class's (index `melanoma`) less the logsumexp of the
-        others'."""
-        output = output.float()
-        if output.shape[1] == 1:
-            return output.squeeze(1)
-        others = torch.cat([output[:, :melanoma], output[:, melanoma + 1:]], 1)
-        return output[:, melanoma] - torch.logsumexp(others, 1)
-
 
 def train_one_epoch(model, augment, loader, optimizer, scheduler, accelerator, targets, epoch,
                     epochs):
-    """One pass over the loader's batches: (mean loss and image count over all processes, the
-    learning rate of the last step). `targets` is indexed by row."""
+    """(mean loss and image count over all processes, the last step's learning rate)."""
     model.train()
     loss_sum, seen = 0.0, 0
-    bar = progress(loader, f"epoch {epoch + 1}/{epochs}", accelerator.is_main_process)
+    # a progress bar on a terminal; none in a log file, where the one line per epoch says it
+    bar = tqdm(loader, f"epoch {epoch + 1}/{epochs}", leave=False,
+               disable=not (accelerator.is_main_process and sys.stderr.isatty()))
     for step, (x, *inputs, idx) in enumerate(bar):
         lr = scheduler.get_last_lr()[0]
         loss_value, stepped = train_step(model, augment, x, targets[idx], optimizer, scheduler,
@@ -655,9 +588,8 @@ def train_one_epoch(model, augment, loader, optimizer, scheduler, accelerator, t
 
 
 def train_step(model, augment, x, y, optimizer, scheduler, accelerator, inputs=()):
-    """One step on a batch: (its loss before the step, whether the step was taken). No process
-    steps when a process's loss is not finite: the others would wait in the gradients'
-    all-reduce for one that never comes."""
+    """(the batch's loss before the step, whether it stepped). No process steps when one's loss is
+    not finite: the others would wait in the gradients' all-reduce for one that never comes."""
     loss = batch_loss(model, augment, x, y, accelerator, inputs)
     loss_value = loss.item()  # a CPU-GPU sync point: it catches a bad step at once
     finite = math.isfinite(loss_value)
@@ -673,9 +605,8 @@ def train_step(model, augment, x, y, optimizer, scheduler, accelerator, inputs=(
 
 
 def batch_loss(model, augment, x, y, accelerator, inputs=()):
-    """The loss of a batch (and the model's further inputs), augmented on the device: binary
-    cross-entropy on one logit (y: the targets, float), cross-entropy over several (y: the class
-    indices)."""
+    """A batch's loss, augmented on the device: binary cross-entropy on one logit (y: float
+    targets), cross-entropy over several (y: class indices)."""
     x = x.to(accelerator.device, non_blocking=True)
     y = y.to(accelerator.device, non_blocking=True)
     inputs = [t.to(accelerator.device, non_blocking=True) for t in inputs]
@@ -688,15 +619,15 @@ def batch_loss(model, augment, x, y, accelerator, inputs=()):
 # ----------------------------------------------------------------------------------------------
 # Prediction with TTA, and the outputs
 
-def predict(model, augment, loader, accelerator, tta, seed, desc, melanoma=0):
-    """Probabilities for every row of loader's dataset, each exactly once, on every process;
-    `melanoma`: the melanoma output's index."""
+def predict(model, augment, loader, accelerator, tta, seed, desc, score):
+    """P(melanoma) for every row of loader's dataset, each exactly once, on every process."""
     model.eval()
     rows, probs = [], []
     with torch.no_grad():
-        for b, (x, *inputs, idx) in enumerate(progress(loader, desc, accelerator.is_main_process)):
+        for b, (x, *inputs, idx) in enumerate(tqdm(loader, desc, leave=False, disable=not (
+                accelerator.is_main_process and sys.stderr.isatty()))):
             p = predict_batch(model, augment, x, tta, (seed, TTA, accelerator.process_index, b),
-                              inputs, melanoma)
+                              inputs, score)
             idx, p = accelerator.gather_for_metrics((idx, p))
             rows.append(idx.cpu())
             probs.append(p.cpu())
@@ -711,15 +642,15 @@ def predict(model, augment, loader, accelerator, tta, seed, desc, melanoma=0):
     return out
 
 
-def predict_batch(model, augment, x, tta, key, inputs=(), melanoma=0):
-    """Melanoma probability per image: one plain pass (tta=0) or the mean of `tta` augmented
-    views of the same decoded batch. `melanoma`: the melanoma output's index."""
+def predict_batch(model, augment, x, tta, key, inputs=(), score=lambda output: output[:, 0]):
+    """P(melanoma) per image, the sigmoid of score(the outputs) (the recipe's: its one logit), of
+    one plain pass (tta=0) or the mean of `tta` augmented views of the same decoded batch."""
     if tta == 0:
-        return torch.sigmoid(Net.melanoma_logit(model(augment(x, random=False), *inputs), melanoma))
+        return torch.sigmoid(score(model(augment(x, random=False), *inputs).float()))
     total = 0
     for view in range(tta):
         with seeded(*key, view):
-            total = total + torch.sigmoid(Net.melanoma_logit(model(augment(x), *inputs), melanoma))
+            total = total + torch.sigmoid(score(model(augment(x), *inputs).float()))
     return total / tta
 
 
@@ -733,20 +664,23 @@ def seeded(*key):
 
 
 def write_outputs(args, accelerator, fold, trn, oof, test, result, raw_model, hooks):
-    """Predictions, weights, the extras' outputs, and the JSON last: a fold is finished when its
-    JSON exists. Each file is written through Python, so that a full disk is an OSError."""
+    """Predictions and weights (all or none), the extras' outputs, then the JSON: a fold is
+    finished when its JSON exists. All written through Python: a full disk is an OSError."""
     result.update(processes=accelerator.num_processes, device=str(accelerator.device),
                   mixed_precision=accelerator.mixed_precision, args=vars(args))
     if accelerator.is_main_process:
         fold_file(args, fold, ".json").unlink(missing_ok=True)  # unfinished while outputs change
-        write_csv(oof[["image_name", "target", "pred", "fold"]], fold_file(args, fold, "_oof.csv"))
-        if len(test):
-            write_csv(test[["image_name", "target"]], fold_file(args, fold, "_test.csv"))
         weights = safetensors_bytes({k: v.contiguous() for k, v in raw_model.state_dict().items()})
-        atomic_write(fold_file(args, fold, ".safetensors"), lambda tmp: Path(tmp).write_bytes(weights))
+        files = {fold_file(args, fold, "_oof.csv"): lambda tmp: oof[
+                     ["image_name", "target", "pred", "fold"]].to_csv(tmp, index=False),
+                 fold_file(args, fold, ".safetensors"): lambda tmp: Path(tmp).write_bytes(weights)}
+        if len(test):
+            files[fold_file(args, fold, "_test.csv")] = lambda tmp: test[
+                ["image_name", "target"]].to_csv(tmp, index=False)
+        atomic_write_all(files)
         hooks.outputs(fold, result, trn, oof)
         text = json.dumps(result, indent=1, default=str, allow_nan=False)
-        atomic_write(fold_file(args, fold, ".json"), lambda tmp: Path(tmp).write_text(text))
+        atomic_write_all({fold_file(args, fold, ".json"): lambda tmp: Path(tmp).write_text(text)})
     accelerator.wait_for_everyone()
     accelerator.print(f"fold {fold}: OOF AUC {result['oof_auc']:.4f} with TTA x{args.tta}, "
                       f"{result['oof_auc_no_tta']:.4f} without; {result['wall_s']:.0f} s")
@@ -755,10 +689,6 @@ def write_outputs(args, accelerator, fold, trn, oof, test, result, raw_model, ho
 def fold_file(args, fold, suffix):
     """A fold's output: {out}/{name}_fold{k}{suffix}."""
     return Path(args.out) / f"{args.name}_fold{fold}{suffix}"
-
-
-def write_csv(df, path):
-    atomic_write(path, lambda tmp: df.to_csv(tmp, index=False))
 
 
 
@@ -775,13 +705,15 @@ def write_csv(df, path):
 import copy, difflib, glob, hashlib, itertools, pickle, re, resource, shlex, signal, tempfile
 import warnings
 from types import SimpleNamespace
+
 from accelerate import __version__ as ACCELERATE_VERSION
 from accelerate.tracking import get_available_trackers
 from accelerate.utils import LoggerType, gather_object
 from matplotlib.figure import Figure
 from safetensors.torch import load as safetensors_load
 from sklearn.metrics import roc_curve
-from ensemble import LEDGER_FILE, ArgumentParser, append_run, atomic_write_all, check_names, \
+
+from ensemble import LEDGER_FILE, ArgumentParser, append_run, atomic_write, check_names, \
     check_numbers, check_writable, finite, print_runs, read_ledger, refuse_rows, text
 
 
@@ -789,6 +721,9 @@ from ensemble import LEDGER_FILE, ArgumentParser, append_run, atomic_write_all, 
 # Flags of the extras, and the run's checks: flags when parsed, the device and the output
 # folders before any data is read
 
+# Where the data is looked for without --data-dir: a folder in the working folder, then the
+# competition as Kaggle notebooks mount it.
+DATA_LOCATIONS = ("data", "/kaggle/input/siim-isic-melanoma-classification")
 # --demo: these flags come first, so that the command line can override any of them
 DEMO = ("--data-dir demo_data --model test_efficientnet --no-pretrained --size 64 --epochs 12 "
         "--batch-size 32 --lr-max 2e-3 --tta 4 --num-workers 0 --name demo")
@@ -803,6 +738,15 @@ def get_args(argv=None):
     args.settings = settings(args, p.parse_args(demo))
     args.out = args.out or ("folds.csv" if args.make_folds else None)
     return run_names(args)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default unless its help already says it, or there is none."""
+
+    def _get_help_string(self, action):
+        if "default" in action.help or action.default in (None, False, argparse.SUPPRESS):
+            return action.help
+        return super()._get_help_string(action)
 
 
 @functools.cache
@@ -959,6 +903,17 @@ def check_run(args, accelerator):
     with accelerator.main_process_first():
         if args.demo and not (Path(args.data_dir) / "train.csv").exists():
             make_demo_data(args.data_dir, seed=args.seed)
+    if args.data_dir is None:  # the first default location that holds a competition layout
+        found = [d for d in DATA_LOCATIONS if layout_of(d)]
+        if not found:
+            raise DataError(f"no competition data found in {' or '.join(DATA_LOCATIONS)} "
+                            "(train.csv with jpeg/train/ or train/): download it with `kaggle "
+                            "competitions download -c siim-isic-melanoma-classification` and unzip "
+                            "it into data/ (or put a resized dataset there in the train/ layout), "
+                            "pass --data-dir DIR, or run --demo, which needs no data")
+        args.data_dir = path(found[0])
+        accelerator.print(f"data: {found[0]} (the first default location that holds a "
+                          "competition layout; --data-dir chooses another)")
     check_writable(args.out, "--out")
     if args.cache:
         check_writable(args.cache, "--cache")
@@ -1149,8 +1104,9 @@ class Extras(Hooks):
             self.init[fold] = key if args.init_from else None
         if args.target == "diagnosis":
             self.accelerator.print(f"fold {fold}: {class_counts(trn, self.classes)}")
-            return raw_model, class_targets(trn, self.classes), self.classes.index("MEL")
-        return raw_model, torch.tensor(trn["target"].to_numpy(), dtype=torch.float32), 0
+            return raw_model, class_targets(trn, self.classes), melanoma_score(self.classes)
+        return raw_model, torch.tensor(trn["target"].to_numpy(), dtype=torch.float32), \
+            lambda output: output[:, 0]
 
     def augmentations(self):
         return Augment.build(self.entries, OWN_AUGS)
@@ -1374,7 +1330,8 @@ def check_images(paths, accelerator=None, skip_bad=False, hint=""):
 
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     bad = {}
-    for path in progress(paths[rank::world], "checking images", rank == 0 and len(paths) >= 2000):
+    for path in tqdm(paths[rank::world], "checking images", leave=False,
+                     disable=not (rank == 0 and len(paths) >= 2000 and sys.stderr.isatty())):
         try:
             check(path)
         except DataError as e:
@@ -1595,6 +1552,22 @@ def target_classes(train):
     ISIC 2019's order, so that every fold's model has the same outputs."""
     present = set(train["code"])
     return [c for c in DIAGNOSES_2019 if c in present]
+
+
+def melanoma_logit(output, melanoma=0):
+    """The log-odds of melanoma per image: the one logit, or over several outputs the melanoma
+    class's (index `melanoma`) less the logsumexp of the others'."""
+    output = output.float()
+    if output.shape[1] == 1:
+        return output.squeeze(1)
+    others = torch.cat([output[:, :melanoma], output[:, melanoma + 1:]], 1)
+    return output[:, melanoma] - torch.logsumexp(others, 1)
+
+
+def melanoma_score(classes):
+    """predict's score of a model's outputs: its melanoma logit (MEL's among `classes`, or the
+    one output without)."""
+    return functools.partial(melanoma_logit, melanoma=classes.index("MEL") if classes else 0)
 
 
 def class_targets(rows, classes):
@@ -1855,13 +1828,6 @@ def cached_load(file, size, cache):
 # ----------------------------------------------------------------------------------------------
 # Plots
 
-def save_pngs(figures):
-    """Write {path: Figure} as PNGs, all or none (a bare Figure draws with Agg: no pyplot, no
-    display)."""
-    atomic_write_all({p: lambda tmp, fig=fig: fig.savefig(tmp, format="png", dpi=100)
-                      for p, fig in figures.items()})
-
-
 def plot_fold(args, fold, result, oof):
     """{name}_fold{k}_curves.png: training loss and validation AUC per epoch, the learning rate
     below; {name}_fold{k}_roc.png: the OOF predictions' ROC curve, its AUC in the legend."""
@@ -1895,7 +1861,9 @@ def plot_fold(args, fold, result, oof):
            ylabel="true positive rate (melanomas found)")
     ax.legend(loc="lower right")
     ax.set_title(f"{stem}: {len(oof)} images, {int(oof['target'].sum())} melanomas", fontsize=10)
-    save_pngs({fold_file(args, fold, "_curves.png"): curves, fold_file(args, fold, "_roc.png"): roc})
+    # both or none; a bare Figure draws with Agg: no pyplot, no display
+    atomic_write_all({fold_file(args, fold, "_curves.png"): lambda tmp: curves.savefig(tmp, format="png", dpi=100),
+                      fold_file(args, fold, "_roc.png"): lambda tmp: roc.savefig(tmp, format="png", dpi=100)})
 
 
 def plot_lr_find(curve, reading, title, loss="BCE"):
@@ -2086,8 +2054,7 @@ def predict_images(args, accelerator):
                                                                   batch_size=a.batch_size))
         classes = info.get("classes")
         scores[f"fold{fold}"] = predict(model, augment, loader, accelerator, args.tta, a.seed + 1,
-                                        f"fold {fold} TTA x{args.tta}",
-                                        classes.index("MEL") if classes else 0)
+                                        f"fold {fold} TTA x{args.tta}", melanoma_score(classes))
     scores["target"] = scores[[f"fold{k}" for k in runs]].mean(axis=1)
     if accelerator.is_main_process:
         write_csv(scores, out)
@@ -2105,13 +2072,13 @@ def predict_images(args, accelerator):
 
 def grad_cam(model, augment, x, meta=None, melanoma=0):
     """(probabilities, Grad-CAM maps in [0, 1] at the images' size). The gradient is that of the
-    melanoma log-odds (Net.melanoma_logit): over several outputs, unlike log P(melanoma)'s, it
+    melanoma log-odds (melanoma_logit): over several outputs, unlike log P(melanoma)'s, it
     does not vanish on a confident melanoma."""
     model.eval()
     with torch.no_grad():  # the gradient is needed from the feature maps on, not before
         feature_map = model.backbone.forward_features(augment(x, random=False))
     feature_map.requires_grad_()
-    logits = Net.melanoma_logit(model.logit(feature_map, meta), melanoma)
+    logits = melanoma_logit(model.logit(feature_map, meta), melanoma)
     grads, = torch.autograd.grad(logits.sum(), feature_map)
     cam = F.relu((grads.mean(dim=(2, 3), keepdim=True) * feature_map).sum(1, keepdim=True))
     cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
@@ -2153,7 +2120,7 @@ def explain(args, accelerator, runs=None, new=None):
             row[0].axis("off")
             row[1].axis("off")
         target = fold_file(args, fold, "_explain.png")
-        save_pngs({target: figure})
+        atomic_write(target, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
         start_tracking(accelerator, f"{args.name}_fold{fold}")
         end_tracking(accelerator, {"explain": target})
         accelerator.print(f"wrote {target}: Grad-CAM of {len(cases)} images")
@@ -2198,6 +2165,10 @@ def explain_cases(args, fold, info, rows, new):
 
 # ----------------------------------------------------------------------------------------------
 # Tools: folds, demo data, benchmark, LR range test
+
+def write_csv(df, path):
+    atomic_write(path, lambda tmp: df.to_csv(tmp, index=False))
+
 
 def write_folds(args, accelerator):
     """--make-folds, with a line on what each fold holds."""
