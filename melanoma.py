@@ -30,7 +30,7 @@ Measured on 2 CPU cores (README.md has the details): the demo trains and predict
 against 0.30 s for a plain decode and resize; 15-pass TTA decoding once runs 5.7x faster than
 re-reading at 256 px, 2.0x at 512 px. GPU figures: not measured yet.
 """
-import argparse, contextlib, functools, io, json, math, os, sys, time
+import argparse, contextlib, json, math, os, sys, time
 from pathlib import Path
 
 import kornia.augmentation as K
@@ -702,8 +702,8 @@ def fold_file(args, fold, suffix):
 # that finishes a fold) and finish (after it). Class Extras overrides them, in that order, by
 # calling the sections below; each section's flags are a group of get_parser; main() runs it all.
 
-import copy, difflib, glob, hashlib, itertools, pickle, re, resource, shlex, signal, tempfile
-import warnings
+import copy, difflib, functools, glob, hashlib, io, itertools, pickle, re, resource, shlex, signal
+import tempfile, warnings
 from types import SimpleNamespace
 
 from accelerate import __version__ as ACCELERATE_VERSION
@@ -738,15 +738,6 @@ def get_args(argv=None):
     args.settings = settings(args, p.parse_args(demo))
     args.out = args.out or ("folds.csv" if args.make_folds else None)
     return run_names(args)
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows a flag's default unless its help already says it, or there is none."""
-
-    def _get_help_string(self, action):
-        if "default" in action.help or action.default in (None, False, argparse.SUPPRESS):
-            return action.help
-        return super()._get_help_string(action)
 
 
 @functools.cache
@@ -836,6 +827,15 @@ def get_parser():
     p.settings = [a for g in p._action_groups if getattr(g, "setting", False)
                   for a in g._group_actions]
     return p
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default unless its help already says it, or there is none."""
+
+    def _get_help_string(self, action):
+        if "default" in action.help or action.default in (None, False, argparse.SUPPRESS):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def check_flags(p, args):
