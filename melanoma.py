@@ -987,9 +987,11 @@ class Extras(Hooks):
         JSON exists) is kept, whole, only if it had the same settings and starting weights; an
         unfinished fold's checkpoint needs --resume (same settings) or --overwrite."""
         args, ledger = self.args, Path(self.args.out) / LEDGER_FILE
-        if ledger.is_dir() or ledger.is_symlink() and not ledger.exists():
-            raise DataError(f"{ledger}: a folder, or a link to nowhere (or to itself), where the "
-                            "ledger goes: cannot append to it")
+        if ledger.is_dir():
+            raise DataError(f"{ledger}: a folder where an output file goes (the ledger)")
+        if ledger.is_symlink() and not ledger.exists():
+            raise DataError(f"{ledger}: a link to nowhere (or to itself): cannot append to the "
+                            "ledger")
         if ledger.exists():  # a fold whose row cannot be written would count as finished
             try:
                 open(ledger, "a").close()

@@ -47,6 +47,16 @@ def data(tiny_data, tmp_path):
     return Path(shutil.copytree(tiny_data, tmp_path / "d"))
 
 
+def net(name="test_efficientnet", **shape):
+    """A fresh model as training builds it, with the extras' options (ExtrasNet)."""
+    return melanoma.ExtrasNet(melanoma.Net.timm_backbone(name, False), **shape)
+
+
+def weights_into(model, path, name="test_efficientnet"):
+    melanoma.load_weights(model, melanoma.read_weights(path)[0], f"--weights {path}", name)
+    return model
+
+
 def train_args(data, out, *extra):
     return ["--data-dir", data, "--folds", Path(data) / "folds.csv", "--out", out, *TINY, *map(str, extra)]
 
@@ -149,14 +159,14 @@ def test_make_folds_more_folds_than_patients(tmp_path, capsys):
 
 def test_sampler_keeps_positives_and_never_repeats_a_negative_before_all_are_seen():
     targets = np.array([1] * 7 + [0] * 50)
-    per_epoch = melanoma.negatives_per_epoch(targets, epochs=4)
+    per_epoch = melanoma.EpochSampler.per_pool(targets, epochs=4)
     assert per_epoch == 13  # the smallest count whose 4 epochs cover all 50 benign images
-    epochs = [melanoma.epoch_indices(targets, per_epoch, seed=0, epoch=e) for e in range(12)]
+    epochs = [melanoma.EpochSampler.indices(targets, per_epoch, seed=0, epoch=e) for e in range(12)]
     for e, idx in enumerate(epochs):
         assert len(idx) == len(set(idx)) == 7 + 13
         assert set(range(7)) <= set(idx)
-        assert sorted(idx[idx >= 7] - 7) == sorted(melanoma.negatives_for_epoch(50, 13, 0, e))
-    stream = np.concatenate([melanoma.negatives_for_epoch(50, 13, 0, e) for e in range(12)])
+        assert sorted(idx[idx >= 7] - 7) == sorted(melanoma.EpochSampler.negatives(50, 13, 0, e))
+    stream = np.concatenate([melanoma.EpochSampler.negatives(50, 13, 0, e) for e in range(12)])
     for k in range(0, len(stream) - 50, 50):  # draws k..k+49 are all 50 negatives, once each
         assert sorted(stream[k:k + 50]) == list(range(50))
     assert set(epochs[0]) != set(epochs[1])
@@ -164,16 +174,16 @@ def test_sampler_keeps_positives_and_never_repeats_a_negative_before_all_are_see
 
 def test_sampler_is_deterministic_and_keyed_on_seed_and_epoch():
     targets = np.array([1] * 5 + [0] * 40)
-    a = melanoma.epoch_indices(targets, 10, seed=1, epoch=3)
-    assert np.array_equal(a, melanoma.epoch_indices(targets, 10, seed=1, epoch=3))
-    assert not np.array_equal(a, melanoma.epoch_indices(targets, 10, seed=2, epoch=3))
-    assert not np.array_equal(a, melanoma.epoch_indices(targets, 10, seed=1, epoch=4))
+    a = melanoma.EpochSampler.indices(targets, 10, seed=1, epoch=3)
+    assert np.array_equal(a, melanoma.EpochSampler.indices(targets, 10, seed=1, epoch=3))
+    assert not np.array_equal(a, melanoma.EpochSampler.indices(targets, 10, seed=2, epoch=3))
+    assert not np.array_equal(a, melanoma.EpochSampler.indices(targets, 10, seed=1, epoch=4))
 
 
 def test_neg_ratio_sets_the_negatives_per_epoch():
     targets = np.array([1] * 10 + [0] * 100)
-    assert melanoma.negatives_per_epoch(targets, 20, neg_ratio=3) == 30
-    assert melanoma.negatives_per_epoch(targets, 20, neg_ratio=50) == 100
+    assert melanoma.EpochSampler.per_pool(targets, 20, neg_ratio=3) == 30
+    assert melanoma.EpochSampler.per_pool(targets, 20, neg_ratio=50) == 100
 
 
 @pytest.mark.parametrize("n_neg, batch, world", [(41, 4, 2), (40, 8, 2), (33, 5, 3), (30, 64, 1)])
@@ -190,7 +200,7 @@ def test_sampler_ranks_are_disjoint_and_cover_the_single_process_epoch(n_neg, ba
         flat = [i for bs in batches for b in bs for i in b]
         assert len(flat) == len(set(flat))
         assert sorted(flat) == sorted(i for b in single for i in b)
-        assert sorted(flat) == sorted(melanoma.epoch_indices(targets, 15, 0, epoch))
+        assert sorted(flat) == sorted(melanoma.EpochSampler.indices(targets, 15, 0, epoch))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -229,7 +239,7 @@ def test_seeded_leaves_the_global_generator_alone():
 
 def test_tta_zero_is_a_plain_forward_and_tta_averages_seeded_views():
     torch.manual_seed(0)
-    model = melanoma.create_model("test_efficientnet", pretrained=False).eval()
+    model = net().eval()
     aug = melanoma.Augment(MEAN, STD)
     x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
     with torch.no_grad():
@@ -252,10 +262,9 @@ def test_layout_detection(tmp_path):
     (tmp_path / "a" / "train.csv").write_text("image_name,target\n")
     (tmp_path / "b" / "train").mkdir(parents=True)
     (tmp_path / "b" / "train.csv").write_text("image_name,target\n")
-    assert melanoma.find_layout(tmp_path / "a") == (tmp_path / "a/jpeg/train", tmp_path / "a/jpeg/test")
-    assert melanoma.find_layout(tmp_path / "b") == (tmp_path / "b/train", tmp_path / "b/test")
-    with pytest.raises(melanoma.DataError, match="jpeg/train.*train/"):
-        melanoma.find_layout(tmp_path)
+    assert melanoma.layout_of(tmp_path / "a") == (tmp_path / "a/jpeg/train", tmp_path / "a/jpeg/test")
+    assert melanoma.layout_of(tmp_path / "b") == (tmp_path / "b/train", tmp_path / "b/test")
+    assert melanoma.layout_of(tmp_path) is None
 
 
 def smooth_image(w, h, seed=0):
@@ -326,15 +335,15 @@ class Evil:
 def test_weights_files_load_safely(tmp_path):
     from safetensors.torch import save_file
     torch.manual_seed(1)
-    src = melanoma.create_model("test_efficientnet", pretrained=False)
+    src = net()
     save_file(src.state_dict(), tmp_path / "w.safetensors")
     torch.save({"state_dict": src.state_dict()}, tmp_path / "w.pt")
     for f in ("w.safetensors", "w.pt"):
-        loaded = melanoma.create_model("test_efficientnet", pretrained=False, weights=str(tmp_path / f))
+        loaded = weights_into(net(), tmp_path / f)
         assert all(torch.equal(a, b) for a, b in zip(src.state_dict().values(), loaded.state_dict().values()))
     torch.save({"model": Evil()}, tmp_path / "evil.pt")
     with pytest.raises(melanoma.DataError, match="refused"):
-        melanoma.create_model("test_efficientnet", pretrained=False, weights=str(tmp_path / "evil.pt"))
+        weights_into(net(), tmp_path / "evil.pt")
 
 
 def test_weights_with_another_head_keep_the_backbone(tmp_path):
@@ -342,11 +351,11 @@ def test_weights_with_another_head_keep_the_backbone(tmp_path):
     import timm
     backbone = timm.create_model("test_efficientnet", pretrained=False, num_classes=1000)
     save_file(backbone.state_dict(), tmp_path / "b.safetensors")
-    model = melanoma.create_model("test_efficientnet", pretrained=False, weights=str(tmp_path / "b.safetensors"))
+    model = weights_into(net(), tmp_path / "b.safetensors")
     assert torch.equal(model.backbone.conv_stem.weight, backbone.conv_stem.weight)
     assert model.head.out_features == 1
     with pytest.raises(melanoma.DataError, match="does not fit"):
-        melanoma.create_model("test_resnet", pretrained=False, weights=str(tmp_path / "b.safetensors"))
+        weights_into(net("test_resnet"), tmp_path / "b.safetensors", "test_resnet")
 
 
 def test_pretrained_download_failure_names_the_offline_flags(monkeypatch):
@@ -357,7 +366,7 @@ def test_pretrained_download_failure_names_the_offline_flags(monkeypatch):
 
     monkeypatch.setattr(timm, "create_model", offline)
     with pytest.raises(melanoma.DataError, match="--weights.*--no-pretrained"):
-        melanoma.create_model("test_efficientnet", pretrained=True)
+        melanoma.Net.timm_backbone("test_efficientnet", pretrained=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -413,7 +422,7 @@ def test_two_processes_score_every_image_once(tiny_data, tmp_path):
     oof, test, info = check_outputs(tiny_data, out, "ddp", 0)
     assert info["processes"] == 2 and len(oof) % 64 not in (0, 32)  # the last batch is padded, then unpadded
     targets = pd.read_csv(tiny_data / "folds.csv").query("fold != 0")["target"].to_numpy()
-    sample = len(melanoma.epoch_indices(targets, melanoma.negatives_per_epoch(targets, 2), 0, 0))
+    sample = len(melanoma.EpochSampler.indices(targets, melanoma.EpochSampler.per_pool(targets, 2), 0, 0))
     assert [e["images"] for e in info["epochs"]] == [sample, sample]  # the ranks' shares add up to the sample
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["runs.csv"] + [f"ddp_fold0{s}" for s in ("_oof.csv", "_test.csv", ".json", ".safetensors", "_curves.png",
@@ -461,7 +470,7 @@ def test_resume_refuses_other_settings(tiny_data, tmp_path):
 
 def test_non_finite_loss_stops_with_epoch_and_step(tiny_data, tmp_path):
     from safetensors.torch import save_file
-    model = melanoma.create_model("test_efficientnet", pretrained=False)
+    model = net()
     save_file({k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
                for k, v in model.state_dict().items()}, tmp_path / "nan.safetensors")
     r = run_cli("melanoma.py", *train_args(tiny_data, tmp_path / "out", "--weights", tmp_path / "nan.safetensors"))
@@ -677,7 +686,7 @@ def test_names_that_pandas_would_call_missing_stay_names(tmp_path):
 
 def test_huge_neg_ratio_takes_every_benign_image():
     targets = np.array([1] * 10 + [0] * 100)
-    assert melanoma.negatives_per_epoch(targets, 20, neg_ratio=1e308) == 100
+    assert melanoma.EpochSampler.per_pool(targets, 20, neg_ratio=1e308) == 100
 
 
 def test_unwritable_output_folder_is_refused_run(tiny_data, tmp_path, capsys, monkeypatch):
@@ -775,13 +784,13 @@ def test_jpeg_completeness_looks_past_trailing_bytes_and_through_progressive_sca
                         (False, data[:-2])):
             (tmp_path / "t.jpg").write_bytes(cut)
             if ok:
-                melanoma.check_image(str(tmp_path / "t.jpg"))
+                melanoma.check_images([str(tmp_path / "t.jpg")])
             else:
                 with pytest.raises(melanoma.DataError, match="truncated"):
-                    melanoma.check_image(str(tmp_path / "t.jpg"))
+                    melanoma.check_images([str(tmp_path / "t.jpg")])
     # a camera's multi-picture JPEG (Pillow's format MPO) is a JPEG: it was refused as "not a JPEG"
     smooth_image(300, 200).save(tmp_path / "m.jpg", "MPO", save_all=True, append_images=[smooth_image(300, 200)])
-    melanoma.check_image(str(tmp_path / "m.jpg"))
+    melanoma.check_images([str(tmp_path / "m.jpg")])
 
 
 def test_numeric_names_trailing_bytes_and_resume_without_checkpoint_train(data, tmp_path):
@@ -846,7 +855,7 @@ def test_meta_features_scale_mark_missing_and_share_categories():
     assert spec["sites"] == ["head/neck", "palms/soles", "torso"] and spec["size"] == "pixels"  # test-only site kept
     assert spec["age"] == pytest.approx([50, 20])
     a, b = melanoma.meta_features(train, spec), melanoma.meta_features(test, spec)
-    assert a.shape == (4, melanoma.meta_width(spec)) == (4, 12) and b.shape == (1, 12) and a.dtype == np.float32
+    assert a.shape == (4, melanoma.ExtrasNet.shape(melanoma.get_args([]), spec, None)["n_meta"]) == (4, 12) and b.shape == (1, 12) and a.dtype == np.float32
     # columns: female, male, sex missing, head/neck, palms/soles, torso, site missing, age, age missing,
     # patient images, size, size missing
     assert a[:, :3].tolist() == [[0, 1, 0], [1, 0, 0], [0, 0, 1], [0, 1, 0]]
@@ -863,7 +872,7 @@ def test_heads_and_multi_sample_dropout():
     x = torch.randn(6, 3, 32, 32)
     meta = torch.randn(6, 5)
     for head in ("linear", "mlp"):
-        model = melanoma.create_model("test_efficientnet", False, n_meta=5, head=head, dropout=0.5, msd=4)
+        model = net(n_meta=5, head=head, dropout=0.5, msd=4)
         model.eval()
         out = model(x, meta)
         assert out.shape == (6, 1) and torch.equal(out, model(x, meta))  # eval: deterministic
@@ -878,7 +887,7 @@ def test_heads_and_multi_sample_dropout():
             features = torch.cat([model.backbone(x), model.meta(meta)], 1)
             masks = [model.head(model.dropout(features)) for _ in range(4)]
         assert torch.allclose(many, torch.stack(masks).mean(0), atol=1e-6)  # the mean over 4 masks
-    plain = melanoma.create_model("test_efficientnet", False)
+    plain = net()
     assert isinstance(plain.head, torch.nn.Linear) and plain.meta is None  # the recipe: one Linear
 
 
@@ -900,16 +909,18 @@ def test_meta_mlp_external_end_to_end_never_validates_external_images(tiny_data,
     assert info["n_train"] == (folds["fold"] != 0).sum() + 147
 
 
-def test_external_images_only_train_and_get_their_own_ratio(tiny_data):
-    args = melanoma.get_args(["--data-dir", str(tiny_data), "--folds", str(tiny_data / "folds.csv"),
+def test_external_images_only_train_and_get_their_own_ratio(tiny_data, tmp_path):
+    args = melanoma.get_args(["--data-dir", str(tiny_data), "--folds", str(tiny_data / "folds.csv"), "--out", tmp_path,
                               "--external", str(tiny_data / "isic2019"), "--external-neg-ratio", "2", "--epochs", "4"])
-    train, _ = melanoma.read_data(args, lambda *a: None)
+    acc = SimpleNamespace(process_index=0, num_processes=1, print=lambda *a: None, mixed_precision="no")
+    hooks = melanoma.Extras(args, acc)
+    train, _ = hooks.rows(*melanoma.read_data(args, hooks, acc.print))
     assert (train.loc[train["external"], "fold"] == -1).all() and train["image_name"].is_unique
     for fold in range(5):
         trn, val = melanoma.split_fold(train, fold, 1.0, 0)
         assert not val["external"].any() and trn["external"].sum() == 147
     trn, _ = melanoma.split_fold(train, 0, 1.0, 0)
-    sampler = melanoma.make_sampler(trn, args, SimpleNamespace(process_index=0, num_processes=1))
+    sampler = hooks.sampler(trn)
     ext_pos = int((trn["external"] & (trn["target"] == 1)).sum())
     idx = [i for b in sampler for i in b]
     chosen = trn.iloc[idx]
@@ -1005,7 +1016,7 @@ class DarkSpot(torch.nn.Module):
 
 
 def test_grad_cam_peaks_on_the_lesion():
-    model = melanoma.Net(DarkSpot())
+    model = melanoma.ExtrasNet(DarkSpot())
     torch.nn.init.ones_(model.head.weight)
     image = torch.full((1, 3, 64, 64), 230, dtype=torch.uint8)
     image[:, :, 40:56, 8:24] = 20  # a dark lesion in the lower left
@@ -1071,7 +1082,7 @@ def test_workbench_lr_find_writes_files_suggests_within_range_and_keeps_no_weigh
 def test_workbench_lr_range_test_leaves_the_model_alone_stops_on_divergence_and_suggests(tiny_data):
     from accelerate import Accelerator
     args = melanoma.get_args(["--lr-find", *TINY, "--lr-find-end", "1e9", "--lr-find-steps", "60"])
-    model = melanoma.create_model("test_efficientnet", pretrained=False)
+    model = net()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     aug = melanoma.Augment(MEAN, STD)
     r = np.random.default_rng(0)
@@ -1092,7 +1103,7 @@ def test_workbench_augs_config_round_trip_builds_the_recipe_stack(tmp_path):
     import yaml
     (tmp_path / "augs.yaml").write_text(melanoma.DEFAULT_AUGS)
     args = melanoma.get_args(["--augs", str(tmp_path / "augs.yaml")])
-    from_file = melanoma.augmentations(args)
+    from_file = melanoma.Augment.build(melanoma.aug_entries(args), melanoma.OWN_AUGS)
     recipe = [K.RandomAffine(degrees=180, translate=(0.02, 0.02)), K.RandomHorizontalFlip(p=0.5),
               K.ColorJitter(brightness=0.1, contrast=(0.7, 1.3), saturation=(0.8, 1.2))]
     assert [repr(m) for m in from_file] == [repr(m) for m in recipe]
@@ -1103,9 +1114,9 @@ def test_workbench_augs_config_round_trip_builds_the_recipe_stack(tmp_path):
         with melanoma.seeded(3):
             outs.append(melanoma.Augment(MEAN, STD, stack=stack)(x))
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
-    hair = melanoma.build_augs(yaml.safe_load("- name: Hair\n  p: 0.3\n- name: RandomVerticalFlip\n"))
+    hair = melanoma.Augment.build(yaml.safe_load("- name: Hair\n  p: 0.3\n- name: RandomVerticalFlip\n"), melanoma.OWN_AUGS)
     assert isinstance(hair[0], melanoma.Hair) and hair[0].p == 0.3 and isinstance(hair[1], K.RandomVerticalFlip)
-    with_hair = melanoma.augmentations(melanoma.get_args(["--hair", "0.2"]))
+    with_hair = melanoma.Augment.build(melanoma.aug_entries(melanoma.get_args(["--hair", "0.2"])), melanoma.OWN_AUGS)
     assert [type(m).__name__ for m in with_hair] == ["RandomAffine", "RandomHorizontalFlip", "ColorJitter", "Hair"]
     import textwrap
     assert textwrap.indent(melanoma.DEFAULT_AUGS, "   ") in (ROOT / "README.md").read_text()  # the README shows it
@@ -1132,7 +1143,7 @@ def test_workbench_default_augs_file_reproduces_the_default_run(tiny_data, tmp_p
     ("- name: RandomHorizontalFlip\n- name: RandomAfine\n  degrees: 3\n",
      ["augs.yaml", "entry 2 (RandomAfine)", "not a 2D augmentation", "did you mean RandomAffine"]),
     ("- name: ColorJitter\n  brightnes: 0.1\n", ["entry 1 (ColorJitter)", "bad arguments", "brightnes"]),
-    ("- name: Hair\n  p: 2\n", ["entry 1 (Hair)", "bad arguments"]),
+    ("- name: Hair\n  p: 2\n", ["entry 1 (Hair)", "p 2 is a probability: it must be in [0, 1]"]),
     ("- name: Resize\n  size: [16, 16]\n", ["entry 1 (Resize)", "must keep the shape"]),
 ])
 def test_workbench_bad_augs_files_are_one_line_errors(tiny_data, tmp_path, capsys, text, names):
@@ -1308,7 +1319,7 @@ def test_help_shows_the_default_data_locations(capsys):
     with pytest.raises(SystemExit):
         melanoma.get_args(["--help"])
     text = "".join(capsys.readouterr().out.split())  # help text is wrapped, even inside a path
-    assert "data,/kaggle/input/siim-isic-melanoma-classification" in text
+    assert "data/;melanoma.pyalsolooksin/kaggle/input/siim-isic-melanoma-classification" in text
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1493,11 +1504,11 @@ def made(path, text=None):
     (lambda d: csv_of(d / "x_fold0_test.csv", image_name=["t0", "t1"], target=[.1, np.nan]), "row 3: target"),
     (lambda d: model_x(d, image_name=["img0"], target=[0], pred=[np.inf], fold=0), "row 2: pred"),
     (lambda d: model_x(d, image_name=["img0"], target=[2], pred=[.5], fold=0),
-     "x_fold0_oof.csv: row 2: target is 2, not 0 or 1"),
+     "x_fold0_oof.csv: row 2: target must be 0 or 1, got '2'"),
     (lambda d: model_x(d, image_name=["img0", "img1"], target=[0, .5], pred=[.5, .5], fold=0),
-     "x_fold0_oof.csv: row 3: target is 0.5, not 0 or 1"),
+     "x_fold0_oof.csv: row 3: target must be 0 or 1, got '0.5'"),
     (lambda d: model_x(d, image_name=["img0"], target=[0], pred=[.5], fold=[1.5]),
-     "x_fold0_oof.csv: row 2: fold is 1.5, not a whole number"),
+     "x_fold0_oof.csv: row 2: fold must be a whole number, got '1.5'"),
     (lambda d: model_x(d, image_name=["img0", "img1"], target=[0, 1], pred=[-2.5, 3], fold=0),
      "x_fold0_oof.csv: pred ranges over [-2.5, 3], not probabilities in [0, 1] (--method rank takes any scores)"),
     (lambda d: csv_of(d / "x_fold0_test.csv", image_name=["t0", "t1"], target=[.1, 1.2]), "target ranges over [0.1, 1.2]"),
@@ -1761,8 +1772,8 @@ def test_lr_find_batches_out_of_bounds_is_one_line(tiny_data, tmp_path, capsys, 
 
 def test_lr_find_with_meta_tests_the_model_with_the_metadata_branch(tiny_data, tmp_path, capsys, monkeypatch):
     built = []
-    build_model = melanoma.build_model
-    monkeypatch.setattr(melanoma, "build_model", lambda *a, **kw: built.append(build_model(*a, **kw)) or built[-1])
+    model = melanoma.Extras.model
+    monkeypatch.setattr(melanoma.Extras, "model", lambda *a, **kw: built.append(model(*a, **kw)) or built[-1])
     for name, extra in (("plain", []), ("meta", ["--meta"])):
         melanoma.main([str(a) for a in train_args(tiny_data, tmp_path, "--lr-find", "--lr-find-steps", "10",
                                                   "--lr-find-end", "1e-2", "--name", name, *extra)])
@@ -1837,7 +1848,7 @@ def test_meta_refuses_text_ages_and_encodes_an_all_empty_age(data, tmp_path, cap
     train = pd.read_csv(data / "train.csv", dtype=str, keep_default_na=False)
     train.assign(age_approx=["forty"] + list(train["age_approx"][1:])).to_csv(data / "train.csv", index=False)
     refused_run(train_args(data, tmp_path / "out", "--meta"), capsys, "train.csv", "row 2",
-                "age_approx must be a number or empty, got 'forty'")
+                "age_approx must be a finite number or empty, got 'forty'")
     train.assign(age_approx="").to_csv(data / "train.csv", index=False)
     out = tmp_path / "out"
     melanoma.main([str(a) for a in train_args(data, out, "--meta", "--epochs", "1", "--tta", "0", "--name", "e")])
@@ -1865,19 +1876,19 @@ def jpeg_with_thumbnail_before_its_scan(path, cut):
 
 def test_a_jpeg_cut_after_an_embedded_thumbnail_is_refused_up_front(tmp_path):
     whole = jpeg_with_thumbnail_before_its_scan(tmp_path / "whole.jpg", 10**6)
-    melanoma.check_image(str(whole))  # complete: passes
+    melanoma.check_images([str(whole)])  # complete: passes
     cut = jpeg_with_thumbnail_before_its_scan(tmp_path / "cut.jpg", 200)
     assert b"\xff\xd9" in cut.read_bytes()[-1024:]
     Image.open(cut).size  # its header reads
     with pytest.raises(melanoma.DataError, match="truncated"):
-        melanoma.check_image(str(cut))
+        melanoma.check_images([str(cut)])
 
 
 def test_init_from_weights_that_do_not_fit_a_later_fold_are_refused_before_the_first_trains(tiny_data, trained_run,
                                                                                          tmp_path, capsys):
     from safetensors.torch import save_file
     out = Path(shutil.copytree(trained_run, tmp_path / "out"))
-    other = melanoma.create_model("test_resnet", pretrained=False)
+    other = net("test_resnet")
     save_file({k: v.contiguous() for k, v in other.state_dict().items()}, out / "tiny_fold1.safetensors")
     refused_run(train_args(tiny_data, out, "--init-from", "tiny", "--fold", "0", "1", "--name", "big"), capsys,
                 "tiny_fold1.safetensors", "does not fit")
@@ -1900,7 +1911,8 @@ def test_a_full_disk_is_one_line_and_leaves_the_fold_unfinished(tiny_data, tmp_p
     out = tmp_path / "out"
     args = train_args(tiny_data, out, "--epochs", "1", "--tta", "0")
     melanoma.main([str(a) for a in args])
-    monkeypatch.setattr(melanoma, "save_file", full)
+    write_bytes = Path.write_bytes
+    monkeypatch.setattr(Path, "write_bytes", lambda p, data: full() if ".safetensors" in p.name else write_bytes(p, data))
     refused_run(args + ["--tta", "1", "--overwrite"], capsys,
                 "safetensors: cannot write it (No space left on device)", "not finished")
     # the old JSON went first: the fold, half replaced, is not taken for finished
@@ -2034,14 +2046,14 @@ def check_fold_run(run, info, batch):
 
 def test_log_with_tensorboard_logs_the_fold_and_a_resumed_fold_repeats_no_step(tiny_data, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    save = melanoma.save_checkpoint
+    save = melanoma.Extras.epoch
 
-    def keep_the_first_epochs_checkpoint(path, *a):
-        save(path, *a)
+    def keep_the_first_epochs_checkpoint(self, fold, *a):
+        save(self, fold, *a)
         if not (tmp_path / "epoch1.pt").exists():
-            shutil.copy(path, tmp_path / "epoch1.pt")
+            shutil.copy(melanoma.fold_file(self.args, fold, "_last.pt"), tmp_path / "epoch1.pt")
 
-    monkeypatch.setattr(melanoma, "save_checkpoint", keep_the_first_epochs_checkpoint)
+    monkeypatch.setattr(melanoma.Extras, "epoch", keep_the_first_epochs_checkpoint)
     args = [str(a) for a in train_args(tiny_data, out, "--name", "t", "--log-with", "tensorboard")]
     melanoma.main(args)
     info = json.loads((out / "t_fold0.json").read_text())
@@ -2115,10 +2127,10 @@ def test_diagnosis_codes_map_the_competitions_names_and_pass_2019s_codes():
 @needs_shared
 def test_every_real_diagnosis_maps_and_agrees_with_its_target():
     train = pd.read_csv(SHARED / "train.csv", dtype=str, keep_default_na=False)
-    melanoma.check_targets(train, "train.csv")
+    ensemble.check_numbers(train, {"target": "0 or 1"}, "train.csv")
     melanoma.check_diagnoses(train, "train.csv")
     assert train["code"].value_counts().to_dict() == {"UNK": 27126, "NV": 5193, "MEL": 584, "BKL": 223}
-    assert melanoma.target_classes(train, SimpleNamespace(target="diagnosis")) == ["MEL", "NV", "BKL", "UNK"]
+    assert melanoma.target_classes(train) == ["MEL", "NV", "BKL", "UNK"]
 
 
 def test_melanoma_logit_is_the_log_odds_of_the_softmax_and_the_loss_follows_the_width():
@@ -2133,15 +2145,15 @@ def test_melanoma_logit_is_the_log_odds_of_the_softmax_and_the_loss_follows_the_
     cpu = SimpleNamespace(device=torch.device("cpu"))
     x = torch.zeros(5, 3, 2, 2)
     y = torch.tensor([0, 3, 1, 2, 0])
-    loss = melanoma.batch_loss(lambda x, meta: logits, lambda x: x, x, y, cpu)
+    loss = melanoma.batch_loss(lambda x: logits, lambda x: x, x, y, cpu)
     assert loss == pytest.approx(float(torch.nn.functional.cross_entropy(logits, y)))
     yb = torch.tensor([1.0, 0, 0, 1, 0])
-    loss = melanoma.batch_loss(lambda x, meta: logits[:, :1], lambda x: x, x, yb, cpu)
+    loss = melanoma.batch_loss(lambda x: logits[:, :1], lambda x: x, x, yb, cpu)
     assert loss == pytest.approx(float(torch.nn.functional.binary_cross_entropy_with_logits(logits[:, 0], yb)))
 
 
 def test_grad_cam_of_several_outputs_explains_the_melanoma_output():
-    model = melanoma.Net(DarkSpot(), outputs=3)
+    model = melanoma.ExtrasNet(DarkSpot(), outputs=3)
     with torch.no_grad():
         model.head.weight.copy_(torch.tensor([[4.0], [0.0], [-4.0]]))  # output 0 rises with darkness
         model.head.bias.zero_()
@@ -2222,8 +2234,8 @@ def test_runs_from_before_target_are_read_as_melanoma_runs(tiny_data, trained_ru
 
 def test_diagnosis_lr_find_trains_the_class_head(tiny_data, tmp_path, capsys, monkeypatch):
     built = []
-    build_model = melanoma.build_model
-    monkeypatch.setattr(melanoma, "build_model", lambda *a, **kw: built.append(build_model(*a, **kw)) or built[-1])
+    model = melanoma.Extras.model
+    monkeypatch.setattr(melanoma.Extras, "model", lambda *a, **kw: built.append(model(*a, **kw)) or built[-1])
     melanoma.main([str(a) for a in train_args(tiny_data, tmp_path, "--lr-find", "--lr-find-steps", "10",
                                               "--lr-find-end", "1e-2", "--name", "dx", "--target", "diagnosis")])
     assert built[0][0].head.out_features == 4 and "lr-find: " in capsys.readouterr().out
@@ -2233,7 +2245,7 @@ def test_diagnosis_lr_find_trains_the_class_head(tiny_data, tmp_path, capsys, mo
 def test_binary_runs_never_read_the_diagnosis(data):
     break_csv(data, "train.csv", lambda df: df.assign(diagnosis="angioma"))
     args = melanoma.get_args(["--data-dir", str(data), "--folds", str(data / "folds.csv")])
-    train, _ = melanoma.read_data(args, lambda *a: None)
+    train, _ = melanoma.read_data(args, melanoma.Hooks(args, None), lambda *a: None)
     assert "code" not in train.columns
 
 
@@ -2283,10 +2295,11 @@ def test_finished_folds_are_reused_only_whole_and_from_the_same_init_weights(tin
     out = Path(shutil.copytree(trained_run, tmp_path / "out"))
     args = train_args(tiny_data, out, "--epochs", "1", "--tta", "0", "--name", "b", "--init-from", "tiny")
     melanoma.main([str(a) for a in args])
-    weights = melanoma.load_file(out / "tiny_fold0.safetensors")
-    melanoma.save_file({k: v + 1 for k, v in weights.items()}, out / "tiny_fold0.safetensors")
+    from safetensors.torch import load_file, save_file
+    weights = load_file(out / "tiny_fold0.safetensors")
+    save_file({k: v + 1 for k, v in weights.items()}, out / "tiny_fold0.safetensors")
     refused_run(args, capsys, "b_fold0.json", "other --init-from weights")
-    melanoma.save_file(weights, out / "tiny_fold0.safetensors")
+    save_file(weights, out / "tiny_fold0.safetensors")
     melanoma.main([str(a) for a in args])
     assert "finished already" in capsys.readouterr().out
     (out / "b_fold0_oof.csv").unlink()
@@ -2315,7 +2328,7 @@ def test_lr_find_rates_have_the_training_rates_floor(tiny_data, tmp_path, capsys
 
 def test_runs_refuses_an_infinite_auc(tmp_path, capsys):
     (tmp_path / "runs.csv").write_text(",".join(ensemble.LEDGER) + "\n2026-01-01,a,0,inf,0.5,1,,o\n")
-    refused_run(["--runs", tmp_path], capsys, "row 2", "oof_auc must be a finite number, got 'inf'")
+    refused_run(["--runs", tmp_path], capsys, "row 2", "oof_auc must be a finite number or empty, got 'inf'")
 
 
 def test_predict_reports_broken_links_and_folders_named_like_images(tiny_data, trained_run, tmp_path, capsys):
