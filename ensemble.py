@@ -16,24 +16,13 @@ bootstrap over patients (ids from --folds, else from the folds file the runs rec
 scored on the held-out one). The report is printed and written beside --out as {stem}.json, with
 a heat map of the models' correlations as {stem}_correlation.png. Bad input is refused in one line
 (exit code 2) before anything is written. melanoma.py imports its torch-free helpers from here: the
-CSV reader, DataError, atomic writes, the flag bounds, the output checks and the ledger.
+CSV reader, DataError, atomic writes, the output checks and the ledger.
 
 It starts in under half a second (no torch); a 1,000-resample patient bootstrap of the 32,692
 ISIC 2020 OOF predictions takes about 0.6 s on one CPU core; the heat map adds 1-1.5 s (matplotlib,
 measured on a busy 2-core machine).
 """
-import argparse
-import csv
-import functools
-import io
-import json
-import math
-import os
-import re
-import shlex
-import sys
-import tempfile
-import warnings
+import argparse, csv, functools, io, json, math, os, re, shlex, sys, tempfile, warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,7 +35,7 @@ NAME = re.compile(r"^(?P<name>.+)_fold(?P<fold>\d+)_(?P<kind>oof|test)\.csv$")
 # Every file name melanoma.py writes in its output folder: --out must never replace one.
 MELANOMA_OUTPUT = re.compile(r"^(runs\.csv|logs|folds\.csv|train\.csv|test\.csv"
                              r"|.+_fold\d+(_\w+)?\.\w+|.+_(predict|predict_skipped|lr_find)"
-                             r"\.(csv|tsv|png))$")
+                             r"\.(csv|tsv|png)|.+_\d+_[0-9a-f]{16}\.jpg)$")  # the last: --cache
 OOF_COLUMNS = ["image_name", "target", "pred", "fold"]
 # melanoma.py's ledger of runs, a row per finished fold in its output folder: `preds/*.csv`
 # matches it, yet it holds no predictions. Recognised by its name and header.
@@ -97,8 +86,7 @@ def get_args(argv=None):
 
 
 def output_paths(out):
-    """The submission, the report and the heat map: out, {stem}.json and
-    {stem}_correlation.png beside it."""
+    """The submission, the report and the heat map: out, {stem}.json, {stem}_correlation.png."""
     out = Path(out)
     return out, out.with_suffix(".json"), out.with_name(f"{out.stem}_correlation.png")
 
@@ -299,19 +287,28 @@ def run_files(files):
     return [run for run in dict.fromkeys(runs) if run.exists()]
 
 
-def recorded_folds(run):
-    """The folds path as the run was given it (its JSON's args.folds), or None if it has none."""
+def read_run(run):
+    """A run's JSON, {name}_fold{k}.json, with its args."""
     try:
         record = json.loads(Path(run).read_text())
     except (OSError, ValueError) as e:
         raise DataError(f"{run}: cannot read the run's JSON ({e})")
-    args = record.get("args") if isinstance(record, dict) else None
-    if not isinstance(args, dict):
+    if not isinstance(record, dict) or not isinstance(record.get("args"), dict):
         raise DataError(f"{run}: not a run's JSON (no \"args\" object)")
-    folds = args.get("folds")
-    if folds is not None and not isinstance(folds, str):
-        raise DataError(f"{run}: args.folds is {folds!r}, not a path")
-    return folds
+    return record
+
+
+def check_one_recipe(files):
+    """One name is one model, averaged over its folds: its runs (their JSONs beside the files)
+    must have the same settings, as melanoma.py's --predict requires too."""
+    first = {}
+    for run in run_files(files):
+        key = read_run(run).get("run")
+        other = first.setdefault(run.name.rsplit("_fold", 1)[0], (run, key))
+        if isinstance(key, dict) and isinstance(other[1], dict) and key != other[1]:
+            changed = sorted(k for k in set(key) | set(other[1]) if key.get(k) != other[1].get(k))
+            raise DataError(f"{other[0]} and {run}: one model name, two recipes (they differ in "
+                            f"{', '.join(changed)}); give each its own name")
 
 
 def find_recorded(folds, run):
@@ -330,7 +327,9 @@ def choose_folds(folds, files):
         return folds, "given by --folds", []
     recorded, notes = {}, []
     for run in run_files(files):
-        given = recorded_folds(run)
+        given = read_run(run)["args"].get("folds")  # as the run was given it
+        if given is not None and not isinstance(given, str):
+            raise DataError(f"{run}: args.folds is {given!r}, not a path")
         found = find_recorded(given, run) if given else None
         if given and not found:
             notes.append(f"{run} records folds file {given}, found neither here nor in "
@@ -632,8 +631,8 @@ def atomic_write(path, write):
 
 def atomic_write_all(writes):
     """Call write(tmp) for each {path: write}, then rename every tmp into place: a crash or a full
-    disk leaves the old files or all the new ones. A file gets the permission bits of a plain
-    open(path, "w"), not mkstemp's 0600. A failed write is a DataError naming the file."""
+    disk leaves the old files or all the new ones, with the permission bits of open(path, "w"),
+    not mkstemp's 0600. A failed write is a DataError naming the file and what was replaced."""
     temps = {}
     try:
         for path, write in writes.items():
@@ -646,8 +645,7 @@ def atomic_write_all(writes):
             os.chmod(temps[path], new_file_mode())
         for path, tmp in temps.items():
             os.replace(tmp, path)
-    except OSError as e:  # what writing raises (a full disk, no permission), and nothing else:
-        # the writers write through Python, so that a full disk is an OSError
+    except OSError as e:  # what writing raises (the writers write through Python), nothing else
         replaced = [str(p) for p, tmp in temps.items() if not os.path.exists(tmp)]
         said = f"; {', '.join(replaced)} replaced already" if replaced else "; nothing was replaced"
         raise DataError(f"{path}: cannot write it ({e.strerror or e}){said}") from None
@@ -666,25 +664,38 @@ def finite(x):
     return None if isinstance(x, float) and not math.isfinite(x) else x
 
 
-def without_ledger(files):
-    """The files less melanoma.py's ledger, each left out with a note."""
+# melanoma.py's files that preds/*.csv matches and that hold no predictions, by their header
+NOT_PREDICTIONS = {",".join(LEDGER[:3]): "melanoma.py's ledger of runs",
+                   "step,lr,loss": "melanoma.py's LR range test"}
+
+
+def predictions_only(files):
+    """The files less melanoma.py's ledger and LR range tests, each left out with a note (known by
+    the header, after a byte-order mark as Excel writes it). A file that holds OOF predictions
+    must be named as one: a renamed copy (A_fold0_oof (1).csv) would be read as a submission."""
     kept = []
     for f in files:
         header = ""
-        if Path(f).name == LEDGER_FILE and Path(f).is_file():
-            with open(f, errors="replace") as fh:
-                header = fh.readline()
-        if header.startswith(",".join(LEDGER[:3])):
-            print(f"left out {f}: melanoma.py's ledger of runs, not predictions")
+        if Path(f).is_file():
+            with open(f, encoding="utf-8-sig", errors="replace") as fh:
+                header = fh.readline().strip()
+        what = next((w for start, w in NOT_PREDICTIONS.items() if header.startswith(start)), None)
+        m = NAME.match(Path(f).name)
+        if what:
+            print(f"left out {f}: {what}, not predictions")
+        elif {"pred", "fold"} <= set(header.split(",")) and not (m and m["kind"] == "oof"):
+            raise DataError(f"{f}: holds OOF predictions (columns pred, fold) but is not named "
+                            "{name}_fold{k}_oof.csv (a renamed copy?): rename it")
         else:
             kept.append(f)
     if not kept:
-        raise DataError("no prediction files among the inputs, only melanoma.py's ledger")
+        raise DataError("no prediction files among the inputs, only melanoma.py's ledger or LR "
+                        "range tests")
     return kept
 
 
 # ------------------------------------------------------------------------------------------------
-# Shared with melanoma.py: flag bounds and output locations
+# Shared with melanoma.py: text flags and output locations
 
 def text(value):
     """An argparse type that refuses an empty value: an unset shell variable."""
@@ -794,12 +805,13 @@ def concatenated_auc(files):
 
 def rerun_command(name, settings, folds, out, size=512):
     """The command that trains `name` again at `size` px on the same folds, each fold from the
-    same fold's weights; --weights goes, since --init-from replaces it."""
+    same fold's weights, at the recipe's full scale: --frac and --epochs go (a small run's share
+    and budget), and --weights, since --init-from replaces it."""
     tokens = shlex.split(settings)
     kept = []
     i = 0
     while i < len(tokens):
-        if tokens[i] in ("--size", "--init-from", "--weights"):
+        if tokens[i] in ("--size", "--init-from", "--weights", "--frac", "--epochs"):
             i += 2
             continue
         kept.append(tokens[i])
@@ -857,7 +869,8 @@ def main(argv=None):
 
 def blend(args):
     """Check, read, score and blend, then write the submission, report and heat map together."""
-    args.files = without_ledger(args.files)
+    args.files = predictions_only(args.files)
+    check_one_recipe(args.files)
     folds = choose_folds(args.folds, args.files)[0]
     inputs = args.files + ([folds] if folds else []) + run_files(args.files)
     check_outputs(args.out, inputs)
@@ -877,8 +890,8 @@ def blend(args):
     atomic_write_all(writes)  # all three or none: a full disk leaves no half of them
     print(format_report(report))  # after the writes: a reader that stops early (head) loses none
     if submission is None:
-        print(f"no submission: model(s) {', '.join(lacking)} have no test predictions (their runs "
-              "had no test.csv)")
+        print(f"no submission: model(s) {', '.join(lacking)} have no test predictions among the "
+              "files ({name}_fold{k}_test.csv)")
     written = [] if submission is None else [f"{out} ({len(submission)} images, method "
                                              f"{args.method})"]
     print(f"wrote {', '.join(written + [str(report_path)])} and {heat_map}")
