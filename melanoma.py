@@ -12,10 +12,7 @@ features + one Linear layer, AdamW (weight decay 0.1) with OneCycle 5e-6 -> 2e-4
     ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 melanoma.py --demo   # two CPU processes
     python melanoma.py --demo --lr-find                          # LR range test: --lr-min/--lr-max
     python melanoma.py --demo --size 96 --init-from demo --name demo96  # from smaller weights
-    python melanoma.py --runs                                    # the experiments, best first
-    python melanoma.py --predict photos/ --name NAME --explain 4  # score new images, Grad-CAM
-    python melanoma.py --help   # and README.md: --make-folds, --benchmark, --augs, --hair, --meta,
-                                # --external, --target diagnosis, --log-with tensorboard, ...
+    python melanoma.py --runs; python melanoma.py --help         # the experiments; every flag
 
 Outputs, in --out (default preds/): {name}_fold{k}_oof.csv and _test.csv (predictions), .json
 (arguments and figures), .safetensors (weights), _curves.png and _roc.png, and a row per finished
@@ -158,8 +155,7 @@ def run_names(args):
 
 def recipe(argv=None):
     """Parse the recipe's flags (argv, else the command line); train, validate, predict folds."""
-    p = argparse.ArgumentParser(description="Train, validate and predict melanoma classifiers.",
-                                allow_abbrev=False)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     args = run_names(recipe_flags(p).parse_args(argv))
     accelerator = Accelerator(cpu=args.cpu, mixed_precision=args.mixed_precision)
     return train_folds(args, accelerator, Hooks(args, accelerator))
@@ -399,9 +395,8 @@ class Images(torch.utils.data.Dataset):
 
 
 class EpochSampler:
-    """Batch sampler over each epoch's sample (indices), cut into global batches of at most
-    batch_size * world images, each dealt across processes: they run the same number of steps,
-    their indices are disjoint, and together they cover the sample."""
+    """Batch sampler over each epoch's sample, cut into global batches of batch_size * world dealt
+    to the processes: the same number of steps, disjoint indices that together cover it."""
 
     def __init__(self, targets, batch_size, per_epoch, seed=0, rank=0, world=1, pools=None):
         self.targets, self.pools, self.per_epoch = np.asarray(targets), pools, per_epoch
@@ -443,9 +438,8 @@ class EpochSampler:
 
     @staticmethod
     def negatives(n_neg, per_epoch, seed, epoch, pool=0):
-        """Positions into a pool's benign images for `epoch`: a stream of permutations, so every
-        benign image is drawn once before any is drawn again, and an epoch that straddles two
-        permutations gets no image twice."""
+        """Positions into a pool's benign images for `epoch`: a stream of permutations (each drawn
+        once before any again), an epoch straddling two getting no image twice."""
         if per_epoch == 0:
             return np.zeros(0, int)
         start, stop = epoch * per_epoch, (epoch + 1) * per_epoch
@@ -513,7 +507,8 @@ class Augment(torch.nn.Module):
         self.random = K.AugmentationSequential(*stack)
         self.normalize = K.Normalize(mean=torch.tensor(mean), std=torch.tensor(std))
         # erased patches are filled with 0 after normalising: the mean colour, not black
-        self.cutout = K.RandomErasing(p=0.5, scale=(0.02, 0.1), ratio=(0.3, 3.3)) if cutout else None
+        self.cutout = K.RandomErasing(p=0.5, scale=(0.02, 0.1), ratio=(0.3, 3.3)) if cutout \
+            else None
 
     @staticmethod
     def build(entries, own=None):
@@ -557,9 +552,9 @@ class Net(torch.nn.Module):
         except OSError as e:  # only a download fails so: offline, or no weights on the hub
             if not pretrained:
                 raise
-            raise DataError(f"--model {name}: could not get pretrained weights ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0][:200]}). Offline, pass --weights FILE, or "
-                            "--no-pretrained to train from scratch")
+            raise DataError(f"--model {name}: could not get pretrained weights ("
+                            f"{type(e).__name__}: {str(e).splitlines()[0][:200]}). Offline, pass "
+                            "--weights FILE, or --no-pretrained to train from scratch")
 
 
 def train_one_epoch(model, augment, loader, optimizer, scheduler, accelerator, targets, epoch,
@@ -691,8 +686,6 @@ def fold_file(args, fold, suffix):
     return Path(args.out) / f"{args.name}_fold{fold}{suffix}"
 
 
-
-
 # ==============================================================================================
 # Beyond the recipe
 # ==============================================================================================
@@ -721,8 +714,7 @@ from ensemble import LEDGER_FILE, ArgumentParser, append_run, atomic_write, chec
 # Flags of the extras, and the run's checks: flags when parsed, the device and the output
 # folders before any data is read
 
-# Where the data is looked for without --data-dir: a folder in the working folder, then the
-# competition as Kaggle notebooks mount it.
+# Where the data is looked for without --data-dir: here, then where Kaggle notebooks mount it.
 DATA_LOCATIONS = ("data", "/kaggle/input/siim-isic-melanoma-classification")
 # --demo: these flags come first, so that the command line can override any of them
 DEMO = ("--data-dir demo_data --model test_efficientnet --no-pretrained --size 64 --epochs 12 "
@@ -743,12 +735,11 @@ def get_args(argv=None):
 @functools.cache
 def get_parser():
     """The recipe's flags, then a group for each extra."""
-    p = recipe_flags(ArgumentParser(description="Train, validate and predict melanoma "
-                                    "classifiers.", formatter_class=HelpFormatter,
-                                    allow_abbrev=False))
+    p = recipe_flags(ArgumentParser(description=__doc__.splitlines()[0],
+                                    formatter_class=HelpFormatter, allow_abbrev=False))
     g = flag_group(p, "metadata and heads", setting=True)
-    g.add_argument("--meta", action="store_true", help="join the patient metadata (sex, age, "
-                   "site, the patient's image count, image size) to the image features")
+    g.add_argument("--meta", action="store_true", help="add the patient metadata (sex, age, site, "
+                   "the patient's image count, image size) to the image features")
     g.add_argument("--head", choices=["linear", "mlp"], default="linear",
                    help="one Linear layer (the recipe), or Linear-SiLU-Dropout-Linear")
     g.add_argument("--dropout", type=bounded(float, 0, 1, high_open=True), default=0.0,
@@ -756,26 +747,21 @@ def get_parser():
     g.add_argument("--msd", type=bounded(int, 1, 32), default=1,
                    help="multi-sample dropout: the head averaged over this many dropout masks")
     g = flag_group(p, "external data and the diagnosis target", setting=True)
-    g.add_argument("--external", metavar="DIR", type=path, action="append", help="ISIC 2019 "
-                   "data (train.csv with image_name, diagnosis; train/*.jpg) that only trains; "
-                   "repeatable")
+    g.add_argument("--external", metavar="DIR", type=path, action="append", help="ISIC 2019 data "
+                   "(train.csv with diagnosis; train/*.jpg) that only trains; repeatable")
     g.add_argument("--external-neg-ratio", type=bounded(float, 0, low_open=True), help="benign "
-                   "external images per external melanoma per epoch, drawn apart from the "
-                   "competition's (default: one pool)")
+                   "external images per external melanoma per epoch (default: one pool)")
     g.add_argument("--target", choices=["melanoma", "diagnosis"], default="melanoma",
-                   help="what the head learns: melanoma (one logit, BCE: the recipe) or diagnosis "
-                   "(softmax over the diagnosis column's classes, the 1st place's 9 with ISIC "
-                   "2019); either way every score is P(melanoma)")
+                   help="what the head learns: melanoma (one logit, the recipe) or diagnosis (the "
+                   "1st place's classes, a softmax); either way every score is P(melanoma)")
     g = flag_group(p, "starting weights", setting=True)
-    g.add_argument("--weights", type=path,
-                   help="weights file to start from (.safetensors or a torch state dict)")
+    g.add_argument("--weights", type=path, help="weights to start from (.safetensors, state dict)")
     g.add_argument("--init-from", metavar="RUN", type=text, help="start each fold from the same "
                    "fold's weights of an earlier run: a run name in --out, or a path prefix "
                    "(other/preds/NAME), read as {RUN}_fold{k}.safetensors")
     g = flag_group(p, "augmentation files and hair", setting=True)
     g.add_argument("--augs", metavar="FILE", type=path, help="YAML list of kornia.augmentation "
-                   "classes and arguments (- name: RandomAffine / degrees: 180 ...) replacing the "
-                   "recipe's random stack (default: DEFAULT_AUGS in melanoma.py)")
+                   "classes and arguments replacing the recipe's stack (DEFAULT_AUGS)")
     g.add_argument("--hair", type=bounded(float, 0, 1), default=0.0, metavar="P",
                    help="draw dark hairs over an image with probability P (appends Hair(p=P))")
     g = flag_group(p, "cache", setting=True)
@@ -788,10 +774,8 @@ def get_parser():
     g.add_argument("--overwrite", action="store_true",
                    help="retrain folds that already have outputs")
     g.add_argument("--log-with", nargs="+", choices=LoggerType.list(), metavar="NAME",
-                   help="experiment trackers (accelerate's: "
-                   f"{', '.join(LoggerType.list())}; all: every one installed) that training, "
-                   "--lr-find and --explain log to, a tracker run per fold "
-                   "({name}_fold{k}); TensorBoard's in {out}/logs")
+                   help=f"trackers ({', '.join(LoggerType.list())}; all: every one installed) of "
+                   "training, --lr-find and --explain, a run per fold; TensorBoard's in {out}/logs")
     g.add_argument("--demo", action="store_true", help="make a small synthetic dataset once and "
                    f"train on it with CPU-sized defaults: {DEMO}")
     g = flag_group(p, "tools (one at a time; --explain also goes with --predict)", setting=False)
@@ -806,23 +790,20 @@ def get_parser():
     g.add_argument("--lr-find-start", type=bounded(float, 1e-12), default=1e-7,
                    metavar="LR", help="--lr-find's first learning rate")
     g.add_argument("--lr-find-end", type=bounded(float, 1e-12, 1e9), default=1.0,
-                   metavar="LR", help="--lr-find's last learning rate (the rate rises "
-                   "exponentially)")
+                   metavar="LR", help="--lr-find's last learning rate (rising exponentially)")
     g.add_argument("--lr-find-steps", type=bounded(int, 10, 10**5), default=200, metavar="N",
                    help="--lr-find's steps from start to end, unless the loss diverges first")
     g.add_argument("--lr-find-batches", type=bounded(int, 1, 64), default=1, metavar="N",
-                   help="--lr-find's batches per step: a step's loss is their mean, measured at "
-                   "the same weights (one of them trains), which cuts the noise by sqrt(N)")
+                   help="--lr-find's batches per step, their mean loss at the same weights: the "
+                   "noise / sqrt(N)")
     g.add_argument("--runs", nargs="?", type=text, const="preds", metavar="OUT",
                    help="print the experiments of OUT/runs.csv (default OUT: preds), best first")
-    g.add_argument("--predict", metavar="PATH", type=path, help="score a folder of images "
-                   "(recursively) or a CSV with image_name with every fold of run --name in "
-                   "--out; no training")
+    g.add_argument("--predict", metavar="PATH", type=path, help="score a folder of images or a "
+                   "CSV with image_name with every fold of run --name in --out")
     g.add_argument("--skip-bad", action="store_true", help="with --predict: leave out unreadable "
                    "images (listed in {name}_predict_skipped.tsv) instead of stopping")
-    g.add_argument("--explain", type=bounded(int, 1, 32), metavar="N",
-                   help="Grad-CAM grids of run --name: the N most confident false positives and "
-                   "negatives of each fold's OOF (and with --predict the N top new images)")
+    g.add_argument("--explain", type=bounded(int, 1, 32), metavar="N", help="Grad-CAM grids of "
+                   "run --name: each fold's N worst OOF mistakes (and N top new images)")
     # the flags of the setting groups: resume, finished folds, the ledger and the model record
     p.settings = [a for g in p._action_groups if getattr(g, "setting", False)
                   for a in g._group_actions]
@@ -906,11 +887,10 @@ def check_run(args, accelerator):
     if args.data_dir is None:  # the first default location that holds a competition layout
         found = [d for d in DATA_LOCATIONS if layout_of(d)]
         if not found:
-            raise DataError(f"no competition data found in {' or '.join(DATA_LOCATIONS)} "
-                            "(train.csv with jpeg/train/ or train/): download it with `kaggle "
-                            "competitions download -c siim-isic-melanoma-classification` and unzip "
-                            "it into data/ (or put a resized dataset there in the train/ layout), "
-                            "pass --data-dir DIR, or run --demo, which needs no data")
+            raise DataError(f"no competition data found in {' or '.join(DATA_LOCATIONS)}: "
+                            "download it with `kaggle competitions download -c siim-isic-melanoma-"
+                            "classification` and unzip it into data/ (train.csv with jpeg/train/ "
+                            "or train/), pass --data-dir DIR, or run --demo, which needs no data")
         args.data_dir = path(found[0])
         accelerator.print(f"data: {found[0]} (the first default location that holds a "
                           "competition layout; --data-dir chooses another)")
@@ -920,8 +900,7 @@ def check_run(args, accelerator):
 
 
 def one_line(e):
-    """An error raised in a loader process carries its traceback: its last line is the
-    message."""
+    """An error's one line: in a loader process, its traceback's last."""
     lines = str(e).strip().splitlines() or [type(e).__name__]
     if lines[0].startswith(("Caught DataError", "Traceback")):
         return lines[-1].split("DataError: ")[-1]
@@ -933,18 +912,15 @@ def one_line(e):
 
 class Extras(Hooks):
     """The recipe's seams with the extras attached, in the order a run meets them. What the run
-    learns on the way (its settings, the metadata encoding, the classes, the augmentations, the
-    starting weights) is taken once, when read, and recorded as it was used. A fold's checkpoint
-    lives here: checked before any fold trains, loaded, saved each epoch, removed when the fold
-    is finished."""
+    learns on the way is taken once, when read, and recorded as it was used. A fold's checkpoint
+    lives here: checked before any fold trains, loaded, saved each epoch, removed at its end."""
 
     def __init__(self, args, accelerator):
         super().__init__(args, accelerator)
         self.names = set()    # train.csv's image names: external data drops its copies of them
         self.key = None       # the run's settings (resume, finished folds, the JSON, the ledger)
         self.finished = {}    # {fold: result} of the folds an earlier run finished, kept
-        self.spec = None      # the metadata encoding (--meta)
-        self.classes = None   # the classes the head learns (--target diagnosis)
+        self.spec = self.classes = None  # the metadata encoding, the classes the head learns
         self.entries = yaml.safe_load(DEFAULT_AUGS)  # the augmentations (--augs, --hair)
         self.init = {}        # {fold: its --init-from weights' key}, taken as they were loaded
 
@@ -963,8 +939,8 @@ class Extras(Hooks):
             train = add_external(train, self)
         for fold in args.fold:  # each requested fold can train and validate, before any trains
             split_fold(train, fold, args.frac, args.seed)
-        if args.target == "diagnosis":
-            self.classes = target_classes(train)
+        if args.target == "diagnosis":  # every fold's head the same: all the training rows' classes
+            self.classes = [c for c in DIAGNOSES_2019 if c in set(train["code"])]
         if args.augs or args.hair:
             self.entries = aug_entries(args)
             check_augs(self.entries, args)
@@ -982,16 +958,15 @@ class Extras(Hooks):
         return train, test
 
     def check_outputs(self):
-        """Before any fold trains, the outputs: the ledger must take a row; one --name is one
-        model (--runs, ensemble.py and --predict average its folds as one); a finished fold (its
-        JSON exists) is kept, whole, only if it had the same settings and starting weights; an
-        unfinished fold's checkpoint needs --resume (same settings) or --overwrite."""
+        """Before any fold trains: the ledger must take a row; one --name is one model (its folds
+        are averaged); a finished fold (its JSON exists) is kept, whole, only if it had the same
+        settings and starting weights; a checkpoint needs --resume (same settings) or
+        --overwrite."""
         args, ledger = self.args, Path(self.args.out) / LEDGER_FILE
         if ledger.is_dir():
             raise DataError(f"{ledger}: a folder where an output file goes (the ledger)")
         if ledger.is_symlink() and not ledger.exists():
-            raise DataError(f"{ledger}: a link to nowhere (or to itself): cannot append to the "
-                            "ledger")
+            raise DataError(f"{ledger}: a link to nowhere (or to itself): cannot append a row")
         if ledger.exists():  # a fold whose row cannot be written would count as finished
             try:
                 open(ledger, "a").close()
@@ -1003,19 +978,16 @@ class Extras(Hooks):
             json_file = stem.with_suffix(".json")
             if fold in args.fold or not json_file.is_file():
                 continue  # a requested fold is reused only with the same settings, or retrained
-            changed = differences(read_result(json_file)["run"], self.key)
+            changed = differences(read_saved(json_file)["run"], self.key)
             if changed:
                 raise DataError(f"--name {args.name}: fold {fold} ({json_file.name}) was trained "
                                 f"with other settings ({'; '.join(changed)}); one --name is one "
                                 "model: give this run its own --name")
         for fold in args.fold:
-            for suffix in FOLD_OUTPUTS:
-                if fold_file(args, fold, suffix).is_dir():
-                    raise DataError(f"{fold_file(args, fold, suffix)}: a folder where an output "
-                                    "file goes")
+            check_output_files(fold_file(args, fold, suffix) for suffix in FOLD_OUTPUTS)
             done, ckpt = fold_file(args, fold, ".json"), fold_file(args, fold, "_last.pt")
             if done.exists() and not args.overwrite:
-                self.finished[fold] = read_result(done, self.key)
+                self.finished[fold] = read_saved(done, self.key)
                 for suffix in (".safetensors", "_oof.csv"):
                     if not fold_file(args, fold, suffix).is_file():
                         raise DataError(f"{fold_file(args, fold, suffix)}: missing from a finished "
@@ -1030,32 +1002,14 @@ class Extras(Hooks):
                 raise DataError(f"{ckpt}: an unfinished run is there: pass --resume to continue "
                                 "it or --overwrite to start over")
             elif ckpt.exists() and args.resume:
-                self.checkpoint(ckpt)
+                read_saved(ckpt, self.key, CHECKPOINT)
             elif args.resume:
                 self.accelerator.print(f"fold {fold}: --resume found no checkpoint ({ckpt}): "
                                        "starting from scratch")
 
-    def checkpoint(self, ckpt):
-        """A checkpoint saved with these settings, read without unpickling code."""
-        try:
-            state = torch.load(ckpt, map_location="cpu", weights_only=True)
-        except Exception as e:  # truncated, not a torch file, or objects that would run code
-            raise DataError(f"{ckpt}: not a readable checkpoint ({one_line(e)[:160]}); delete it "
-                            "or pass --overwrite")
-        if not (isinstance(state, dict) and isinstance(state.get("run"), dict)
-                and {"model", "optimizer", "scheduler", "history"} <= set(state)):
-            raise DataError(f"{ckpt}: not a checkpoint of melanoma.py; delete it or pass "
-                            "--overwrite")
-        changed = differences(state["run"], self.key)
-        if changed:
-            raise DataError(f"{ckpt}: saved with other settings, cannot --resume: "
-                            + "; ".join(changed))
-        return state
-
     @contextlib.contextmanager
     def fold(self, fold):
-        """A fold finished with these settings is kept; an error in training names the fold and
-        what became of its checkpoint, which --resume continues from."""
+        """A finished fold is kept; an error in training names the fold and its checkpoint."""
         args = self.args
         if fold in self.finished:
             self.accelerator.print(f"fold {fold}: finished already with these settings "
@@ -1069,17 +1023,15 @@ class Extras(Hooks):
             ckpt = fold_file(args, fold, "_last.pt")
             kept = f", last good checkpoint kept ({ckpt}; --resume continues from it)" \
                 if ckpt.exists() else ""
-            hint = ""
-            if isinstance(e, FloatingPointError):
-                hint = (f" (lower --lr-max {args.lr_max:g}, or check the augmentation: "
-                        f"{args.augs or 'the recipe stack'}{', --hair' if args.hair else ''}"
-                        f"{', --cutout' if args.cutout else ''})")
+            hint = "" if not isinstance(e, FloatingPointError) else (
+                f" (lower --lr-max {args.lr_max:g}, or check the augmentation: "
+                f"{args.augs or 'the recipe stack'}{', --hair' if args.hair else ''}"
+                f"{', --cutout' if args.cutout else ''})")
             raise type(e)(f"fold {fold}: {one_line(e)}{hint}; the fold is not finished{kept}") \
                 from None
 
     def sampler(self, trn):
-        """With --external-neg-ratio two pools of benign images, each with its ratio: the
-        competition's and the external ones."""
+        """With --external-neg-ratio two pools of benign images, each with its ratio."""
         args, acc = self.args, self.accelerator
         if args.external_neg_ratio is None:
             return super().sampler(trn)
@@ -1105,8 +1057,13 @@ class Extras(Hooks):
             load_weights(raw_model, weights, f"{flag} {start}", args.model, self.accelerator.print)
             self.init[fold] = key if args.init_from else None
         if args.target == "diagnosis":
-            self.accelerator.print(f"fold {fold}: {class_counts(trn, self.classes)}")
-            return raw_model, class_targets(trn, self.classes), melanoma_score(self.classes)
+            counts = trn["code"].value_counts()  # a class without an image is only pushed down
+            absent = [c for c in self.classes if not counts.get(c)]
+            self.accelerator.print(f"fold {fold}: classes " + ", ".join(
+                f"{c} {counts.get(c, 0)}" for c in self.classes) + (
+                f" ({', '.join(absent)}: no image here, only pushed down)" if absent else ""))
+            targets = torch.tensor(trn["code"].map(self.classes.index).to_numpy())
+            return raw_model, targets, functools.partial(melanoma_logit, classes=self.classes)
         return raw_model, torch.tensor(trn["target"].to_numpy(), dtype=torch.float32), \
             lambda output: output[:, 0]
 
@@ -1114,15 +1071,14 @@ class Extras(Hooks):
         return Augment.build(self.entries, OWN_AUGS)
 
     def resume(self, fold, raw_model, optimizer, scheduler, steps_per_epoch):
-        """With --resume, the finished epochs of the fold's checkpoint (check_outputs vetted it),
-        their state loaded; with --overwrite the checkpoint goes: after an error, the old state
-        must not look resumable."""
+        """With --resume, the checkpoint's epochs, their state loaded; with --overwrite it goes:
+        after an error, the old state must not look resumable."""
         args, accelerator = self.args, self.accelerator
         ckpt, history = fold_file(args, fold, "_last.pt"), []
         if ckpt.exists() and args.overwrite and accelerator.is_main_process:
             ckpt.unlink(missing_ok=True)
         elif ckpt.exists() and not args.overwrite:
-            state = self.checkpoint(ckpt)
+            state = read_saved(ckpt, self.key, CHECKPOINT)
             try:
                 raw_model.load_state_dict(state["model"])
                 optimizer.load_state_dict(state["optimizer"])
@@ -1140,12 +1096,14 @@ class Extras(Hooks):
         return history
 
     def epoch(self, fold, history, raw_model, optimizer, scheduler, steps_per_epoch):
-        """The fold's state after the epoch, in one file written whole. (Not accelerate's
-        save_state: it writes a folder of files, which a kill leaves half old, half new; and our
-        draws are keyed on (seed, epoch), so there is no random state to keep.)"""
+        """The state after the epoch, one file written whole (not accelerate's save_state: a
+        folder of files, which a kill leaves half new; and our draws need no random state)."""
         args, accelerator = self.args, self.accelerator
-        if accelerator.log_with:
-            log_epoch(accelerator, history[-1], steps_per_epoch)
+        if accelerator.log_with:  # at the epoch's last step, before a resumed fold's first
+            h = history[-1]
+            accelerator.log({"train/epoch_loss": h["loss"], "train/lr": h["lr"], "val/auc":
+                             h["val_auc"], "train/images_per_s": h["images_per_s"]},
+                            step=h["epoch"] * steps_per_epoch - 1)
         if accelerator.is_main_process:
             state = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
                          scheduler=scheduler.state_dict(), history=history, run=self.key)
@@ -1183,7 +1141,7 @@ class Extras(Hooks):
 # Resume and finished folds: what shaped a fold, derived from the flags of the setting groups
 
 def run_key(args, accelerator):
-    """Everything that shaped a fold's outputs: each setting flag (a path by its content, a type
+    """Everything that shaped a fold's outputs: each setting flag (a path by its content, a flag
     with a key by that), the mixed precision and the number of processes (the global batch)."""
     key = {}
     for a in get_parser().settings:
@@ -1200,10 +1158,8 @@ DIGESTS = {}  # content_key's SHA-256s by (path, size, mtime): an edited file is
 
 
 def content_key(p):
-    """A path flag counts by its content: by its path an edited file would pass for the same. A
-    data folder counts by its tables' (hashing its images would take minutes), a table it lacks
-    as None, so that a copy elsewhere is the same; another missing path by itself (reading it
-    says why)."""
+    """A path counts by its content (by its path an edited file would pass for the same), a data
+    folder by its tables' (None if missing: a copy is the same); a missing path by itself."""
     if os.path.isdir(p):
         return [content_key(Path(p) / f"{t}.csv") if (Path(p) / f"{t}.csv").exists() else None
                 for t in ("train", "test")]
@@ -1211,11 +1167,8 @@ def content_key(p):
         return str(p)
     stamp = (str(p), os.stat(p).st_size, os.stat(p).st_mtime_ns)
     if stamp not in DIGESTS:
-        h = hashlib.sha256()
         with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        DIGESTS[stamp] = f"sha256:{h.hexdigest()[:16]}"
+            DIGESTS[stamp] = f"sha256:{hashlib.file_digest(f, 'sha256').hexdigest()[:16]}"
     return DIGESTS[stamp]
 
 
@@ -1227,28 +1180,36 @@ def run_folds(out, name):
         filter(None, found), key=lambda m: int(m[1]))}
 
 
-def read_result(path, key=None):
-    """A finished fold's JSON, which must have been trained with the settings `key` (None: any)."""
+# What a fold saves: its JSON (a finished fold) and its checkpoint (an unfinished one), each with
+# the fields it must hold and how it is read (the checkpoint without unpickling code)
+RESULT = ("a finished fold's JSON", ("args", "run"), lambda f: json.loads(Path(f).read_text()))
+CHECKPOINT = ("a checkpoint", ("model", "optimizer", "scheduler", "history", "run"),
+              lambda f: torch.load(f, map_location="cpu", weights_only=True))
+
+
+def read_saved(file, key=None, kind=RESULT):
+    """A fold's JSON or checkpoint (kind), saved with the settings `key` (None: any)."""
+    what, fields, load = kind
     try:
-        result = json.loads(path.read_text())
-        if not (isinstance(result.get("args"), dict) and isinstance(result.get("run"), dict)):
-            raise TypeError("its args or run is not an object")
-        if result.get("classes") is not None and "MEL" not in result["classes"]:
+        saved = load(file)
+        if not (isinstance(saved, dict) and set(fields) <= set(saved)
+                and isinstance(saved["run"], dict) and isinstance(saved.get("args", {}), dict)):
+            raise TypeError(f"not melanoma.py's: it needs {', '.join(fields)}")
+        if saved.get("classes") is not None and "MEL" not in saved["classes"]:
             raise ValueError("its classes have no melanoma (MEL)")
-        changed = differences(result["run"], key) if key is not None else []
-    except (OSError, ValueError, AttributeError, TypeError) as e:
-        raise DataError(f"{path}: a finished fold's JSON that cannot be read ({one_line(e)}); "
-                        "retrain the fold (--overwrite) or move the JSON away")
+    except Exception as e:  # cut short, of another kind, or objects that would run code
+        raise DataError(f"{file}: {what} that cannot be read ({one_line(e)[:160]}); move it "
+                        "away, or --overwrite to retrain the fold")
+    changed = differences(saved["run"], key) if key is not None else []
     if changed:
-        raise DataError(f"{path}: this fold finished with other settings ({'; '.join(changed)}): "
-                        "give the new run its own --name, or --overwrite to retrain it")
-    return result
+        raise DataError(f"{file}: {what} saved with other settings ({'; '.join(changed)}): give "
+                        "the new run its own --name, or --overwrite to retrain the fold")
+    return saved
 
 
 def differences(saved, key, labels=("saved", "now")):
     """The settings of `key` that `saved` holds otherwise, as '--flag old (saved) vs new (now)'.
-    A setting that `saved` lacks, from a run older than its flag, counts as the flag's default:
-    a new flag's default is the behaviour from before it."""
+    One that `saved` lacks (a run older than its flag) counts as the flag's default."""
     defaults = {a.dest: a.default for a in get_parser().settings}
     old = {k: saved.get(k, defaults.get(k)) for k in key}
     return [f"--{k.replace('_', '-')} {old[k]!r} ({labels[0]}) vs {v!r} ({labels[1]})"
@@ -1270,74 +1231,15 @@ def check_output_files(paths):
 # Image checks: every image before the first epoch
 
 def check_images(paths, accelerator=None, skip_bad=False, hint=""):
-    """{path: why} of the images that cannot be used, named all at once before training rather
-    than one in its middle; each process checks a share. They stop the run unless --predict's
-    --skip-bad; `hint` ends the error."""
-    def check(path):
-        """Refuse a missing, empty, implausibly large (a decompression bomb) or cut-short image; cheap
-        for a JPEG (its header and its end), whole for a PNG (its data is compressed as one)."""
-        if os.path.isdir(path):
-            raise DataError(f"image {path}: a folder, not an image")
-        kind = None
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                with Image.open(path) as im:
-                    # a camera's multi-picture JPEG (MPO) is a JPEG with more images after the first
-                    (width, height), kind = im.size, {"MPO": "JPEG"}.get(im.format, im.format)
-                    if kind == "PNG":
-                        im.load()
-        except FileNotFoundError as e:
-            raise DataError(f"image {path}: {e.strerror}")
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            raise DataError(f"image {path}: more than {Image.MAX_IMAGE_PIXELS} pixels, refused as a "
-                            "possible decompression bomb")
-        except (OSError, SyntaxError, ValueError) as e:
-            try:
-                with open(path, "rb") as f:
-                    head = f.read(3)
-            except OSError as unreadable:  # a broken or looping link, a file without read access
-                raise DataError(f"image {path}: {unreadable.strerror or unreadable}")
-            reason = ("empty file" if not head else f"not a complete {kind} ({e})" if kind else
-                      "not a complete JPEG (truncated)" if head == b"\xff\xd8\xff" else
-                      f"not an image ({e})")
-            raise DataError(f"image {path}: {reason}")
-        if path.lower().endswith((".jpg", ".jpeg")) and kind != "JPEG":
-            raise DataError(f"image {path}: not a JPEG but {kind} (no JPEG header)")
-        if width * height > Image.MAX_IMAGE_PIXELS or min(width, height) < 1:
-            raise DataError(f"image {path}: {width}x{height} pixels, refused as implausible "
-                            f"(at most {Image.MAX_IMAGE_PIXELS} pixels)")
-        if kind != "JPEG":
-            return
-
-        # a JPEG's scans hold no end marker (their 0xFF bytes are followed by 0 or a restart), so
-        # one after the first scan's start is the image's end; the segment headers' lengths lead
-        # there past an embedded thumbnail, whose own end marker would pass a cut-short file
-        with open(path, "rb") as f:
-            pos, start = 2, None
-            while start is None:
-                f.seek(pos)
-                head = f.read(4)
-                if len(head) < 4 or head[0] != 0xFF:
-                    break
-                if head[1] == 0xDA:
-                    start = pos
-                pos += 2 + int.from_bytes(head[2:4], "big") if head[1] != 0xFF else 1
-            size = f.seek(0, os.SEEK_END)
-            for begin in (max(start, size - 1024), start) if start is not None else ():
-                f.seek(begin)  # the last kilobyte first, then all from the scan on
-                if b"\xff\xd9" in f.read():
-                    return
-        raise DataError(f"image {path}: not a complete JPEG (truncated)")
-
+    """{path: why} of the images that cannot be used, all named before training, each process
+    checking a share; they stop the run (`hint` ends the error) unless --predict's --skip-bad."""
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     bad = {}
     for path in tqdm(paths[rank::world], "checking images", leave=False,
                      disable=not (rank == 0 and len(paths) >= 2000 and sys.stderr.isatty())):
-        try:
-            check(path)
-        except DataError as e:
-            bad[path] = str(e)
+        why = image_fault(path)
+        if why:
+            bad[path] = f"image {path}: {why}"
     if world > 1:
         found = {p: why for share in gather_object([bad]) for p, why in share.items()}
         bad = {p: found[p] for p in paths if p in found}
@@ -1347,13 +1249,64 @@ def check_images(paths, accelerator=None, skip_bad=False, hint=""):
     return bad
 
 
+def image_fault(path):
+    """Why an image cannot be used (missing, empty, implausibly large: a decompression bomb, cut
+    short), or None; cheap for a JPEG (its header and its end), whole for a PNG (one stream)."""
+    if os.path.isdir(path):
+        return "a folder, not an image"
+    kind = None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                # a camera's multi-picture JPEG (MPO) is a JPEG with more images after the first
+                (width, height), kind = im.size, {"MPO": "JPEG"}.get(im.format, im.format)
+                if kind == "PNG":
+                    im.load()
+    except FileNotFoundError as e:
+        return e.strerror
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        return f"more than {Image.MAX_IMAGE_PIXELS} pixels: refused, a possible decompression bomb"
+    except (OSError, SyntaxError, ValueError) as e:
+        try:
+            with open(path, "rb") as f:
+                head = f.read(3)
+        except OSError as unreadable:  # a broken or looping link, a file without read access
+            return unreadable.strerror or str(unreadable)
+        return ("empty file" if not head else f"not a complete {kind} ({e})" if kind else
+                "not a complete JPEG (truncated)" if head == b"\xff\xd8\xff" else
+                f"not an image ({e})")
+    if path.lower().endswith((".jpg", ".jpeg")) and kind != "JPEG":
+        return f"not a JPEG but {kind} (no JPEG header)"
+    if width * height > Image.MAX_IMAGE_PIXELS or min(width, height) < 1:
+        return f"{width}x{height} pixels, refused as implausible (at most {Image.MAX_IMAGE_PIXELS})"
+    if kind != "JPEG":
+        return None
+    # a JPEG's scans hold no end marker (their 0xFF bytes are followed by 0 or a restart), so one
+    # after the first scan's start is the image's end; the segment headers' lengths lead there
+    # past an embedded thumbnail, whose own end marker would pass a cut-short file
+    with open(path, "rb") as f:
+        pos, start = 2, None
+        while start is None:
+            f.seek(pos)
+            head = f.read(4)
+            if len(head) < 4 or head[0] != 0xFF:
+                break
+            start = pos if head[1] == 0xDA else None
+            pos += 2 + int.from_bytes(head[2:4], "big") if head[1] != 0xFF else 1
+        size = f.seek(0, os.SEEK_END)
+        for begin in (max(start, size - 1024), start) if start is not None else ():
+            f.seek(begin)  # the last kilobyte first, then all from the scan on
+            if b"\xff\xd9" in f.read():
+                return None
+    return "not a complete JPEG (truncated)"
+
+
 # ----------------------------------------------------------------------------------------------
 # Metadata and heads: --meta, --head, --dropout, --msd, and the model that takes them
 
 # The columns --meta reads from train.csv, test.csv and external data.
 META_COLUMNS = ["patient_id", "sex", "age_approx", "anatom_site_general_challenge"]
-
-
 # The spellings of sex that --meta takes (any case), as one category each; "" is missing.
 SEXES = {"male": "male", "m": "male", "female": "female", "f": "female", "": "", "unknown": ""}
 
@@ -1376,9 +1329,8 @@ def meta_columns(df, where):
 
 
 def fit_meta(train, test):
-    """The metadata encoding, fitted once and saved with the run: categories from both tables,
-    so that one-hot columns agree, and scaling from the training rows. (Not scikit-learn's
-    ColumnTransformer: its scaler's standard deviation divides by n, not n - 1, another number.)"""
+    """The metadata encoding saved with the run: categories of both tables, scaling from the
+    training rows' (not ColumnTransformer's: its std divides by n, not n - 1: other numbers)."""
     tables = [t for t in (train, test) if len(t)]
     size = "pixels" if all({"width", "height"} <= set(t.columns) for t in tables) else "bytes"
     spec = dict(size=size)
@@ -1439,11 +1391,10 @@ def meta_inputs(rows):
 
 
 class ExtrasNet(torch.nn.Module):
-    """The recipe's Net with the extras: the pooled features joined by the metadata MLP's when
-    there is metadata, then dropout and the head: one Linear layer (the recipe's Net, the same
-    weights and names) or a small MLP; `outputs` logits. Multi-sample dropout (msd > 1) averages
-    the head over that many dropout masks in training; in eval dropout is off and one pass is
-    the same. (Not timm's drop_rate: its one dropout cannot give several masks.)"""
+    """The recipe's Net with the extras: the pooled features, and the metadata MLP's, through
+    dropout into the head, one Linear layer (Net's weights and names) or a small MLP, `outputs`
+    logits; multi-sample dropout (msd > 1) averages the head over that many masks in training
+    (not timm's drop_rate: one dropout, one mask)."""
 
     def __init__(self, backbone, n_meta=0, head="linear", dropout=0.0, msd=1, outputs=1):
         super().__init__()
@@ -1454,9 +1405,8 @@ class ExtrasNet(torch.nn.Module):
             # LayerNorm, not BatchNorm: a process's last batch may hold a single image
             self.meta = torch.nn.Sequential(
                 torch.nn.Linear(n_meta, 128), torch.nn.LayerNorm(128), torch.nn.SiLU(),
-                torch.nn.Dropout(0.3),
-                torch.nn.Linear(128, 32), torch.nn.LayerNorm(32), torch.nn.SiLU(),
-                torch.nn.Dropout(0.3))
+                torch.nn.Dropout(0.3), torch.nn.Linear(128, 32), torch.nn.LayerNorm(32),
+                torch.nn.SiLU(), torch.nn.Dropout(0.3))
             width += 32
         self.dropout = torch.nn.Dropout(dropout)
         if head == "linear":
@@ -1469,10 +1419,9 @@ class ExtrasNet(torch.nn.Module):
 
     @staticmethod
     def shape(args, spec, classes):
-        """The one record of the model's shape, ExtrasNet's arguments: from the flags, the metadata
-        encoding (None without --meta; its features: one-hot sex and site, each with a missing
-        category, age and size each with a missing indicator, the patient's image count) and the
-        classes (None: one logit)."""
+        """The one record of the model's shape, from the flags, the metadata encoding (its features:
+        sex and site one-hot with a missing category each, age and size with a missing indicator
+        each, the patient's image count) and the classes (None: one logit)."""
         return dict(n_meta=len(spec["sexes"]) + len(spec["sites"]) + 7 if spec else 0,
                     head=args.head, dropout=args.dropout, msd=args.msd,
                     outputs=len(classes) if classes else 1)
@@ -1495,8 +1444,6 @@ class ExtrasNet(torch.nn.Module):
 
 # ISIC 2019's diagnoses, the classes of --target diagnosis in this order; only MEL is a melanoma.
 DIAGNOSES_2019 = ("MEL", "NV", "BCC", "BKL", "AK", "SCC", "VASC", "DF", "UNK")
-
-
 # The competition's diagnoses as ISIC 2019's classes, as the 1st place merged them.
 COMPETITION_DIAGNOSES = {
     "melanoma": "MEL", "nevus": "NV", "seborrheic keratosis": "BKL", "lichenoid keratosis": "BKL",
@@ -1505,9 +1452,8 @@ COMPETITION_DIAGNOSES = {
 
 
 def add_external(train, hooks):
-    """The training rows, then each --external folder's (ISIC 2019 in a competition layout,
-    train.csv with 2019's diagnosis codes) with fold -1, which trains every fold and validates
-    none; less the images already among train.csv's (ISIC 2019 holds some of 2020's)."""
+    """The training rows and each --external folder's (ISIC 2019 in a competition layout) with
+    fold -1, which only trains, less those among train.csv's (ISIC 2019 holds some of 2020's)."""
     for folder in hooks.args.external:
         dirs = layout_of(folder)
         if dirs is None:
@@ -1518,10 +1464,10 @@ def add_external(train, hooks):
         extra = extra.assign(target=(extra["code"] == "MEL").astype(int), fold=-1, external=True)
         seen = extra["image_name"].isin(hooks.names)
         hooks.names |= set(extra["image_name"])
-        hooks.accelerator.print(
-            f"--external {folder}: {int((~seen).sum())} images "
-            f"({int(extra['target'][~seen].sum())} melanomas) for training only; "
-            f"{int(seen.sum())} dropped, already among the training images")
+        melanomas = int(extra["target"][~seen].sum())
+        hooks.accelerator.print(f"--external {folder}: {int((~seen).sum())} images ({melanomas} "
+                                f"melanomas) for training only; {int(seen.sum())} dropped, "
+                                "already among the training images")
         train = pd.concat([train, extra[~seen]], ignore_index=True)
     return train
 
@@ -1549,50 +1495,22 @@ def check_diagnoses(train, where):
                 "{value}: they disagree (a melanoma has target 1, any other diagnosis 0)")
 
 
-def target_classes(train):
-    """The head's classes: those of the training rows of every fold and the external ones, in
-    ISIC 2019's order, so that every fold's model has the same outputs."""
-    present = set(train["code"])
-    return [c for c in DIAGNOSES_2019 if c in present]
-
-
-def melanoma_logit(output, melanoma=0):
-    """The log-odds of melanoma per image: the one logit, or over several outputs the melanoma
-    class's (index `melanoma`) less the logsumexp of the others'."""
-    output = output.float()
+def melanoma_logit(output, classes=None):
+    """predict's score: the log-odds of melanoma per image, the one logit, or over several outputs
+    (`classes`) the melanoma class's less the logsumexp of the others'."""
+    output, melanoma = output.float(), classes.index("MEL") if classes else 0
     if output.shape[1] == 1:
         return output.squeeze(1)
     others = torch.cat([output[:, :melanoma], output[:, melanoma + 1:]], 1)
     return output[:, melanoma] - torch.logsumexp(others, 1)
 
 
-def melanoma_score(classes):
-    """predict's score of a model's outputs: its melanoma logit (MEL's among `classes`, or the
-    one output without)."""
-    return functools.partial(melanoma_logit, melanoma=classes.index("MEL") if classes else 0)
-
-
-def class_targets(rows, classes):
-    """What the loss compares each row's output with: its class's index among `classes`."""
-    return torch.tensor(rows["code"].map(classes.index).to_numpy(), dtype=torch.long)
-
-
-def class_counts(rows, classes):
-    """The training rows per class. A class with no image there keeps its output, which the loss
-    only ever pushes down."""
-    counts = rows["code"].value_counts()
-    absent = [c for c in classes if not counts.get(c)]
-    note = f" ({', '.join(absent)}: no image here, only pushed down)" if absent else ""
-    return "classes " + ", ".join(f"{c} {counts.get(c, 0)}" for c in classes) + note
-
-
 # ----------------------------------------------------------------------------------------------
 # Starting weights: --weights, --init-from
 
 def read_weights(file, flag="--weights"):
-    """(a state dict, the file's key) from .safetensors or a torch file that holds only tensors (a
-    pickle could run code), both from the same bytes: a file edited later is recorded as it was
-    loaded. (Not timm's load_state_dict: it reads the file itself, apart from its key.)"""
+    """(a state dict, the key of the file as it was loaded) from .safetensors or a torch file of
+    tensors only (a pickle could run code); not timm's load_state_dict: it reads the file apart."""
     if not Path(file).is_file():
         raise DataError(f"{flag} {file}: "
                         f"{'a folder, not a file' if Path(file).is_dir() else 'no such file'}")
@@ -1604,8 +1522,7 @@ def read_weights(file, flag="--weights"):
             sd = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise DataError(f"{flag} {file}: refused, it holds pickled objects, not only tensors "
-                        f"({str(e).splitlines()[0][:160]}); save a state_dict or a .safetensors "
-                        "file")
+                        f"({str(e).splitlines()[0][:160]}); save a state_dict or .safetensors")
     except Exception as e:  # safetensors' and torch's own errors for a file of another kind
         raise DataError(f"{flag} {file}: not a weights file ({one_line(e)[:160]})")
     for key in ("state_dict", "model"):
@@ -1665,7 +1582,7 @@ def check_init_from(args):
 class Hair(torch.nn.Module):
     """Hairs over a float [0, 1] NCHW batch: with probability p an image gets 1 to `most` thin,
     dark, curved strands (quadratic Bezier curves across the lesion), drawn from torch's global
-    generator like kornia's augmentations, so the per-epoch seeding keeps runs reproducible."""
+    generator like kornia's augmentations: the per-epoch seeding keeps runs reproducible."""
 
     def __init__(self, p=0.5, most=6, width=(0.002, 0.005), segments=12):
         super().__init__()
@@ -1682,8 +1599,7 @@ class Hair(torch.nn.Module):
         if self.p == 0:
             return x
         n, _, h, w = x.shape
-        side = max(h, w)
-        dev = x.device
+        side, dev = max(h, w), x.device
         # every draw is made for every image and strand, so the stream does not depend on p
         hairy = torch.rand(n, 1, device=dev) < self.p
         count = torch.randint(1, self.most + 1, (n, 1), device=dev)
@@ -1700,29 +1616,24 @@ class Hair(torch.nn.Module):
         on = hairy & (torch.arange(self.most, device=dev) < count)
         way = torch.stack([torch.sin(angle[on]), torch.cos(angle[on])], -1) * length[on, None]
         normal = torch.stack([way[:, 1], -way[:, 0]], -1)
-        start = middle[on] - way / 2
-        end = middle[on] + way / 2
+        start, end = middle[on] - way / 2, middle[on] + way / 2
         control = middle[on] + bend[on, None] * normal
         t = torch.linspace(0, 1, self.segments + 1, device=dev)[:, None, None]
         curve = (1 - t) ** 2 * start + 2 * (1 - t) * t * control + t ** 2 * end  # (T + 1, K, 2)
         yy, xx = torch.meshgrid(torch.arange(h, device=dev, dtype=x.dtype),
                                 torch.arange(w, device=dev, dtype=x.dtype), indexing="ij")
         dist = torch.full((len(start), h, w), math.inf, device=dev, dtype=x.dtype)
-        for a, b in zip(curve[:-1], curve[1:]):
-            dist = torch.minimum(dist, segment_distance(yy, xx, a, b))
+        for a, b in zip(curve[:-1], curve[1:]):  # each pixel's distance to the segments a -> b
+            ay, ax, by, bx = (v[:, None, None] for v in (a[:, 0], a[:, 1], b[:, 0], b[:, 1]))
+            dy, dx = by - ay, bx - ax
+            t = ((yy - ay) * dy + (xx - ax) * dx) / (dy * dy + dx * dx).clamp_min(1e-12)
+            t = t.clamp(0, 1)
+            dist = torch.minimum(dist, torch.hypot(yy - ay - t * dy, xx - ax - t * dx))
         # anti-aliased: full cover within the half width, fading out over one pixel
         cover = torch.zeros(n, self.most, h, w, device=dev, dtype=x.dtype)
         cover[on] = (half[on][:, None, None] + 0.5 - dist).clamp(0, 1)
         cover = cover.amax(1, keepdim=True)
         return x * (1 - cover) + colour * cover
-
-
-def segment_distance(yy, xx, a, b):
-    """Distance of every pixel (yy, xx: H x W) to the segments a -> b (n x 2 each): n x H x W."""
-    ay, ax, by, bx = (v[:, None, None] for v in (a[:, 0], a[:, 1], b[:, 0], b[:, 1]))
-    dy, dx = by - ay, bx - ax
-    t = (((yy - ay) * dy + (xx - ax) * dx) / (dy * dy + dx * dx).clamp_min(1e-12)).clamp(0, 1)
-    return torch.hypot(yy - ay - t * dy, xx - ax - t * dx)
 
 
 # Our own augmentations, usable in an --augs file beside kornia's.
@@ -1736,8 +1647,8 @@ def aug_entries(args):
 
 
 def read_augs(file, most_bytes=65536, most_entries=100):
-    """The entries of an --augs YAML file, a short list: YAML's aliases are refused, since a few
-    of them nested (a "billion laughs") expand to more than the memory holds."""
+    """The entries of an --augs YAML file, a short list, without YAML's aliases: a few nested (a
+    "billion laughs") expand to more than the memory holds."""
     if Path(file).is_dir():
         raise DataError(f"--augs {file}: a folder, not a YAML file")
     try:
@@ -1763,16 +1674,14 @@ def read_augs(file, most_bytes=65536, most_entries=100):
 
 
 def check_augs(entries, args):
-    """Each entry names a 2D augmentation (kornia's or one of OWN_AUGS), its probabilities in
-    [0, 1], and is built and run once on a batch of --size images before training: it must keep
-    the batch's shape (the model sees --size images) and make finite values."""
+    """Each entry names a 2D augmentation (kornia's or OWN_AUGS'), probabilities in [0, 1], and
+    is built and run on a batch of --size images: it must keep the shape and make finite values."""
     where = f"--augs {args.augs}" if args.augs else "augmentation"
     known = [n for n in dir(K) if isinstance(getattr(K, n), type)
              and issubclass(getattr(K, n), K.AugmentationBase2D)] + list(OWN_AUGS)
     for i, entry in enumerate(entries, 1):
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
-            raise DataError(f"{where}: entry {i}: needs a name (- name: RandomAffine), got "
-                            f"{entry!r}")
+            raise DataError(f"{where}: entry {i}: needs a name (- name: RandomAffine): {entry!r}")
         where_i = f"{where}: entry {i} ({entry['name']})"
         if finite(entry) != entry:
             raise DataError(f"{where_i}: an argument is not a finite number")
@@ -1797,8 +1706,7 @@ def check_augs(entries, args):
                                 f"{one_line(e)[:200]}")
         if not torch.is_tensor(y) or y.shape != x.shape:
             shape = tuple(y.shape) if torch.is_tensor(y) else type(y).__name__
-            raise DataError(f"{where_i} turns a batch {tuple(x.shape)} into {shape}: it must "
-                            "keep the shape")
+            raise DataError(f"{where_i} turns {tuple(x.shape)} into {shape}: it must keep it")
         if not torch.isfinite(y).all():
             raise DataError(f"{where_i} makes values that are not finite (NaN or infinite)")
 
@@ -1813,18 +1721,14 @@ def cached_load(file, size, cache):
         st = os.stat(file)
     except OSError as e:
         raise DataError(f"image {file}: {e.strerror}")
-    source = f"{os.path.abspath(file)}|{st.st_size}|{st.st_mtime_ns}|{size}"
-    hit = Path(cache) / f"{Path(file).stem}_{size}_{hashlib.sha1(source.encode()).hexdigest()[:16]}.jpg"
+    key = hashlib.sha1(f"{os.path.abspath(file)}|{st.st_size}|{st.st_mtime_ns}|{size}".encode())
+    hit = Path(cache) / f"{Path(file).stem}_{size}_{key.hexdigest()[:16]}.jpg"
     if hit.is_file():
-        try:
-            with Image.open(hit) as im:
-                return np.array(im.convert("RGB"))
-        except (OSError, SyntaxError, ValueError):
-            pass  # damaged: made again below
+        with contextlib.suppress(DataError):  # damaged (or another file in its place): made again
+            return load_image(hit, size)  # at its size already: as decoded, not resized
     image = Image.fromarray(load_image(file, size))
     atomic_write(hit, lambda tmp: image.save(tmp, "JPEG", quality=95))
-    with Image.open(hit) as im:
-        return np.array(im.convert("RGB"))
+    return load_image(hit, size)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1837,15 +1741,14 @@ def plot_fold(args, fold, result, oof):
     epochs = [h["epoch"] for h in history]
     curves = Figure(figsize=(7, 5.5), layout="constrained")
     top, bottom = curves.subplots(2, 1, sharex=True, height_ratios=[2, 1])
-    lines = top.plot(epochs, [h["loss"] for h in history], "o-", color="C0",
-                     label="training loss")
+    lines = top.plot(epochs, [h["loss"] for h in history], "o-", color="C0", label="training loss")
     auc = top.twinx()
     lines += auc.plot(epochs, [h["val_auc"] for h in history], "s-", color="C1",
                       label="validation AUC, plain pass")
     lines += auc.plot(epochs[-1:], [result["oof_auc"]], "*", ms=14, color="C3",
                       label=f"OOF AUC with TTA x{tta}: {result['oof_auc']:.4f}")
-    classes = result.get("classes")
-    top.set_ylabel(f"training loss ({f'cross-entropy, {len(classes)} classes' if classes else 'BCE'})")
+    loss = f"cross-entropy, {len(result['classes'])} classes" if result.get("classes") else "BCE"
+    top.set_ylabel(f"training loss ({loss})")
     auc.set_ylabel("AUC")
     top.legend(handles=lines, loc="lower center", bbox_to_anchor=(0.5, 1), ncols=3, fontsize=8,
                frameon=False)
@@ -1864,8 +1767,8 @@ def plot_fold(args, fold, result, oof):
     ax.legend(loc="lower right")
     ax.set_title(f"{stem}: {len(oof)} images, {int(oof['target'].sum())} melanomas", fontsize=10)
     # both or none; a bare Figure draws with Agg: no pyplot, no display
-    atomic_write_all({fold_file(args, fold, "_curves.png"): lambda tmp: curves.savefig(tmp, format="png", dpi=100),
-                      fold_file(args, fold, "_roc.png"): lambda tmp: roc.savefig(tmp, format="png", dpi=100)})
+    atomic_write_all({fold_file(args, fold, f"_{kind}.png"): functools.partial(
+        fig.savefig, format="png", dpi=100) for kind, fig in (("curves", curves), ("roc", roc))})
 
 
 def plot_lr_find(curve, reading, title, loss="BCE"):
@@ -1918,25 +1821,18 @@ def tracker_names(args):
         if name != "all" and name not in installed:
             raise DataError(f"--log-with {name}: not installed (or not a version accelerate "
                             f"{ACCELERATE_VERSION} can use): pip install {name}")
-    logs = Path(args.out) / "logs"
     for run in [f"{args.name}_fold{k}" for k in args.fold] + [f"{args.name}_lr_find"]:
-        if (logs / run).exists() and not (logs / run).is_dir():
-            raise DataError(f"--log-with: {logs / run} is a file where a run's log folder goes")
-        check_writable(logs / run, "--log-with's logs")
+        check_writable(Path(args.out) / "logs" / run, "--log-with's run log folder")
     return installed if "all" in args.log_with else list(dict.fromkeys(args.log_with))
 
 
-def tracker_config(values):
-    """TensorBoard's hparams take numbers, text, booleans and None: a list (--external's folders)
-    goes in as its JSON."""
-    plain = (bool, int, float, str, type(None))
-    return {k: v if isinstance(v, plain) else json.dumps(v) for k, v in values.items()}
-
-
 def start_tracking(accelerator, run, step=None, values=None):
-    """Open tracker run `run`. From `step` on, TensorBoard's reader drops what an interrupted
-    process logged to it (purge_step): a resumed fold logs each step once."""
-    accelerator.init_trackers(run, None if values is None else tracker_config(values),
+    """Open tracker run `run` with its settings, `values`: TensorBoard's hparams take numbers,
+    text, booleans and None, a list (--external's folders) as its JSON. From `step` on,
+    TensorBoard's reader drops what an interrupted process logged (a resumed fold logs once)."""
+    plain = (bool, int, float, str, type(None))
+    config = {k: v if isinstance(v, plain) else json.dumps(v) for k, v in (values or {}).items()}
+    accelerator.init_trackers(run, config if values else None,
                               {} if step is None else {"tensorboard": {"purge_step": step}})
 
 
@@ -1945,21 +1841,11 @@ def end_tracking(accelerator, pngs, step=None):
     with accelerator.end_training, which also ends the process group the next fold trains in."""
     for tracker in accelerator.trackers:
         if tracker.name in IMAGE_KWARGS:
-            images = {}
-            for tag, file in pngs.items():
-                with Image.open(file) as im:
-                    images[tag] = np.asarray(im.convert("RGB"))[None]
+            images = {tag: np.asarray(Image.open(f).convert("RGB"))[None]
+                      for tag, f in pngs.items()}
             tracker.log_images(images, step, **IMAGE_KWARGS[tracker.name])
         tracker.finish()
     accelerator.trackers.clear()
-
-
-def log_epoch(accelerator, h, steps_per_epoch):
-    """An epoch's figures at its last step, before the step where a resumed fold's run starts
-    (and TensorBoard's reader purges)."""
-    accelerator.log({"train/epoch_loss": h["loss"], "train/lr": h["lr"],
-                     "train/images_per_s": h["images_per_s"], "val/auc": h["val_auc"]},
-                    step=h["epoch"] * steps_per_epoch - 1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1969,8 +1855,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
 def load_run(out, name):
-    """{fold: (its JSON, its weights file)} of run `name` in `out`; its folds are averaged as one
-    model, so they must have been trained with the same settings."""
+    """{fold: (its JSON, its weights)} of run `name` in `out`, one model: the same settings."""
     folds = run_folds(out, name)
     if not folds:
         raise DataError(f"--name {name}: no weights in {out} (looked for "
@@ -1981,7 +1866,7 @@ def load_run(out, name):
         if not weights.is_file():
             raise DataError(f"{stem.with_suffix('.json')}: a finished fold without its weights "
                             f"({weights.name}); retrain the fold or move its JSON away")
-        runs[fold] = (read_result(stem.with_suffix(".json")), weights)
+        runs[fold] = (read_saved(stem.with_suffix(".json")), weights)
     (first, first_weights), *_ = runs.values()
     for info, weights in runs.values():
         differ = differences(first["run"], info["run"], (first_weights.name, weights.name))
@@ -1994,9 +1879,9 @@ def load_run(out, name):
 def load_trained(info, weights, accelerator):
     """A finished fold's model on the device, and the augmentation it trained with (its TTA
     views) as its JSON records it: the --augs file may have been edited since."""
-    a = SimpleNamespace(**info["args"])
-    classes = info.get("classes")  # a run older than --target has none: one logit
-    raw_model = ExtrasNet(Net.timm_backbone(a.model, False), **ExtrasNet.shape(a, info.get("meta"), classes))
+    a = SimpleNamespace(**info["args"])  # a run older than --target has no classes: one logit
+    raw_model = ExtrasNet(Net.timm_backbone(a.model, False),
+                          **ExtrasNet.shape(a, info.get("meta"), info.get("classes")))
     try:
         raw_model.load_state_dict(safetensors_load(Path(weights).read_bytes()))
     except Exception as e:  # safetensors' own error for a damaged file, torch's for a misfit
@@ -2006,9 +1891,8 @@ def load_trained(info, weights, accelerator):
 
 
 def images_to_predict(file, data_dir, meta):
-    """Rows with image_name and path: every JPEG/PNG under a folder (named by their path relative
-    to it), or the rows of a CSV with image_name, each found where test and training images are
-    (the CSV's folder, or --data-dir: itself, jpeg/test, test, jpeg/train, train)."""
+    """Rows with image_name and path: each JPEG/PNG under a folder (named by its path in it), or
+    a CSV's, each found where it is: the CSV's folder or --data-dir, its jpeg/test, test, ..."""
     file = Path(file)
     if file.is_dir():
         if meta:
@@ -2030,8 +1914,7 @@ def images_to_predict(file, data_dir, meta):
 
 def predict_images(args, accelerator):
     """--predict PATH: every fold of run --name scores the images, with its TTA seeds and batches
-    as in training (the competition's test images get the numbers of the run's _test.csv); the
-    folds are averaged."""
+    as in training (a test image gets the number of the run's _test.csv); the folds averaged."""
     start = time.time()
     runs = load_run(args.out, args.name)
     spec = next(iter(runs.values()))[0].get("meta")
@@ -2054,9 +1937,10 @@ def predict_images(args, accelerator):
         images = Images(rows["path"], a.size, load, meta_inputs(rows) if spec else ())
         loader = make_loader(images, accelerator, SimpleNamespace(num_workers=args.num_workers,
                                                                   batch_size=a.batch_size))
-        classes = info.get("classes")
         scores[f"fold{fold}"] = predict(model, augment, loader, accelerator, args.tta, a.seed + 1,
-                                        f"fold {fold} TTA x{args.tta}", melanoma_score(classes))
+                                        f"fold {fold} TTA x{args.tta}",
+                                        functools.partial(melanoma_logit,
+                                                          classes=info.get("classes")))
     scores["target"] = scores[[f"fold{k}" for k in runs]].mean(axis=1)
     if accelerator.is_main_process:
         write_csv(scores, out)
@@ -2072,15 +1956,14 @@ def predict_images(args, accelerator):
         explain(args, accelerator, runs, rows.assign(**scores.filter(like="fold")))
 
 
-def grad_cam(model, augment, x, meta=None, melanoma=0):
-    """(probabilities, Grad-CAM maps in [0, 1] at the images' size). The gradient is that of the
-    melanoma log-odds (melanoma_logit): over several outputs, unlike log P(melanoma)'s, it
-    does not vanish on a confident melanoma."""
+def grad_cam(model, augment, x, meta=None, classes=None):
+    """(probabilities, Grad-CAM maps in [0, 1] at the images' size), by the gradient of the
+    melanoma log-odds: over several outputs, unlike log P(melanoma)'s, it does not vanish."""
     model.eval()
     with torch.no_grad():  # the gradient is needed from the feature maps on, not before
         feature_map = model.backbone.forward_features(augment(x, random=False))
     feature_map.requires_grad_()
-    logits = melanoma_logit(model.logit(feature_map, meta), melanoma)
+    logits = melanoma_logit(model.logit(feature_map, meta), classes)
     grads, = torch.autograd.grad(logits.sum(), feature_map)
     cam = F.relu((grads.mean(dim=(2, 3), keepdim=True) * feature_map).sum(1, keepdim=True))
     cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
@@ -2089,9 +1972,8 @@ def grad_cam(model, augment, x, meta=None, melanoma=0):
 
 
 def explain(args, accelerator, runs=None, new=None):
-    """--explain N: a PNG grid per fold, {name}_fold{k}_explain.png: Grad-CAM of the N most
-    confident false positives and false negatives of its OOF predictions, and of the N new
-    images it scores highest (with --predict)."""
+    """--explain N: a grid per fold, {name}_fold{k}_explain.png: Grad-CAM of its OOF's N most
+    confident false positives and negatives, and of the N new images it scores highest."""
     if runs is None:  # --explain alone; with --predict, that checked the outputs
         runs = load_run(args.out, args.name)
         check_writable(args.out, "--out")
@@ -2099,70 +1981,57 @@ def explain(args, accelerator, runs=None, new=None):
     if not accelerator.is_main_process:
         return
     (info, _), *_ = runs.values()  # one model: its folds share the data and the metadata encoding
-    rows = training_rows(info) if any(fold_file(args, k, "_oof.csv").is_file() for k in runs) \
-        else None
+    data_dir, train = info["args"]["data_dir"], None
+    if any(fold_file(args, k, "_oof.csv").is_file() for k in runs):  # its training images
+        if layout_of(data_dir) is None:
+            raise DataError(f"{data_dir}: the run's data folder holds no competition data now")
+        train = read_images(Path(data_dir) / "train.csv", layout_of(data_dir)[0],
+                            ["image_name", "target"], "train file", Hooks(None, None),
+                            {"target": "0 or 1"})
+        if info.get("meta"):
+            train = with_meta(meta_columns(train, f"train file {data_dir}/train.csv"), info["meta"])
+        train = train.set_index("image_name")
     for fold, (info, weights) in runs.items():
-        cases = explain_cases(args, fold, info, rows, new)
+        cases, oof_file = [], fold_file(args, fold, "_oof.csv")  # the worst OOF, the top new ones
+        if oof_file.is_file():
+            oof = read_csv(oof_file, ["image_name", "pred"], "OOF file",
+                           {"pred": "a finite number"})
+            unknown = oof["image_name"][~oof["image_name"].isin(train.index)]
+            if len(unknown):
+                raise DataError(f"{oof_file}: {len(unknown)} image(s) not in the run's train.csv "
+                                f"({Path(data_dir) / 'train.csv'}), e.g. {unknown.iloc[0]}")
+            rows = train.loc[oof["image_name"]].reset_index().assign(score=oof["pred"].to_numpy())
+            cases += [rows[rows["target"] == 0].nlargest(args.explain, "score").assign(
+                case="false positive"), rows[rows["target"] == 1].nsmallest(
+                args.explain, "score").assign(case="false negative")]
+        if new is not None:
+            cases.append(new.assign(score=new[f"fold{fold}"]).nlargest(args.explain, "score")
+                         .assign(case="new, highest scored", target=np.nan))
+        if not cases:
+            raise DataError(f"--explain: fold {fold} of {args.name} has no OOF predictions "
+                            f"({oof_file}) and there are no new images (--predict)")
+        cases = pd.concat(cases, ignore_index=True)
         model, augment = load_trained(info, weights, accelerator)
         x = torch.stack([torch.from_numpy(load_image(p, info["args"]["size"])).permute(2, 0, 1)
                          for p in cases["path"]]).to(accelerator.device)
         meta = meta_inputs(cases)[0].to(x.device) if info.get("meta") else None
-        classes = info.get("classes")
-        probs, cams = grad_cam(model, augment, x, meta, classes.index("MEL") if classes else 0)
+        probs, cams = grad_cam(model, augment, x, meta, info.get("classes"))
         figure = Figure(figsize=(5, 2.6 * len(cases)), layout="constrained")
         axes = figure.subplots(len(cases), 2, squeeze=False)
         for row, image, cam, case, p in zip(axes, x.permute(0, 2, 3, 1).cpu().numpy(),
                                             cams.cpu().numpy(), cases.itertuples(), probs.tolist()):
             target = "?" if pd.isna(case.target) else int(case.target)
-            row[0].imshow(image)
-            row[0].set_title(f"{case.case}\n{case.image_name}", fontsize=8)
-            row[1].imshow(image)
+            for ax, title in zip(row, (f"{case.case}\n{case.image_name}", f"target {target}, "
+                                       f"p = {p:.3f}")):
+                ax.imshow(image)
+                ax.set_title(title, fontsize=8)
+                ax.axis("off")
             row[1].imshow(cam, cmap="jet", alpha=0.45, vmin=0, vmax=1)
-            row[1].set_title(f"target {target}, p = {p:.3f}", fontsize=8)
-            row[0].axis("off")
-            row[1].axis("off")
         target = fold_file(args, fold, "_explain.png")
         atomic_write(target, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
         start_tracking(accelerator, f"{args.name}_fold{fold}")
         end_tracking(accelerator, {"explain": target})
         accelerator.print(f"wrote {target}: Grad-CAM of {len(cases)} images")
-
-
-def training_rows(info):
-    """The run's training images by image_name (target, path, and the metadata with --meta)."""
-    data_dir = info["args"]["data_dir"]
-    dirs = layout_of(data_dir)
-    if dirs is None:
-        raise DataError(f"{data_dir}: the run's data folder holds no competition data now")
-    rows = read_images(Path(data_dir) / "train.csv", dirs[0], ["image_name", "target"],
-                       "train file", Hooks(None, None), {"target": "0 or 1"})
-    if info.get("meta"):
-        rows = with_meta(meta_columns(rows, f"train file {data_dir}/train.csv"), info["meta"])
-    return rows.set_index("image_name")
-
-
-def explain_cases(args, fold, info, rows, new):
-    """The images a fold's grid shows: its worst OOF mistakes (`rows`: the run's training
-    images), and the new images it scores highest."""
-    n, cases = args.explain, []
-    oof_file = fold_file(args, fold, "_oof.csv")
-    if oof_file.is_file():
-        oof = read_csv(oof_file, ["image_name", "pred"], "OOF file", {"pred": "a finite number"})
-        unknown = oof["image_name"][~oof["image_name"].isin(rows.index)]
-        if len(unknown):
-            raise DataError(f"{oof_file}: {len(unknown)} image(s) not in the run's train.csv "
-                            f"({Path(info['args']['data_dir']) / 'train.csv'}), e.g. "
-                            f"{unknown.iloc[0]}")
-        rows = rows.loc[oof["image_name"]].reset_index().assign(score=oof["pred"].to_numpy())
-        cases += [rows[rows["target"] == 0].nlargest(n, "score").assign(case="false positive"),
-                  rows[rows["target"] == 1].nsmallest(n, "score").assign(case="false negative")]
-    if new is not None:
-        top = new.assign(score=new[f"fold{fold}"]).nlargest(n, "score")
-        cases.append(top.assign(case="new, highest scored", target=np.nan))
-    if not cases:
-        raise DataError(f"--explain: fold {fold} of {args.name} has no OOF predictions "
-                        f"({oof_file}) and there are no new images (--predict)")
-    return pd.concat(cases, ignore_index=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2196,15 +2065,10 @@ TFRECORD_FOLDS = {2: 0, 4: 0, 5: 0, 1: 1, 10: 1, 13: 1, 0: 2, 9: 2, 12: 2, 3: 3,
 
 def make_folds(df, n_folds=5, seed=0, where="train.csv"):
     """Patient-grouped, stratified folds: image_name, patient_id, target, fold (-1: never used).
-    (Not scikit-learn's StratifiedGroupKFold: it deals patients otherwise, another split.)
-
-    With a `tfrecord` column (the ISIC 2020 resized datasets), 5 folds are TFRECORD_FOLDS, the
-    split the winners reported CV on (another t >= 0 goes to fold t % 5); other counts put t in
-    fold t % n_folds; a negative tfrecord (-1: duplicate images) gets fold -1. Without one,
-    patients with melanomas are dealt, most melanomas first, to the fold with the fewest
-    melanomas, then the others, largest first, to the fold with the fewest images (ties broken by
-    a shuffle from `seed`).
-    """
+    By `tfrecord` (the resized datasets'): 5 folds are TFRECORD_FOLDS, the winners' split, others
+    t % n_folds, a duplicate image (t -1) fold -1. Else patients with melanomas, most first, go
+    to the fold with the fewest melanomas, the others, largest first, to the one with the fewest
+    images (ties by a shuffle from `seed`); not StratifiedGroupKFold: it splits otherwise."""
     out = df[["image_name", "patient_id", "target"]].copy()
     if "tfrecord" in df.columns:
         t = df["tfrecord"]
@@ -2228,14 +2092,12 @@ def make_folds(df, n_folds=5, seed=0, where="train.csv"):
 
 
 def draw_lesion(h, w, malignant, r):
-    """A skin-coloured image with one lesion. A hidden score, 1.5 standard deviations higher on
-    average for melanomas, makes a lesion larger, more irregular, darker and bluer, so classes
-    overlap as in real data (the best possible AUC is about 0.86)."""
+    """A skin-coloured image with one lesion, larger, more irregular, darker and bluer by a hidden
+    score 1.5 standard deviations higher for melanomas: the best possible AUC is about 0.86."""
     s = np.clip(r.normal(1.5 if malignant else 0, 1) / 3, -0.5, 1.2)
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     skin = np.array([225, 180, 150]) * r.uniform(0.8, 1.05) + r.normal(0, 6, (h, w, 3))
-    cy = h / 2 + r.uniform(-0.1, 0.1) * h
-    cx = w / 2 + r.uniform(-0.1, 0.1) * w
+    cy, cx = h / 2 + r.uniform(-0.1, 0.1) * h, w / 2 + r.uniform(-0.1, 0.1) * w
     ang = np.arctan2(yy - cy, xx - cx)
     radius = min(h, w) * (0.16 + 0.1 * s) * r.uniform(0.85, 1.15)
     edge = radius * (1 + max(0.02, 0.2 * s) * np.sin(r.integers(3, 7) * ang + r.uniform(0, 6)))
@@ -2252,9 +2114,8 @@ def save_lesions(folder, names, malignant, r, shape):
 
 
 def make_demo_data(root, n_patients=150, n_test=60, seed=0, shape=(96, 128)):
-    """A synthetic dataset in the official layout (train.csv, test.csv, jpeg/{train,test}) with
-    2-8 images per patient, about 6 % melanomas, benign images of several diagnoses, its own
-    folds.csv and external data; only in a new or empty folder, never among a user's files."""
+    """A synthetic dataset in the official layout with 2-8 images per patient, about 6 %
+    melanomas, several benign diagnoses, folds.csv and external data; only in an empty folder."""
     root = Path(root)
     check_writable(root, "--demo --data-dir")
     if root.exists() and any(root.iterdir()):
@@ -2293,8 +2154,7 @@ def make_demo_data(root, n_patients=150, n_test=60, seed=0, shape=(96, 128)):
 
 def demo_diagnoses(targets, seed=0):
     """Melanoma for target 1, else benign diagnoses of the competition, drawn apart from the
-    images' generator so that the images and other columns are as without them; an image shows
-    its target, not its diagnosis."""
+    images' generator (they stay as they were); an image shows its target, not its diagnosis."""
     benign = {"unknown": 0.5, "nevus": 0.3, "seborrheic keratosis": 0.08, "lentigo NOS": 0.05,
               "lichenoid keratosis": 0.04, "solar lentigo": 0.03}
     drawn = np.random.default_rng([seed, 2021]).choice(list(benign), len(targets),
@@ -2303,8 +2163,7 @@ def demo_diagnoses(targets, seed=0):
 
 
 def make_demo_external(root, duplicates, seed=0, shape=(96, 128), n=150):
-    """Synthetic ISIC 2019 data in its resized layout (train.csv with 2019's diagnosis codes,
-    train/*.jpg): about 18 % MEL, and `duplicates`, names also in the competition's."""
+    """Synthetic ISIC 2019 data in the resized layout, 18 % MEL, and `duplicates` of 2020's."""
     r = np.random.default_rng([seed, 2019])
     names = list(duplicates) + [f"ISIC_{1000000 + i:07d}" for i in range(n - len(duplicates))]
     malignant = r.random(n) < 0.18
@@ -2321,8 +2180,8 @@ def make_demo_external(root, duplicates, seed=0, shape=(96, 128), n=150):
 
 
 def benchmark_jpegs(folder, seed=0):
-    """Full-size JPEGs like the competition's originals: a smooth lesion photo at 6000x4000
-    (2.7 MB) and 1872x1053, and a noisier 6000x4000 (3.8 MB) whose entropy decoding costs more."""
+    """JPEGs like the competition's originals: a lesion photo at 6000x4000 (2.7 MB) and
+    1872x1053, and a noisier 6000x4000 (3.8 MB), whose entropy decoding costs more."""
     r = np.random.default_rng(seed)
     files = {}
     for w, h, noise in ((6000, 4000, 0), (6000, 4000, 2), (1872, 1053, 0)):
@@ -2351,51 +2210,42 @@ def seconds(fn, repeat=3, sync=lambda: None):
 
 
 def benchmark(args, accelerator):
-    """Images/s of loading, augmentation, a training step and TTA on this machine, with ratios;
-    the step is train_one_epoch's, under training's Accelerator."""
+    """Images/s of loading, augmentation, a training step (train_one_epoch's, under training's
+    Accelerator) and TTA on this machine, with ratios."""
     device = accelerator.device
-    machine = torch.cuda.get_device_name() if device.type == "cuda" else \
-        f"{os.cpu_count()} CPU cores"
+    machine = torch.cuda.get_device_name() if device.type == "cuda" else f"{os.cpu_count()} cores"
     print(f"benchmark: {device} ({machine}), torch {torch.__version__}, --size {args.size} "
           f"--model {args.model} --batch-size {args.batch_size} --tta {max(args.tta, 1)} "
           f"--mixed-precision {accelerator.mixed_precision}")
     with tempfile.TemporaryDirectory() as tmp:
         files = benchmark_jpegs(tmp)
-        benchmark_loading(files, args.size)
+        print("(a) loading, one process, img/s     ours    plain  ratio  "
+              "(1/8-scale decode, the floor)")
+        per_image = []
+
+        def floor(f):  # the 1/8-scale decode: the least a JPEG costs, its entropy decoding
+            with Image.open(f) as im:
+                im.draft("RGB", (1, 1))
+                im.load()
+
+        for f, mb in files.items():
+            ours = seconds(lambda: load_image(f, args.size), 5)
+            plain = seconds(lambda: Image.open(f).convert("RGB").resize((args.size,) * 2), 5)
+            per_image.append(np.array([ours, plain]))
+            print(f"    {Path(f).stem:>15} {mb:3.1f} MB {1 / ours:7.1f}  {1 / plain:7.2f}  "
+                  f"{plain / ours:4.1f}x  ({1 / seconds(lambda: floor(f), 5):.1f})")
+        ours, plain = 0.44 * per_image[0] + 0.56 * per_image[2]
+        print(f"    mix, 44 % 6000x4000   {1 / ours:7.1f}  {1 / plain:7.2f}  {plain / ours:4.1f}x")
         benchmark_steps(args, accelerator, files, os.path.join(tmp, "cache"))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    gpu = f", GPU {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if device.type == "cuda" \
-        else ""
-    print(f"peak memory: process {peak:.2f} GiB{gpu}")
-
-
-def decode_floor(path):
-    """The 1/8-scale decode: the least a JPEG costs, its entropy decoding."""
-    with Image.open(path) as im:
-        im.draft("RGB", (1, 1))
-        im.load()
-
-
-def benchmark_loading(files, size):
-    """(a): our load against a plain decode and resize, and the floor."""
-    print("(a) loading, one process, img/s     ours    plain  ratio  "
-          "(1/8-scale decode, the floor)")
-    per_image = []
-    for f, mb in files.items():
-        ours = seconds(lambda: load_image(f, size), 5)
-        plain = seconds(lambda: Image.open(f).convert("RGB").resize((size, size)), 5)
-        per_image.append(np.array([ours, plain]))
-        print(f"    {Path(f).stem:>15} {mb:3.1f} MB {1 / ours:7.1f}  {1 / plain:7.2f}  "
-              f"{plain / ours:4.1f}x  ({1 / seconds(lambda: decode_floor(f), 5):.1f})")
-    ours, plain = 0.44 * per_image[0] + 0.56 * per_image[2]
-    print(f"    mix, 44 % 6000x4000   {1 / ours:7.1f}  {1 / plain:7.2f}  {plain / ours:4.1f}x")
+    gpu = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0
+    print(f"peak memory: process {peak:.2f} GiB" + (f", GPU {gpu:.2f} GiB" if gpu else ""))
 
 
 def benchmark_steps(args, accelerator, files, cache):
     """(b) the augmentation, (c) the training step bare and with loading, (d) TTA."""
-    device = accelerator.device
+    device, size, bs, tta = accelerator.device, args.size, args.batch_size, max(args.tta, 1)
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
-    size, bs, tta = args.size, args.batch_size, max(args.tta, 1)
     raw_model = ExtrasNet(Net.timm_backbone(args.model, False), **ExtrasNet.shape(args, None, None))
     _, model, augment, optimizer, scheduler = build_training(
         args, accelerator, raw_model, Augment.build(aug_entries(args), OWN_AUGS), 10**6)
@@ -2407,13 +2257,11 @@ def benchmark_steps(args, accelerator, files, cache):
         train_one_epoch(model, augment, [(batch, idx)], optimizer, scheduler, accelerator,
                         targets, 0, 1)
 
+    def load_batch(load=lambda f: load_image(f, size)):  # 44 % large originals
+        batch = [load(big if i % 25 < 11 else small) for i in range(bs)]
+        return torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).to(device)
+
     big, _, small = files
-    batch_files = [big if i % 25 < 11 else small for i in range(bs)]  # 44 % large originals
-
-    def load_batch(load=lambda f: load_image(f, size)):
-        return torch.from_numpy(np.stack([load(f) for f in batch_files])).permute(0, 3, 1, 2) \
-            .to(device)
-
     bare = bs / seconds(lambda: step(x), sync=sync)
     print(f"(c) training step, bare (tensors on the device) {bare:8.1f} img/s")
     for what, load in (("decoding originals", lambda f: load_image(f, size)),
@@ -2437,8 +2285,7 @@ LR_BAND = 2
 
 
 def endless(loader, sampler, args, accelerator):
-    """The training batches, epoch after epoch, each epoch's sample and augmentation keyed as in
-    training."""
+    """The training batches, epoch after epoch, each epoch's draws keyed as in training."""
     for epoch in itertools.count():
         seed_all(args.seed, AUGMENT, epoch, accelerator.process_index)
         sampler.set_epoch(epoch)
@@ -2446,18 +2293,16 @@ def endless(loader, sampler, args, accelerator):
 
 
 def lr_range_test(raw_model, augment, batches, targets, accelerator, args, beta=0.98):
-    """Steps of AdamW on a copy of raw_model (whose weights stay) at a rate rising exponentially
-    over --lr-find's range, until the loss is not finite or its exponential average (with bias
-    correction) passes 4x its lowest: then it has diverged. A step's loss is the mean over
-    --lr-find-batches batches, measured at the same weights; the last one trains."""
+    """Steps of AdamW on a copy of raw_model at a rate rising exponentially over --lr-find's
+    range, until the loss diverges (not finite, or its bias-corrected exponential average 4x its
+    lowest). A step's loss is the mean of --lr-find-batches batches at the same weights."""
     model = copy.deepcopy(raw_model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr_find_start, weight_decay=args.wd)
     growth = (args.lr_find_end / args.lr_find_start) ** (1 / (args.lr_find_steps - 1))
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, growth)
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
-    rows = []
-    mean, lowest = 0.0, math.inf
+    rows, mean, lowest = [], 0.0, math.inf
     for step in range(args.lr_find_steps):
         chunk = [(x, targets[idx], inputs)
                  for x, *inputs, idx in itertools.islice(batches, args.lr_find_batches)]
@@ -2483,17 +2328,15 @@ def lr_range_test(raw_model, augment, batches, targets, accelerator, args, beta=
 
 
 def noise_band(loss):
-    """(smoothed loss, its standard error, the per-step noise) per step. The smoothed loss is a
-    centred mean (a twentieth of the curve either side): an exponential average would trail the
-    rising rate by some 50 steps. The noise is read robustly (a median of absolute deviations)
-    and locally (a tenth of the curve either side): a batch's loss scatters more once the model
-    has learnt, and far more as it diverges."""
+    """(smoothed loss, its standard error, the per-step noise) per step: a centred mean (a 20th of
+    the curve either side; an exponential one would trail the rate by some 50 steps), and the
+    noise robust (median absolute deviation) and local (a 10th either side): a batch's loss
+    scatters more once the model has learnt, and far more as it diverges."""
     loss = pd.Series(np.asarray(loss, float))
     window = loss.rolling(2 * max(2, len(loss) // 20) + 1, center=True, min_periods=1)
     smoothed = window.mean()
-    deviation = (loss - smoothed).abs()
-    noise = 1.4826 * deviation.rolling(2 * max(2, len(loss) // 10) + 1, center=True,
-                                       min_periods=1).median()
+    noise = 1.4826 * (loss - smoothed).abs().rolling(2 * max(2, len(loss) // 10) + 1,
+                                                     center=True, min_periods=1).median()
     return smoothed.to_numpy(), (noise / np.sqrt(window.count())).to_numpy(), noise.to_numpy()
 
 
@@ -2501,22 +2344,17 @@ def class_mix_entropy(labels):
     """The loss (nats) of a model that has learnt only the mix of classes in its batches, not the
     images: a curve that never gets below it has learnt nothing else."""
     shares = np.bincount(np.asarray(labels, int)) / len(labels)
-    shares = shares[shares > 0]
-    return float(-(shares * np.log(shares)).sum())
-
-
-def lowest_lr(curve):
-    """The rate at the smoothed loss's minimum, the first tenth of the steps left out: there the
-    smoothed loss is a mean of fewer steps, noisy enough to make a false minimum."""
-    tail = curve.iloc[len(curve) // 10:]
-    return float(tail["lr"][tail["smoothed"].idxmin()])
+    return float(-(shares * np.log(shares, where=shares > 0, out=np.zeros_like(shares))).sum())
 
 
 def suggest_lrs(curve):
-    """The second rule: --lr-max a tenth of the rate at the lowest loss, where training is on
-    the edge of diverging (Smith's rule); --lr-min = --lr-max / 40, the recipe's ratio."""
-    lr_max = max(lowest_lr(curve) / 10, float(curve["lr"].iloc[0]))
-    return lr_max / 40, lr_max
+    """The second rule: (--lr-min, --lr-max a tenth of the rate at the lowest smoothed loss, where
+    training nears divergence, Smith's rule; that rate); the first tenth of the steps left out:
+    there a mean of fewer steps makes false minima."""
+    tail = curve.iloc[len(curve) // 10:]
+    lowest = float(tail["lr"][tail["smoothed"].idxmin()])
+    lr_max = max(lowest / 10, float(curve["lr"].iloc[0]))
+    return lr_max / 40, lr_max, lowest
 
 
 def read_lr_curve(curve, entropy=None, diverged=False):
@@ -2529,7 +2367,8 @@ def read_lr_curve(curve, entropy=None, diverged=False):
     curve = curve.reset_index(drop=True).assign(smoothed=smoothed)
     lr = curve["lr"].to_numpy(float)
     low, high = smoothed - LR_BAND * se, smoothed + LR_BAND * se
-    bottom = int(np.flatnonzero(lr == lowest_lr(curve))[0])
+    _, second_lr, lowest_lr = suggest_lrs(curve)
+    bottom = int(np.flatnonzero(lr == lowest_lr)[0])
     top = int(np.argmax(smoothed[:bottom + 1]))
     # the fall: from the last step within the noise of the top to the first within the bottom's
     fall = top + int(np.flatnonzero(high[top:bottom + 1] >= low[top])[-1])
@@ -2544,15 +2383,14 @@ def read_lr_curve(curve, entropy=None, diverged=False):
     return dict(verdict=verdict, lr_min=None if lr_max is None else lr_max / 40, lr_max=lr_max,
                 fall=None if lr_max is None else (float(lr[fall]), float(lr[fallen])),
                 highest=float(smoothed[top]), lowest=float(smoothed[bottom]),
-                lowest_lr=float(lr[bottom]), second_lr=suggest_lrs(curve)[1],
+                lowest_lr=float(lr[bottom]), second_lr=second_lr,
                 start=float(smoothed[0]), noise=float(noise[bottom]),
                 lowest_se=float(se[bottom]), entropy=entropy, smoothed=smoothed, band_low=low,
                 band_high=high)
 
 
 def verdict_line(r):
-    noise = (f"noise {r['noise']:.3f} per step, {r['lowest_se']:.3f} on the smoothed loss at its "
-             "lowest")
+    noise = f"noise {r['noise']:.3f} per step, {r['lowest_se']:.3f} on the smoothed loss's lowest"
     if r["verdict"] == "flat":
         below = f"its start ({r['start']:.3f})"
         if r["entropy"] is not None:
@@ -2564,10 +2402,8 @@ def verdict_line(r):
     line = (f"{r['verdict']}: suggested --lr-min {r['lr_min']:.1e} --lr-max {r['lr_max']:.1e}, "
             f"halfway down the smoothed loss's fall from {r['highest']:.3f} to {r['lowest']:.3f} "
             f"(a tenth of the lowest loss's rate: {r['second_lr']:.1e}); {noise}")
-    if r["verdict"] == "still falling":
-        line += ("; the loss still fell at the end of the range: a higher --lr-find-end shows "
-                 "where it diverges")
-    return line
+    return line + ("; the loss still fell at the end of the range: a higher --lr-find-end shows "
+                   "where it diverges" if r["verdict"] == "still falling" else "")
 
 
 def lr_find(args, accelerator):
@@ -2609,9 +2445,9 @@ def lr_find(args, accelerator):
     atomic_write_all({f"{stem}.csv": lambda tmp: curve.to_csv(tmp, index=False),  # both or none
                       f"{stem}.png": lambda tmp: fig.savefig(tmp, format="png", dpi=100)})
     if accelerator.log_with:
-        values = {k: v for k, v in vars(args).items() if k.startswith("lr_find_")}
-        start_tracking(accelerator, f"{args.name}_lr_find", 0,
-                       dict(run_key(args, accelerator), name=args.name, fold=fold, **values))
+        start_tracking(accelerator, f"{args.name}_lr_find", 0, dict(
+            run_key(args, accelerator), name=args.name, fold=fold,
+            **{k: v for k, v in vars(args).items() if k.startswith("lr_find_")}))
         for row in curve.itertuples():
             accelerator.log({"lr_find/loss": row.loss, "lr_find/smoothed": row.smoothed,
                              "lr_find/lr": row.lr}, step=int(row.step))
