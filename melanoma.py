@@ -1706,7 +1706,7 @@ def check_augs(entries, args):
                                 f"{one_line(e)[:200]}")
         if not torch.is_tensor(y) or y.shape != x.shape:
             shape = tuple(y.shape) if torch.is_tensor(y) else type(y).__name__
-            raise DataError(f"{where_i} turns {tuple(x.shape)} into {shape}: it must keep it")
+            raise DataError(f"{where_i} must keep the shape: it turns {tuple(x.shape)} into {shape}")
         if not torch.isfinite(y).all():
             raise DataError(f"{where_i} makes values that are not finite (NaN or infinite)")
 
