@@ -35,7 +35,7 @@ NAME = re.compile(r"^(?P<name>.+)_fold(?P<fold>\d+)_(?P<kind>oof|test)\.csv$")
 # Every file name melanoma.py writes in its output folder: --out must never replace one.
 MELANOMA_OUTPUT = re.compile(r"^(runs\.csv|logs|folds\.csv|train\.csv|test\.csv"
                              r"|.+_fold\d+(_\w+)?\.\w+|.+_(predict|predict_skipped|lr_find)"
-                             r"\.(csv|tsv|png)|.+_\d+_[0-9a-f]{16}\.jpg)$")  # the last: --cache
+                             r"\.(csv|tsv|png)|.+_\d+_[0-9a-f]{16}\.jpg)$", re.I)  # last: --cache
 OOF_COLUMNS = ["image_name", "target", "pred", "fold"]
 # melanoma.py's ledger of runs, a row per finished fold in its output folder: `preds/*.csv`
 # matches it, yet it holds no predictions. Recognised by its name and header.
@@ -176,9 +176,8 @@ NUMBER_KINDS = {
 
 
 def check_numbers(df, kinds, where):
-    """df with each column of `kinds` ({column: kind of NUMBER_KINDS}) that it has turned into
-    numbers of that kind (an empty cell NaN); the first row that holds no such number is
-    refused by its value."""
+    """df with each column of `kinds` ({column: kind of NUMBER_KINDS}) turned into numbers of
+    that kind (an empty cell NaN); the first row that holds no such number is refused."""
     for column, kind in kinds.items():
         if column in df.columns:
             values = pd.to_numeric(df[column], errors="coerce").astype(float)
@@ -190,9 +189,8 @@ def check_numbers(df, kinds, where):
 
 
 def read_predictions(path, kind, probabilities):
-    """An OOF (image_name,target,pred,fold) or test (image_name,target) prediction file with
-    finite numbers, OOF targets 0 or 1 and whole fold numbers; predictions in [0, 1] if
-    `probabilities`."""
+    """An OOF (image_name,target,pred,fold) or test (image_name,target) file of finite numbers,
+    OOF targets 0 or 1 and whole folds; predictions in [0, 1] if `probabilities`."""
     columns = OOF_COLUMNS if kind == "oof" else TEST_COLUMNS
     numbers = dict(target="0 or 1", pred="a finite number", fold="a whole number") \
         if kind == "oof" else dict(target="a finite number")
@@ -540,8 +538,7 @@ def in_unit_interval(model):
 
 
 def test_matrix(models):
-    """Test predictions (images x models), in the first model's test order; no rows when a model
-    has none."""
+    """Test predictions (images x models), in the first model's order; no rows if one has none."""
     if not all(m.test_file for m in models.values()):
         return np.zeros((0, len(models)))
     order = next(iter(models.values())).order
@@ -675,17 +672,21 @@ def predictions_only(files):
     must be named as one: a renamed copy (A_fold0_oof (1).csv) would be read as a submission."""
     kept = []
     for f in files:
-        header = ""
+        header = []
         if Path(f).is_file():
             with open(f, encoding="utf-8-sig", errors="replace") as fh:
-                header = fh.readline().strip()
-        what = next((w for start, w in NOT_PREDICTIONS.items() if header.startswith(start)), None)
+                header = next(csv.reader([fh.readline()]), [])  # quoted names too (R's write.csv)
+        what = next((w for start, w in NOT_PREDICTIONS.items()
+                     if ",".join(header).startswith(start)), None)
         m = NAME.match(Path(f).name)
         if what:
             print(f"left out {f}: {what}, not predictions")
-        elif {"pred", "fold"} <= set(header.split(",")) and not (m and m["kind"] == "oof"):
+        elif {"pred", "fold"} <= set(header) and not (m and m["kind"] == "oof"):
             raise DataError(f"{f}: holds OOF predictions (columns pred, fold) but is not named "
                             "{name}_fold{k}_oof.csv (a renamed copy?): rename it")
+        elif not m and re.match(r".+_fold\d+_(oof|test)\b", Path(f).name, re.I):
+            raise DataError(f"{f}: named like a run's prediction file but not as one "
+                            "({name}_fold{k}_test.csv; a renamed copy?): rename it")
         else:
             kept.append(f)
     if not kept:
@@ -717,6 +718,8 @@ def check_writable(path, flag, folder=True):
                         f"not a {'folder' if folder else 'file'}")
     if path.exists() and not folder and not path.is_file():  # /dev/null: the rename replaces it
         raise DataError(f"{flag} {path}: not a regular file")
+    if path.is_symlink() and not path.exists():  # makedirs and open would fail later
+        raise DataError(f"{flag} {path}: a link to nowhere")
     nearest = path if folder else path.parent
     while not nearest.exists() and nearest != nearest.parent:
         nearest = nearest.parent
@@ -740,19 +743,20 @@ def append_run(path, row):
     buf = io.StringIO()
     csv.DictWriter(buf, LEDGER, lineterminator="\n").writerow(row)
     try:
-        ledger = open(path, "a+b")
+        with open(path, "a+b", buffering=0) as f:  # unbuffered: each write lands or fails here
+            fcntl.flock(f, fcntl.LOCK_EX)  # released when the file is closed
+            end = f.seek(0, os.SEEK_END)
+            f.seek(max(end - 1, 0))  # an edited ledger's last row may lack its newline
+            start = "" if end and f.read(1) == b"\n" else "\n" if end else ",".join(LEDGER) + "\n"
+            data = (start + buf.getvalue()).encode()
+            try:
+                if f.write(data) != len(data):
+                    raise OSError(28, "No space left on device")
+            except OSError:
+                f.truncate(end)  # as it was: half a row would stop every later run
+                raise
     except OSError as e:
         raise DataError(f"{path}: cannot append to the ledger ({e.strerror or e})")
-    with ledger as f:
-        fcntl.flock(f, fcntl.LOCK_EX)  # released when the file is closed, after the flush
-        end = f.seek(0, os.SEEK_END)
-        if end == 0:
-            f.write((",".join(LEDGER) + "\n").encode())
-        else:
-            f.seek(end - 1)
-            if f.read(1) != b"\n":  # an edited ledger: the row must not be glued on
-                f.write(b"\n")
-        f.write(buf.getvalue().encode())
 
 
 def read_ledger(path):
@@ -780,8 +784,7 @@ def summarise_runs(runs, folder):
     """One row per name (its latest row per fold): the folds, the AUC that ranks it (the CV AUC
     over the concatenated OOF files in `folder` for several folds, else the fold's OOF AUC),
     the mean per-fold OOF AUC with and without TTA, the total wall time; best first."""
-    latest = runs.drop_duplicates(["name", "fold"], keep="last")
-    rows = []
+    latest, rows = runs.drop_duplicates(["name", "fold"], keep="last"), []
     for name, g in latest.groupby("name", sort=False):
         g = g.sort_values("fold")
         files = [Path(folder) / f"{name}_fold{k}_oof.csv" for k in g["fold"]]
@@ -807,9 +810,7 @@ def rerun_command(name, settings, folds, out, size=512):
     """The command that trains `name` again at `size` px on the same folds, each fold from the
     same fold's weights, at the recipe's full scale: --frac and --epochs go (a small run's share
     and budget), and --weights, since --init-from replaces it."""
-    tokens = shlex.split(settings)
-    kept = []
-    i = 0
+    tokens, kept, i = shlex.split(settings), [], 0
     while i < len(tokens):
         if tokens[i] in ("--size", "--init-from", "--weights", "--frac", "--epochs"):
             i += 2
@@ -835,8 +836,7 @@ RUNS_COLUMNS = (("name", "name", str), ("folds", "folds", str), ("auc", "AUC", n
 
 
 def print_runs(folder):
-    """melanoma.py --runs: the ledger's experiments, best first, and how to re-run each at
-    512 px."""
+    """melanoma.py --runs: the ledger's experiments, best first, and how to re-run each large."""
     folder = Path(folder)
     path = folder / LEDGER_FILE
     table = summarise_runs(read_ledger(path), folder)

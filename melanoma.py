@@ -833,9 +833,9 @@ def check_flags(p, args):
     tools = [f"--{t.replace('_', '-')}" for t in TOOLS if getattr(args, t)]
     name = args.name or ""
     for wrong, message in (
-            (set(name) & set("/\\\0\n\r") or name.startswith((".", "-")) or len(name) > 150,
-             "argument --name: must be a plain file-name part of at most 150 characters on one "
-             f"line, not starting with '.' or '-', got {name[:160]!r}"),
+            (set(name) & set("/\\\0\n\r") or name.startswith((".", "-")) or len(name) > 150
+             or name != name.strip(), "argument --name: must be a plain file-name part of at most "
+             f"150 characters on one line, not starting with '.' or '-', got {name[:160]!r}"),
             (args.lr_min > args.lr_max, f"need --lr-min <= --lr-max, got --lr-min {args.lr_min} "
              f"--lr-max {args.lr_max}"),
             (args.external_neg_ratio is not None and not args.external,
@@ -958,13 +958,13 @@ class Extras(Hooks):
         return train, test
 
     def check_outputs(self):
-        """Before any fold trains: the ledger must take a row; one --name is one model (its folds
-        are averaged); a finished fold (its JSON exists) is kept, whole, only if it had the same
-        settings and starting weights; a checkpoint needs --resume (same settings) or
-        --overwrite."""
+        """Before any fold trains: the ledger must take a row; one --name is one model; a finished
+        fold (its JSON exists) is kept, whole, only if it had the same settings and starting
+        weights; a checkpoint needs --resume (same settings) or --overwrite."""
         args, ledger = self.args, Path(self.args.out) / LEDGER_FILE
-        if ledger.is_dir():
-            raise DataError(f"{ledger}: a folder where an output file goes (the ledger)")
+        if ledger.exists() and not ledger.is_file():  # a pipe would hang the append
+            raise DataError(f"{ledger}: a {'folder' if ledger.is_dir() else 'pipe or device'} "
+                            "where an output file goes (the ledger)")
         if ledger.is_symlink() and not ledger.exists():
             raise DataError(f"{ledger}: a link to nowhere (or to itself): cannot append a row")
         if ledger.exists():  # a fold whose row cannot be written would count as finished
@@ -1369,8 +1369,7 @@ def with_meta(df, spec):
 def meta_features(df, spec):
     """Metadata as float32 features: sex and site one-hot with a missing category; age scaled,
     with a missing indicator; the patient's image count and the image size, log-scaled."""
-    raw = meta_raw(df, spec)
-    columns = []
+    raw, columns = meta_raw(df, spec), []
     for column, key in (("sex", "sexes"), ("anatom_site_general_challenge", "sites")):
         values = df[column].fillna("").astype(str).str.strip()
         columns += [values == v for v in spec[key]]
@@ -1401,8 +1400,7 @@ class ExtrasNet(torch.nn.Module):
         self.backbone = backbone
         width = backbone.num_features
         self.meta = None
-        if n_meta:
-            # LayerNorm, not BatchNorm: a process's last batch may hold a single image
+        if n_meta:  # LayerNorm, not BatchNorm: a process's last batch may hold a single image
             self.meta = torch.nn.Sequential(
                 torch.nn.Linear(n_meta, 128), torch.nn.LayerNorm(128), torch.nn.SiLU(),
                 torch.nn.Dropout(0.3), torch.nn.Linear(128, 32), torch.nn.LayerNorm(32),
@@ -1691,7 +1689,7 @@ def check_augs(entries, args):
             raise DataError(f"{where_i}: not a 2D augmentation of kornia.augmentation, nor one "
                             f"of {', '.join(OWN_AUGS)}{hint}")
         for k in ("p", "p_batch"):
-            if isinstance(entry.get(k), (int, float)) and not 0 <= entry[k] <= 1:
+            if k in entry and not (isinstance(entry[k], (int, float)) and 0 <= entry[k] <= 1):
                 raise DataError(f"{where_i}: {k} {entry[k]} is a probability: it must be in [0, 1]")
         try:
             module, = Augment.build([entry], OWN_AUGS)
@@ -1706,7 +1704,7 @@ def check_augs(entries, args):
                                 f"{one_line(e)[:200]}")
         if not torch.is_tensor(y) or y.shape != x.shape:
             shape = tuple(y.shape) if torch.is_tensor(y) else type(y).__name__
-            raise DataError(f"{where_i} must keep the shape: it turns {tuple(x.shape)} into {shape}")
+            raise DataError(f"{where_i} must keep the shape, not make {tuple(x.shape)} {shape}")
         if not torch.isfinite(y).all():
             raise DataError(f"{where_i} makes values that are not finite (NaN or infinite)")
 
@@ -2046,6 +2044,8 @@ def write_folds(args, accelerator):
     check_writable(args.out, "--out", folder=False)
     if Path(args.out).exists() and not args.overwrite:
         raise DataError(f"--out {args.out}: exists; pass --overwrite to replace it")
+    if Path(args.out).resolve() == Path(args.make_folds).resolve():
+        raise DataError(f"--out {args.out}: is the train file itself; give another name")
     where = f"train file {args.make_folds}"
     train = read_csv(args.make_folds, ["image_name", "patient_id", "target"], "train file",
                      {"target": "0 or 1", "tfrecord": "a whole number"})
@@ -2182,8 +2182,7 @@ def make_demo_external(root, duplicates, seed=0, shape=(96, 128), n=150):
 def benchmark_jpegs(folder, seed=0):
     """JPEGs like the competition's originals: a lesion photo at 6000x4000 (2.7 MB) and
     1872x1053, and a noisier 6000x4000 (3.8 MB), whose entropy decoding costs more."""
-    r = np.random.default_rng(seed)
-    files = {}
+    r, files = np.random.default_rng(seed), {}
     for w, h, noise in ((6000, 4000, 0), (6000, 4000, 2), (1872, 1053, 0)):
         photo = Image.fromarray(draw_lesion(h // 16, w // 16, True, r))
         photo = np.asarray(photo.resize((w, h), Image.BICUBIC))

@@ -513,7 +513,7 @@ def test_net_onecycle_and_adamw_follow_the_recipe_and_the_loss_falls(monkeypatch
 
 # ---- The recipe: prediction with TTA, and the outputs ---------------------------------------------
 
-def test_tta_zero_is_the_plain_pass_tta_n_the_mean_of_n_views_one_decode_as_rereading(tiny_data):
+def test_tta_is_the_mean_of_seeded_views_of_one_decode_and_writes_replace_whole_files(tiny_data, tmp_path, monkeypatch):
     torch.manual_seed(0)
     model, aug = net().eval(), melanoma.Augment(MEAN, STD)
     x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
@@ -529,9 +529,6 @@ def test_tta_zero_is_the_plain_pass_tta_n_the_mean_of_n_views_one_decode_as_rere
         once = melanoma.predict_batch(model, aug, load(), 4, (1, 2))
         again = [seeded((1, 2, view), lambda: torch.sigmoid(model(aug(load()))[:, 0])) for view in range(4)]
     assert torch.equal(once, torch.stack(again).sum(0) / 4)
-
-
-def test_writes_keep_old_files_on_a_crash_say_what_they_replaced_and_catch_only_oserrors(tmp_path, monkeypatch):
     path, other = tmp_path / "p.csv", tmp_path / "q.csv"
     path.write_text("old")
     for error, caught in ((KeyboardInterrupt(), KeyboardInterrupt), (ValueError("a bug in savefig"), ValueError),
@@ -576,7 +573,6 @@ FLAG_REFUSALS = [  # (flags, words): refused when parsed, in one line
     (["--size", "x"], "--size: invalid int value"), (["--frac", "0"], "--frac"), (["--frac", "nan"], "--frac"),
     (["--neg-ratio", "nan"], "--neg-ratio: must be a finite number"), (["--neg-ratio", "-1"], "must be positive"),
     (["--lr-min", "0"], "--lr-min: must be at least 1e-12"), (["--lr-max", "-1"], "--lr-max: must be at least 1e-12"),
-    (["--lr-min", "1e-2", "--lr-max", "1e-3"], "need --lr-min <= --lr-max"),
     (["--lr-max", "inf"], "--lr-max: must be a finite number"), (["--wd", "nan"], "--wd: must be a finite number"),
     (["--wd", "-0.1"], "--wd: must be 0 or more"), (["--seed", "-1"], "--seed: must be 0 or more"),
     (["--tta", "-2"], "--tta: must be 0 or more"), (["--num-workers", "1000"], "--num-workers: must be at most 64"),
@@ -584,15 +580,15 @@ FLAG_REFUSALS = [  # (flags, words): refused when parsed, in one line
     (["--lr-min", "1e-320", "--lr-max", "1e308"], "--lr-min: must be at least 1e-12"),
     (["--name", "a/b"], "--name: must be a plain file-name part"), (["--name", "a\nb"], "on one line"),
     (["--name", "a\rb"], "on one line"), (["--name", "n" * 240], "of at most 150 characters"),
-    (["--name=-x"], "not starting with '.' or '-'"),  # the re-run command --runs prints would not parse
+    (["--name=-x"], "not starting with '.' or '-'"), (["--name", " x"], "got ' x'"),  # --runs prints them
     (["--name", " "], "--name: empty"), (["--out", "\t"], "--out: empty"),
+    (["--lr-min", "1e-2", "--lr-max", "1e-3"], "need --lr-min <= --lr-max"), (["--weights", "w", "--init-from", "r"], "pass one"),
     (["--name", "caf\udce9"], "--name: not valid UTF-8 text"), (["--out", "o\udce9"], "--out: not valid UTF-8"),
     (["--resume", "--overwrite"], "pass one"), (["--skip-bad"], "--skip-bad goes with --predict"),
     (["--explain", "100000"], "--explain: must be at most 32"), (["--explain", "0"], "--explain: must be at least 1"),
     (["--explain", "2", "--lr-find"], "are two tools: pass one"), (["--explain", "2", "--runs", "o"], "two tools"),
     (["--explain", "2", "--benchmark"], "two tools"), (["--explain", "2", "--make-folds", "t.csv"], "two tools"),
     (["--lr-find", "--runs"], "are two tools: pass one"), (["--hair", "1.5"], "--hair: must be at most 1"),
-    (["--weights", "w.safetensors", "--init-from", "run"], "pass one"),
     (["--lr-find", "--lr-find-start", "1", "--lr-find-end", "1e-3"], "need --lr-find-start < --lr-find-end"),
     (["--lr-find", "--lr-find-steps", "3"], "--lr-find-steps: must be at least 10"),
     (["--lr-find", "--lr-find-batches", "0"], "--lr-find-batches: must be at least 1"),
@@ -627,6 +623,9 @@ OUTPUT_REFUSALS = [  # (setup, flags, words): output locations that would be los
     (lambda d, o: (o / "x_lr_find.png").mkdir(parents=True), ["--name", "x", "--lr-find"],
      ["x_lr_find.png", "a folder where an output file goes"]),
     (lambda d, o: (o / "x_lr_find.csv").mkdir(parents=True), ["--name", "x", "--lr-find"], ["x_lr_find.csv"]),
+    (lambda d, o: (o.mkdir(), os.mkfifo(o / "runs.csv")), [], ["runs.csv", "a pipe or device"]),  # would hang
+    (lambda d, o: made(made(o) / "logs") and (o / "logs" / "x_fold0").symlink_to(o / "gone"), ["--name", "x",
+     "--log-with", "tensorboard"], ["x_fold0", "a link to nowhere"]),
     (lambda d, o: made(d / "mine") and made(d / "mine" / "notes.csv", "mine"), ["--demo", "--data-dir", "{d}/mine"],
      ["not an empty folder"]),
     (lambda d, o: made(d / "f", "x"), ["--demo", "--data-dir", "{d}/f/d"], ["--demo --data-dir", "is a file"]),
@@ -662,7 +661,7 @@ def test_an_unwritable_output_or_log_folder_and_fp16_on_the_cpu_are_refused(tiny
     assert not (tmp_path / "out").exists() and not list((tmp_path / "logged").glob("*.json"))
 
 
-# ---- The extras at the seams: what a run records is what it used, taken when read -----------------
+# ---- Resume and finished folds: a run records what it used, when it read it ---------------------
 
 def test_inputs_edited_while_a_fold_trains_are_recorded_as_they_were_read(data, run, tmp_path, capsys, monkeypatch):
     """train.csv, --augs and --init-from edited mid-fold: the JSON records what trained, --predict rebuilds it."""
@@ -688,8 +687,6 @@ def test_inputs_edited_while_a_fold_trains_are_recorded_as_they_were_read(data, 
     ours = predict(out, data / "test.csv", "--tta", "2", name="big")["fold0"].to_numpy()
     assert np.array_equal(ours, pd.read_csv(out / "big_fold0_test.csv")["target"].to_numpy())  # the trained stack
 
-
-# ---- Resume and finished folds --------------------------------------------------------------------
 
 def test_resume_after_a_kill_is_the_same_run_and_finished_folds_kept_whole(tiny_data, tmp_path, capsys, data, run):
     args = argv(tiny_data, tmp_path / "a", "--epochs", "3")
@@ -781,15 +778,6 @@ def test_resume_refuses_checkpoints_of_other_settings_damaged_or_hostile(tiny_da
     assert "--seed" not in err and [p.name for p in tmp_path.iterdir()] == [ckpt.name]
 
 
-def test_each_process_checks_its_share_of_the_images_and_all_learn_of_all(monkeypatch):
-    seen = []
-    monkeypatch.setattr(melanoma, "image_fault", lambda path: seen.append(path) or ("bad" if path == "c" else None))
-    monkeypatch.setattr(melanoma, "gather_object", lambda shares: shares + [{"b": "image b: bad"}])  # the other rank
-    with pytest.raises(melanoma.DataError, match="2 image.*of 4.*image b: bad; image c: bad"):
-        melanoma.check_images(list("abcd"), SimpleNamespace(process_index=0, num_processes=2))
-    assert seen == ["a", "c"]
-
-
 # ---- Image checks ---------------------------------------------------------------------------------
 
 def with_sof_size(jpeg, width, height):
@@ -819,7 +807,7 @@ def test_bad_images_are_one_line_before_training(data, tmp_path, capsys, breakag
     assert not (tmp_path / "out").exists()
 
 
-def test_a_jpeg_is_whole_with_an_end_marker_after_its_scan_a_png_when_it_decodes_else_one_line(data, tmp_path, capsys):
+def test_image_checks_read_whole_images_share_the_work_and_a_late_fault_is_one_line(data, tmp_path, capsys, monkeypatch):
     img = first_image(data)  # passes the cheap check (an end marker after the scan's start), then fails
     img.write_bytes(img.read_bytes()[:200] + b"\x00" * 50 + b"\xff\xd9")
     refused(argv(data, tmp_path / "out", "--num-workers", "1"), capsys, img.name)
@@ -846,6 +834,12 @@ def test_a_jpeg_is_whole_with_an_end_marker_after_its_scan_a_png_when_it_decodes
     assert "not a complete PNG" in melanoma.image_fault(str(tmp_path / "d.png"))
     with pytest.raises(melanoma.DataError, match=r"2 image\(s\) cannot be used \(of 2\)"):
         melanoma.check_images([str(tmp_path / "d.png"), cut])
+    seen = []  # each process checks its share of the images, and all learn of every bad one
+    monkeypatch.setattr(melanoma, "image_fault", lambda path: seen.append(path) or ("bad" if path == "c" else None))
+    monkeypatch.setattr(melanoma, "gather_object", lambda shares: shares + [{"b": "image b: bad"}])  # the other rank
+    with pytest.raises(melanoma.DataError, match="2 image.*of 4.*image b: bad; image c: bad"):
+        melanoma.check_images(list("abcd"), SimpleNamespace(process_index=0, num_processes=2))
+    assert seen == ["a", "c"]
 
 
 def jpeg_with_thumbnail_before_its_scan(path, cut):
@@ -1210,6 +1204,17 @@ def test_plots_progressive_resizing_and_the_ledger_ranked_by_concatenated_oof(ti
     melanoma.append_run(path, dict(row, name="b"))
     assert ensemble.read_ledger(path)["name"].tolist() == ["a", "b"]
 
+    class FullDisk(io.FileIO):  # the disk fills up halfway through the row
+        def write(self, b):
+            super().write(b[:len(b) // 2])
+            raise OSError(28, "No space left on device")
+
+    before = path.read_bytes()
+    with mock.patch.object(ensemble, "open", lambda p, mode, buffering: FullDisk(p, mode), create=True):
+        with pytest.raises(ensemble.DataError, match=r"cannot append to the ledger \(No space left on device\)"):
+            melanoma.append_run(path, dict(row, name="c"))
+    assert path.read_bytes() == before  # whole, as it was: half a row would stop every later run
+
 
 LEDGER_REFUSALS = [  # (content, words): --runs refuses a ledger it cannot read right
     (None, ["ledger", "runs.csv", "no such file"]), ("", ["ledger", "runs.csv", "cannot read it as CSV"]),
@@ -1359,7 +1364,7 @@ def test_predict_gives_the_runs_own_numbers_and_reads_images_as_meant(tiny_data,
     assert scores["sideways.jpg"] == pytest.approx(scores["upright.jpg"], abs=2e-3)
 
 
-def test_predict_names_every_bad_image_and_skip_bad_lists_them(tiny_data, run, tmp_path, capsys):
+def test_predict_names_every_bad_image_and_grad_cam_peaks_on_the_lesion(tiny_data, run, tmp_path, capsys):
     empty = made(tmp_path / "empty")
     base = ["--out", run, "--num-workers", "0", "--tta", "0"]
     refused(["--predict", empty, "--name", "nobody", *base], capsys, "--name nobody", "nobody_fold{k}.safetensors")
@@ -1388,6 +1393,25 @@ def test_predict_names_every_bad_image_and_skip_bad_lists_them(tiny_data, run, t
     (run / "tiny_fold3.json").write_text(json.dumps(info))
     shutil.copy(run / "tiny_fold0.safetensors", run / "tiny_fold3.safetensors")
     refused(["--predict", bad, "--name", "tiny", *base], capsys, "tiny_fold3.safetensors", "different models", "size")
+    image = torch.full((1, 3, 64, 64), 230, dtype=torch.uint8)
+    image[:, :, 40:56, 8:24] = 20  # a dark lesion in the lower left
+    augment = melanoma.Augment((0, 0, 0), (1, 1, 1))
+    model = melanoma.ExtrasNet(DarkSpot())
+    torch.nn.init.ones_(model.head.weight)
+    probs, cam = melanoma.grad_cam(model, augment, image)
+    assert cam.shape == (1, 64, 64) and float(cam.max()) == pytest.approx(1) and float(cam.min()) >= 0
+    peak = divmod(int(cam[0].argmax()), 64)
+    assert 40 <= peak[0] < 56 and 8 <= peak[1] < 24 and cam[0, 40:56, 8:24].mean() > 5 * cam[0, :16, 40:].mean()
+    assert 0 < float(probs[0]) < 1
+    model = melanoma.ExtrasNet(DarkSpot(), outputs=3)
+    with torch.no_grad():
+        model.head.weight.copy_(torch.tensor([[4.0], [0.0], [-4.0]]))  # output 0 rises with darkness
+        model.head.bias.zero_()
+        softmax = torch.softmax(model(augment(image, random=False)), 1)
+    probs, cam = melanoma.grad_cam(model, augment, image, classes=["MEL", "NV", "BKL"])
+    assert 40 <= divmod(int(cam[0].argmax()), 64)[0] < 56 and float(probs[0]) == pytest.approx(float(softmax[0, 0]), abs=1e-6)
+    probs, cam = melanoma.grad_cam(model, augment, image, classes=["NV", "BKL", "MEL"])  # falls with darkness
+    assert float(probs[0]) == pytest.approx(float(softmax[0, 2]), abs=1e-6) and float(cam.max()) == 0
 
 
 @pytest.mark.parametrize("output, extra", [("tiny_predict.csv", []), ("tiny_predict_skipped.tsv", []),
@@ -1411,31 +1435,9 @@ class DarkSpot(torch.nn.Module):
         return x.mean(dim=(2, 3))
 
 
-def test_grad_cam_peaks_on_the_lesion_and_explains_the_melanoma_output_of_several():
-    image = torch.full((1, 3, 64, 64), 230, dtype=torch.uint8)
-    image[:, :, 40:56, 8:24] = 20  # a dark lesion in the lower left
-    augment = melanoma.Augment((0, 0, 0), (1, 1, 1))
-    model = melanoma.ExtrasNet(DarkSpot())
-    torch.nn.init.ones_(model.head.weight)
-    probs, cam = melanoma.grad_cam(model, augment, image)
-    assert cam.shape == (1, 64, 64) and float(cam.max()) == pytest.approx(1) and float(cam.min()) >= 0
-    peak = divmod(int(cam[0].argmax()), 64)
-    assert 40 <= peak[0] < 56 and 8 <= peak[1] < 24 and cam[0, 40:56, 8:24].mean() > 5 * cam[0, :16, 40:].mean()
-    assert 0 < float(probs[0]) < 1
-    model = melanoma.ExtrasNet(DarkSpot(), outputs=3)
-    with torch.no_grad():
-        model.head.weight.copy_(torch.tensor([[4.0], [0.0], [-4.0]]))  # output 0 rises with darkness
-        model.head.bias.zero_()
-        softmax = torch.softmax(model(augment(image, random=False)), 1)
-    probs, cam = melanoma.grad_cam(model, augment, image, classes=["MEL", "NV", "BKL"])
-    assert 40 <= divmod(int(cam[0].argmax()), 64)[0] < 56 and float(probs[0]) == pytest.approx(float(softmax[0, 0]), abs=1e-6)
-    probs, cam = melanoma.grad_cam(model, augment, image, classes=["NV", "BKL", "MEL"])  # falls with darkness
-    assert float(probs[0]) == pytest.approx(float(softmax[0, 2]), abs=1e-6) and float(cam.max()) == 0
-
-
 # ---- Tools: folds, the demo, the LR range test; signals and pipes ---------------------------------
 
-def test_committed_folds_are_patient_grouped_stratified_and_the_published_tfrecord_groups(tmp_path, capsys):
+def test_committed_folds_are_the_published_groups_and_the_benchmark_times_each_stage(tmp_path, capsys, monkeypatch):
     folds = pd.read_csv(ROOT / "folds.csv")
     assert list(folds.columns) == ["image_name", "patient_id", "target", "fold"]
     assert len(folds) == 33126 and folds["image_name"].is_unique and (folds["fold"] == -1).sum() == 434
@@ -1452,6 +1454,18 @@ def test_committed_folds_are_patient_grouped_stratified_and_the_published_tfreco
     df.to_csv(tmp_path / "t.csv", index=False)
     melanoma.main(["--make-folds", str(tmp_path / "t.csv"), "--out", str(tmp_path / "f.csv")])
     assert "21 images, 21 patients, 1 left out (fold -1)" in capsys.readouterr().out
+    def small_jpegs(folder):  # the originals' 6000x4000 photos take seconds to make: a tenth of their sides
+        for name, (w, h) in (("6000x4000", (600, 400)), ("6000x4000_noisy", (600, 400)), ("1872x1053", (187, 105))):
+            smooth_image(w, h).save(os.path.join(folder, f"{name}.jpg"), quality=90)
+        return {os.path.join(folder, f"{name}.jpg"): 0.1 for name in ("6000x4000", "6000x4000_noisy", "1872x1053")}
+
+    monkeypatch.setattr(melanoma, "benchmark_jpegs", small_jpegs)
+    melanoma.main(["--benchmark", *TINY, "--batch-size", "4", "--cpu"])
+    said = capsys.readouterr().out.splitlines()
+    assert said[0].startswith("benchmark: cpu") and "--size 32 --model test_efficientnet --batch-size 4" in said[0]
+    for stage in ("(a) loading", "mix, 44 %", "(b) augmentation stack", "(c) training step, bare", "whole step, reading --cache",
+                  "(d) TTA x2, decode once", "peak memory: process"):
+        assert sum(line.lstrip().startswith(stage) for line in said) == 1, stage
 
 
 @needs_shared
@@ -1495,6 +1509,7 @@ FOLDS_REFUSALS = [  # (change of the train file, flags, words)
     (lambda d: d, ["--n-folds", "5"], ["5 folds but only 4 patients"]),
     (lambda d: d, ["--out", "{t}"], ["--out", "a folder, not a file"]),
     (lambda d: d, ["--out", "{t}/keep.csv"], ["exists", "--overwrite"]),
+    (lambda d: d, ["--out", "{t}/t.csv", "--overwrite"], ["is the train file itself"]),
 ]
 
 
@@ -1505,21 +1520,6 @@ def test_make_folds_refuses_bad_tables_and_keeps_a_users_file(tmp_path, capsys, 
     refused(["--make-folds", tmp_path / "t.csv", "--out", tmp_path / "f.csv", *[f.format(t=tmp_path) for f in flags]],
             capsys, *names)
     assert not (tmp_path / "f.csv").exists() and (tmp_path / "keep.csv").read_text() == "keep me"
-
-
-def test_benchmark_times_each_stage_and_says_so_in_one_line_each(capsys, monkeypatch):
-    def small_jpegs(folder):  # the originals' 6000x4000 photos take seconds to make: a tenth of their sides
-        for name, (w, h) in (("6000x4000", (600, 400)), ("6000x4000_noisy", (600, 400)), ("1872x1053", (187, 105))):
-            smooth_image(w, h).save(os.path.join(folder, f"{name}.jpg"), quality=90)
-        return {os.path.join(folder, f"{name}.jpg"): 0.1 for name in ("6000x4000", "6000x4000_noisy", "1872x1053")}
-
-    monkeypatch.setattr(melanoma, "benchmark_jpegs", small_jpegs)
-    melanoma.main(["--benchmark", *TINY, "--batch-size", "4", "--cpu"])
-    said = capsys.readouterr().out.splitlines()
-    assert said[0].startswith("benchmark: cpu") and "--size 32 --model test_efficientnet --batch-size 4" in said[0]
-    for stage in ("(a) loading", "mix, 44 %", "(b) augmentation stack", "(c) training step, bare", "whole step, reading --cache",
-                  "(d) TTA x2, decode once", "peak memory: process"):
-        assert sum(line.lstrip().startswith(stage) for line in said) == 1, stage
 
 
 def lr_curve(shape, sigma, seed=0, steps=200):
@@ -1544,7 +1544,8 @@ def test_lr_verdict_on_a_clean_valley_picks_within_2x_of_the_fastest_fall(seed):
     assert line.startswith(f"valley: suggested --lr-min {r['lr_min']:.1e} --lr-max {r['lr_max']:.1e}") and "\n" not in line
 
 
-def test_lr_verdicts_flat_still_falling_the_noise_band_and_a_stop_on_divergence(accelerator):
+def test_lr_verdicts_and_noise_band_and_ctrl_c_and_a_closed_pipe_stop_in_one_line(accelerator, tiny_data, trained,
+                                                                                  tmp_path):
     decades = np.array([0.679, 0.678, 0.671, 0.660, 0.707, 0.675, 0.813])  # a real flat curve, noise 0.12
     for seed in range(5):
         r = melanoma.read_lr_curve(lr_curve(lambda x: decades[np.clip((x + 7).astype(int), 0, 6)], 0.12, seed),
@@ -1583,6 +1584,23 @@ def test_lr_verdicts_flat_still_falling_the_noise_band_and_a_stop_on_divergence(
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     smoothed = curve["loss"].ewm(alpha=0.02).mean()  # the stopping rule's average, bias-corrected
     assert len(curve) < 60 and smoothed.iloc[-1] > 4 * smoothed.min()
+    p = subprocess.Popen([sys.executable, "melanoma.py", *argv(tiny_data, tmp_path / "out", "--epochs", "200")],
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list((tmp_path / "out").glob("*_last.pt")) and time.time() < deadline:
+        time.sleep(0.2)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert err.strip().splitlines()[-1].startswith("stopped:") and "--resume" in err
+    write_model(tmp_path, "a", {0: (Y, [.1, .9, .2, .7, .3, .4])}, [0.2, 0.4])
+    for command in ([ROOT / "melanoma.py", "--runs", trained], [ROOT / "ensemble.py", *A, "--out", "sub.csv"]):
+        p = subprocess.Popen([sys.executable, *map(str, command)], cwd=tmp_path, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+        p.stdout.close()  # `--runs | head`: the reader is gone before the first line; ensemble.py wrote its files
+        err = p.stderr.read()
+        assert p.wait() in (0, 1) and "Traceback" not in err and "Exception" not in err, err
+    assert (tmp_path / "sub.csv").is_file()
 
 
 @pytest.mark.parametrize("extra", [[], ["--meta"], ["--target", "diagnosis"]])
@@ -1607,26 +1625,6 @@ def test_lr_find_writes_its_curve_and_verdict_with_trainings_model(tiny_data, tm
     raw_model = built[0][0]
     assert (raw_model.meta is not None) == ("--meta" in extra)
     assert raw_model.head.out_features == (4 if "diagnosis" in extra else 1)
-
-
-def test_ctrl_c_is_one_line_that_says_how_to_resume_and_a_closed_pipe_no_traceback(tiny_data, trained, tmp_path):
-    p = subprocess.Popen([sys.executable, "melanoma.py", *argv(tiny_data, tmp_path / "out", "--epochs", "200")],
-                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not list((tmp_path / "out").glob("*_last.pt")) and time.time() < deadline:
-        time.sleep(0.2)
-    p.send_signal(signal.SIGINT)
-    _, err = p.communicate(timeout=60)
-    assert p.returncode == 130 and "Traceback" not in err and "KeyboardInterrupt" not in err, err
-    assert err.strip().splitlines()[-1].startswith("stopped:") and "--resume" in err
-    write_model(tmp_path, "a", {0: (Y, [.1, .9, .2, .7, .3, .4])}, [0.2, 0.4])
-    for command in ([ROOT / "melanoma.py", "--runs", trained], [ROOT / "ensemble.py", *A, "--out", "sub.csv"]):
-        p = subprocess.Popen([sys.executable, *map(str, command)], cwd=tmp_path, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
-        p.stdout.close()  # `--runs | head`: the reader is gone before the first line; ensemble.py wrote its files
-        err = p.stderr.read()
-        assert p.wait() in (0, 1) and "Traceback" not in err and "Exception" not in err, err
-    assert (tmp_path / "sub.csv").is_file()
 
 
 # ---- ensemble.py: reading prediction files, blending, the report ----------------------------------
@@ -1865,6 +1863,9 @@ ENSEMBLE_REFUSALS = [  # (setup of folder d, which holds model a's fold 0; the a
     (lambda d: csv_of(d / "a_fold5_oof.csv", image_name=["img0"], target=[0], pred=[.5], fold=5), None, "overlap on image img0"),
     (x_file("oof", image_name=["img1"], target=[0], pred=[.5], fold=0), None, "img1 disagrees"),
     (lambda d: shutil.copy(d / "a_fold0_oof.csv", made(d / "b")), None, "and b/a_fold0_oof.csv: the same"),
+    (lambda d: pd.read_csv(d / "a_fold0_oof.csv").to_csv(d / "a_fold0_oof (1).csv", quoting=1, index=False), None,
+     "a_fold0_oof (1).csv: holds OOF predictions"),  # its names quoted, as R's write.csv writes them
+    (lambda d: shutil.copy(d / "a_fold0_test.csv", d / "a_fold0_test (1).csv"), None, "named like a run's prediction"),
     (lambda d: shutil.copy(d / "a_fold0_oof.csv", d / "a_fold0_oof (1).csv"), None,  # a browser's second download
      "a_fold0_oof (1).csv: holds OOF predictions (columns pred, fold) but is not named {name}_fold{k}_oof.csv"),
     (two_recipes, None, "a_fold0.json and a_fold1.json: one model name, two recipes (they differ in size)"),
@@ -1885,7 +1886,7 @@ ENSEMBLE_REFUSALS = [  # (setup of folder d, which holds model a's fold 0; the a
     (None, folds_file("image_name,patient_id\nimg0,p0\n", "--out", "f.csv"), "would overwrite the input"),
     *[(None, [*A, "--out", out], f"{Path(out).name} is the name of a file melanoma.py writes")
       for out in ("a_fold1.csv", "b_fold2_oof.csv", "runs.csv", "preds/m_predict.csv", "m_lr_find.csv", "folds.csv",
-                  "m_fold0_explain.csv", "preds/logs", "ISIC_0052212_64_0123456789abcdef.jpg")],  # the last: --cache
+                  "m_fold0_explain.csv", "preds/logs", "RUNS.csv", "ISIC_0052212_64_0123456789abcdef.jpg")],  # --cache
 ]
 
 
