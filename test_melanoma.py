@@ -1194,7 +1194,7 @@ def test_plots_progressive_resizing_and_the_ledger_ranked_by_concatenated_oof(ti
     ledger = made(tmp_path / "many") / "runs.csv"
     row = dict(date="d", name="x, with a comma", fold=0, oof_auc=0.5, oof_auc_no_tta=0.5, wall_s=1.0,
                settings="--size 48", out="o")
-    with multiprocessing.get_context("fork").Pool(4) as pool:
+    with multiprocessing.get_context("spawn").Pool(4) as pool:  # fork could copy a held lock
         pool.starmap(melanoma.append_run, [(ledger, {**row, "fold": i}) for i in range(200)])
     many = pd.read_csv(ledger)
     assert sorted(many["fold"]) == list(range(200)) and (many["name"] == "x, with a comma").all()
